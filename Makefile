@@ -1,0 +1,81 @@
+# lookalike: `make demo` (everything, then a running server) and `make test` (everything, then the tests).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+REPO := model_repository
+EMBEDDER := $(REPO)/embedder/manifest.json
+CATALOG := data/sample_catalog
+RUN := .run
+HOST ?= 127.0.0.1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+MODEL ?= efficientnet_lite0
+
+.PHONY: setup export catalog demo serve stop test unit bench clean
+.DEFAULT_GOAL := demo
+
+# --- environment --------------------------------------------------------------------------------
+setup: $(VENV)/.setup-done
+$(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scripts/install-system-deps.sh
+	bash scripts/install-system-deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e ./client -e .
+	touch $@
+
+# --- artefacts (generated, not in git) ----------------------------------------------------------
+export: $(EMBEDDER)
+$(EMBEDDER): $(VENV)/.setup-done export/*.py lookalike/preprocessing.py
+	$(BIN)/lookalike export --model $(MODEL) --model-repository $(REPO)
+
+catalog: $(CATALOG)/catalog.csv
+$(CATALOG)/catalog.csv: $(VENV)/.setup-done lookalike/sample_data.py
+	$(BIN)/lookalike sample-catalog --out $(CATALOG)
+
+# --- running ------------------------------------------------------------------------------------
+serve: $(EMBEDDER)
+	$(BIN)/lookalike serve --model-repository $(REPO) --host $(HOST) --http-port $(HTTP_PORT) \
+		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+demo: $(EMBEDDER) $(CATALOG)/catalog.csv
+	@mkdir -p $(RUN)
+	@if [ -f $(RUN)/server.pid ] && kill -0 $$(cat $(RUN)/server.pid) 2>/dev/null; then \
+		echo "server already running (pid $$(cat $(RUN)/server.pid))"; \
+	else \
+		echo "starting the server in the background (log: $(RUN)/server.log)"; \
+		setsid nohup $(BIN)/lookalike serve --model-repository $(REPO) --host $(HOST) --http-port $(HTTP_PORT) \
+			--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) > $(RUN)/server.log 2>&1 < /dev/null & \
+		echo $$! > $(RUN)/server.pid; \
+	fi
+	$(BIN)/python scripts/wait_ready.py --url http://127.0.0.1:$(HTTP_PORT) --timeout 300 --log $(RUN)/server.log
+	$(BIN)/lookalike index $(CATALOG)/catalog.csv --model-repository $(REPO) --url 127.0.0.1:$(GRPC_PORT)
+	$(BIN)/lookalike query $$(tail -n +2 $(CATALOG)/queries.csv | cut -d, -f1 | awk 'NR % 5 == 1' | sed 's|^|$(CATALOG)/|') \
+		--top-k 5 --url 127.0.0.1:$(GRPC_PORT) --model-repository $(REPO) --html $(RUN)/demo.html
+	@echo
+	@echo "The server is still running (pid $$(cat $(RUN)/server.pid)): gRPC 127.0.0.1:$(GRPC_PORT), HTTP 127.0.0.1:$(HTTP_PORT)."
+	@echo "Results page: $(abspath $(RUN))/demo.html"
+	@echo "Try: $(BIN)/lookalike query YOUR_PHOTO.jpg --html results.html     Stop it with: make stop"
+
+stop:
+	@if [ -f $(RUN)/server.pid ] && kill -0 $$(cat $(RUN)/server.pid) 2>/dev/null; then \
+		kill $$(cat $(RUN)/server.pid) && echo "stopped server pid $$(cat $(RUN)/server.pid)"; \
+	else echo "no server running"; fi
+	@rm -f $(RUN)/server.pid
+
+# --- checks -------------------------------------------------------------------------------------
+test: $(EMBEDDER)
+	$(BIN)/python -m pytest tests -v --durations=10
+
+unit: $(VENV)/.setup-done
+	$(BIN)/python -m pytest tests/unit -q
+
+bench: $(EMBEDDER) $(CATALOG)/catalog.csv
+	$(BIN)/python loadtest/bench.py --catalog $(CATALOG) --out results
+
+clean: stop
+	rm -rf $(VENV) data $(RUN) results $(REPO)/embedder/config.pbtxt $(REPO)/embedder/configs \
+		$(REPO)/embedder/1/model.onnx $(REPO)/embedder/1/model.plan $(REPO)/embedder/*.json
+	find $(REPO)/product_search -mindepth 1 -maxdepth 1 -type d -name '[0-9]*' -exec rm -rf {} +
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

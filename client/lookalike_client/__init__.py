@@ -1,0 +1,26 @@
+"""lookalike-client: the thin SDK of lookalike's similar-product image search (tritonclient underneath)."""
+
+from . import contract
+from .client import LookalikeClient, Match, read_image_bytes
+from .errors import (
+    InvalidRequestError,
+    LookalikeError,
+    PermissionDeniedError,
+    RequestTimeoutError,
+    ServerError,
+    ServerUnavailableError,
+)
+
+__all__ = [
+    "LookalikeClient",
+    "Match",
+    "read_image_bytes",
+    "contract",
+    "LookalikeError",
+    "InvalidRequestError",
+    "PermissionDeniedError",
+    "RequestTimeoutError",
+    "ServerError",
+    "ServerUnavailableError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,220 @@
+"""A thin client of the lookalike Triton models over gRPC or HTTP (tritonclient underneath).
+
+    from lookalike_client import LookalikeClient
+    with LookalikeClient("localhost:8001") as client:
+        for match in client.search("shoe.jpg", top_k=5):
+            print(match.rank, match.product_id, match.score)
+
+One client may be shared by threads: gRPC channels are thread-safe, and over HTTP each thread gets
+its own connection (tritonclient's HTTP client is gevent-based and must not be shared by threads).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Sequence, Union
+
+import numpy as np
+
+from . import contract as c
+from .errors import InvalidRequestError, ServerUnavailableError, translate
+
+ImageLike = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", IO[bytes]]
+
+
+@dataclass(frozen=True)
+class Match:
+    rank: int
+    product_id: str
+    score: float
+
+
+def read_image_bytes(image: ImageLike) -> bytes:
+    """Returns the encoded bytes of a path, a binary file object or bytes; no decoding happens here."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    if hasattr(image, "read"):
+        return image.read()
+    raise TypeError(f"expected bytes, a path or a binary file, got {type(image).__name__}")
+
+
+def check_top_k(top_k: int) -> int:
+    if not isinstance(top_k, (int, np.integer)) or not c.MIN_TOP_K <= int(top_k) <= c.MAX_TOP_K:
+        raise InvalidRequestError(f"top_k must be an integer in {c.MIN_TOP_K}..{c.MAX_TOP_K}, got {top_k!r}")
+    return int(top_k)
+
+
+def image_batch(images: Sequence[bytes]) -> np.ndarray:
+    """The [N, 1] object array that carries N encoded images in one request."""
+    batch = np.empty((len(images), 1), dtype=np.object_)
+    for i, data in enumerate(images):
+        batch[i, 0] = data
+    return batch
+
+
+def decode_ids(raw: np.ndarray) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v) for v in raw.reshape(-1)]
+
+
+class LookalikeClient:
+    """Calls `visual_search`, `embed_image` and the index reload of a lookalike server.
+
+    url: "host:port" of the gRPC (default 8001) or HTTP (default 8000) endpoint.
+    timeout_s: per-request deadline; a request that exceeds it raises RequestTimeoutError.
+    admin_key: key for the restricted model-control API (default: $LOOKALIKE_ADMIN_KEY); only
+        `reload_index` needs it, and only when the server is bound beyond loopback.
+    """
+
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        protocol: str = "grpc",
+        timeout_s: float = 30.0,
+        admin_key: str | None = None,
+    ) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.url = url
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        self.admin_key = admin_key if admin_key is not None else os.environ.get(c.ADMIN_KEY_ENV)
+        self._local = threading.local()
+        self._grpc: Any = None
+        self._lock = threading.Lock()
+        self._http_clients: list[Any] = []
+
+    # -- transport -------------------------------------------------------------------------------
+    @property
+    def _module(self) -> Any:
+        if self.protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        return module
+
+    def _client(self) -> Any:
+        if self.protocol == "grpc":
+            with self._lock:
+                if self._grpc is None:
+                    import tritonclient.grpc as grpcclient
+
+                    self._grpc = grpcclient.InferenceServerClient(self.url)
+                return self._grpc
+        client = getattr(self._local, "http", None)
+        if client is None:
+            import tritonclient.http as httpclient
+
+            client = httpclient.InferenceServerClient(
+                self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+            )
+            self._local.http = client
+            with self._lock:
+                self._http_clients.append(client)
+        return client
+
+    def _timeout_kwargs(self) -> dict[str, Any]:
+        # gRPC takes a per-call deadline; HTTP's timeouts were set on the connection.
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+
+    def _admin_headers(self) -> dict[str, str] | None:
+        if not self.admin_key:
+            return None
+        name = c.ADMIN_KEY_HEADER if self.protocol == "http" else f"triton-grpc-protocol-{c.ADMIN_KEY_HEADER}"
+        return {name: self.admin_key}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._grpc is not None:
+                self._grpc.close()
+                self._grpc = None
+            for client in self._http_clients:
+                client.close()
+            self._http_clients.clear()
+
+    def __enter__(self) -> "LookalikeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> Any:
+        module = self._module
+        infer_inputs = []
+        for name, array in inputs.items():
+            tensor = module.InferInput(name, list(array.shape), c.DATATYPES[name])
+            if self.protocol == "http":
+                tensor.set_data_from_numpy(array, binary_data=True)
+            else:
+                tensor.set_data_from_numpy(array)
+            infer_inputs.append(tensor)
+        infer_outputs = [
+            module.InferRequestedOutput(name, binary_data=True) if self.protocol == "http" else module.InferRequestedOutput(name)
+            for name in outputs
+        ]
+        try:
+            return self._client().infer(model, infer_inputs, outputs=infer_outputs, **self._timeout_kwargs())
+        except Exception as exc:  # tritonclient raises its own and transport errors
+            raise translate(exc) from exc
+
+    # -- health ----------------------------------------------------------------------------------
+    def is_ready(self, model: str = c.VISUAL_SEARCH_MODEL) -> bool:
+        try:
+            client = self._client()
+            return bool(client.is_server_ready() and client.is_model_ready(model))
+        except Exception:
+            return False
+
+    def wait_until_ready(self, timeout_s: float = 120.0, model: str = c.VISUAL_SEARCH_MODEL) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.is_ready(model):
+            if time.monotonic() > deadline:
+                raise ServerUnavailableError(f"{model} not ready at {self.url} after {timeout_s:.0f} s")
+            time.sleep(0.25)
+
+    # -- inference -------------------------------------------------------------------------------
+    def search(self, image: ImageLike, top_k: int = c.DEFAULT_TOP_K) -> list[Match]:
+        """The catalog products most similar to one image, best first."""
+        return self.search_batch([image], top_k)[0]
+
+    def search_batch(self, images: Sequence[ImageLike], top_k: int = c.DEFAULT_TOP_K) -> list[list[Match]]:
+        """One request for several images: cheaper than one each, but one bad image fails them all.
+        For independent images, call `search` from several threads instead (the server batches them)."""
+        if not images:
+            return []
+        top_k = check_top_k(top_k)
+        data = [read_image_bytes(image) for image in images]
+        result = self._infer(
+            c.VISUAL_SEARCH_MODEL,
+            {c.IMAGE: image_batch(data), c.TOP_K: np.full((len(data), 1), top_k, dtype=np.int32)},
+            [c.PRODUCT_IDS, c.SCORES],
+        )
+        ids = result.as_numpy(c.PRODUCT_IDS).reshape(len(data), -1)
+        scores = result.as_numpy(c.SCORES).reshape(len(data), -1)
+        return [
+            [Match(rank + 1, pid, float(score)) for rank, (pid, score) in enumerate(zip(decode_ids(row_ids), row_scores))]
+            for row_ids, row_scores in zip(ids, scores)
+        ]
+
+    def embed(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """[N, D] float32 L2-normalised embeddings of N images, in one request."""
+        if not images:
+            raise ValueError("embed needs at least one image")
+        data = [read_image_bytes(image) for image in images]
+        result = self._infer(c.EMBED_IMAGE_MODEL, {c.IMAGE: image_batch(data)}, [c.EMBEDDING])
+        return result.as_numpy(c.EMBEDDING).reshape(len(data), -1)
+
+    # -- model control ---------------------------------------------------------------------------
+    def reload_index(self, timeout_s: float = 300.0) -> None:
+        """Asks the server to load the newest index version of `product_search`. Requests in flight
+        finish on the old version; Triton swaps in the new one once it is loaded."""
+        kwargs = {"client_timeout": timeout_s} if self.protocol == "grpc" else {}
+        try:
+            self._client().load_model(c.SEARCH_MODEL, headers=self._admin_headers(), **kwargs)
+        except Exception as exc:
+            raise translate(exc) from exc

@@ -1,0 +1,45 @@
+"""The wire contract of the lookalike model repository: model names, tensor names, dtypes, limits.
+
+This module is the one place these names live. The server package, the Triton models and the export
+step all import it, so a rename happens here or nowhere. It has no dependencies on purpose: the client
+SDK is installable without numpy-heavy server packages.
+"""
+
+from __future__ import annotations
+
+# Model names.
+PREPROCESS_MODEL = "preprocess"
+EMBEDDER_MODEL = "embedder"
+SEARCH_MODEL = "product_search"
+VISUAL_SEARCH_MODEL = "visual_search"
+EMBED_IMAGE_MODEL = "embed_image"
+
+# Tensor names.
+IMAGE = "IMAGE"  # TYPE_STRING [1]: the encoded image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF)
+PIXELS = "PIXELS"  # FP32 [3, H, W]: normalised pixels, H and W from the preprocessing file
+EMBEDDING = "EMBEDDING"  # FP32 [D]: L2-normalised image embedding
+TOP_K = "TOP_K"  # INT32 [1]: how many results; optional, default DEFAULT_TOP_K
+PRODUCT_IDS = "PRODUCT_IDS"  # TYPE_STRING [-1]: the catalog's own product ids, best first
+SCORES = "SCORES"  # FP32 [-1]: cosine similarity, descending
+
+# Triton datatypes of the tensors above, as the KServe v2 protocol spells them.
+DATATYPES = {
+    IMAGE: "BYTES",
+    PIXELS: "FP32",
+    EMBEDDING: "FP32",
+    TOP_K: "INT32",
+    PRODUCT_IDS: "BYTES",
+    SCORES: "FP32",
+}
+
+# Limits. The server enforces them; the client checks them first to fail fast and cheaply.
+DEFAULT_TOP_K = 10
+MIN_TOP_K = 1
+MAX_TOP_K = 1000
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # default cap on encoded bytes per image
+MAX_BATCH_SIZE = 64  # max_batch_size of every model in the repository
+
+# Header that carries the admin key for the restricted model-control APIs (see `lookalike serve`).
+# HTTP sends it as is; gRPC clients prefix it with "triton-grpc-protocol-".
+ADMIN_KEY_HEADER = "lookalike-admin-key"
+ADMIN_KEY_ENV = "LOOKALIKE_ADMIN_KEY"

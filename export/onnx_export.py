@@ -1,0 +1,160 @@
+"""Export a backbone to an ONNX embedder (L2 normalisation inside the graph), check it, and write the
+embedder's model directory: 1/model.onnx, preprocessing.json, manifest.json and the serving configs.
+
+The export is gated: onnx.checker, then ONNX Runtime against torch on real images through our own
+preprocessing, at batch 1 and at a larger batch (the dynamic axis). Below the cosine threshold
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lookalike.embedding import OnnxEmbedder
+from lookalike.preprocessing import Preprocessor
+from lookalike.repository import (
+    MANIFEST_FILE,
+    ONNX_FILE,
+    PREPROCESSING_FILE,
+    Repository,
+    fingerprint,
+    write_embedder_configs,
+)
+from lookalike_client import contract as c
+
+from .backbones import Backbone
+
+OPSET = 17
+MIN_ONNX_COSINE = 0.9999
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class Embedder(nn.Module):
+    """Backbone features -> L2-normalised embedding, the graph that is exported."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.features(pixels), p=2.0, dim=1, eps=1e-12)
+
+
+def export_onnx(module: nn.Module, path: Path, height: int, width: int) -> None:
+    import onnx
+
+    example = torch.zeros(2, 3, height, width)
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[c.PIXELS],
+            output_names=[c.EMBEDDING],
+            dynamic_axes={c.PIXELS: {0: "batch"}, c.EMBEDDING: {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def parity(module: nn.Module, onnx_path: Path, pixels: np.ndarray) -> dict:
+    """torch vs ONNX Runtime on the same pixels, in one batch and one by one."""
+    embedder = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        reference = module(torch.from_numpy(pixels)).numpy()
+    batched = embedder(pixels)
+    single = np.concatenate([embedder(pixels[i : i + 1]) for i in range(len(pixels))])
+    cos_batched = np.sum(reference * batched, axis=1)
+    cos_single = np.sum(reference * single, axis=1)
+    return {
+        "images": int(len(pixels)),
+        "max_abs_diff": float(max(np.abs(reference - batched).max(), np.abs(reference - single).max())),
+        "mean_cosine": float(min(cos_batched.mean(), cos_single.mean())),
+        "min_cosine": float(min(cos_batched.min(), cos_single.min())),
+        "norm_max_dev": float(np.abs(np.linalg.norm(batched, axis=1) - 1).max()),
+        "dim": int(batched.shape[1]),
+    }
+
+
+def export_embedder(
+    backbone: Backbone,
+    repository: Path,
+    images: Sequence[bytes],
+    *,
+    weights: str | None = "DEFAULT",
+    max_batch_size: int = c.MAX_BATCH_SIZE,
+) -> dict:
+    """Writes `repository/embedder/` for `backbone`; returns the manifest. Raises ExportError when a
+    check fails, leaving any existing embedder untouched."""
+    if not images:
+        raise ExportError("parity needs at least one real image")
+    repo = Repository(Path(repository))
+    pre = backbone.preprocessing
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    module = Embedder(backbone.build(weights)).eval()
+    pixels = Preprocessor(pre).batch(list(images))
+    embedder_dir = repo.embedder_dir
+    embedder_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=embedder_dir))
+    try:
+        onnx_path = staging / ONNX_FILE
+        export_onnx(module, onnx_path, pre.height, pre.width)
+        report = parity(module, onnx_path, pixels)
+        if report["dim"] != backbone.dim:
+            raise ExportError(f"{backbone.name}: embedding dim {report['dim']}, expected {backbone.dim}")
+        if not report["mean_cosine"] >= MIN_ONNX_COSINE:
+            raise ExportError(
+                f"{backbone.name}: ONNX parity failed, mean cosine {report['mean_cosine']:.6f} < {MIN_ONNX_COSINE}"
+            )
+        # Checks passed: publish. model.onnx lands last-but-one, the manifest last.
+        (embedder_dir / "1").mkdir(exist_ok=True)
+        pre.save(embedder_dir / PREPROCESSING_FILE)
+        os.replace(onnx_path, embedder_dir / "1" / ONNX_FILE)
+        write_embedder_configs(
+            embedder_dir, height=pre.height, width=pre.width, dim=backbone.dim, max_batch_size=max_batch_size
+        )
+        import onnx
+        import onnxruntime
+
+        manifest = {
+            "model": backbone.name,
+            "format": "onnx",
+            "weights": "random" if weights is None else ("DEFAULT" if weights == "DEFAULT" else str(weights)),
+            "weights_source": backbone.weights_source if weights == "DEFAULT" else ("random init" if weights is None else str(weights)),
+            "random_weights": weights is None,
+            "dim": backbone.dim,
+            "input": [3, pre.height, pre.width],
+            "max_batch_size": max_batch_size,
+            "opset": OPSET,
+            "fingerprint": fingerprint(embedder_dir),
+            "parity_onnx_vs_torch": report,
+            "export_seconds": round(time.perf_counter() - started, 1),
+            "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        (embedder_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,206 @@
+"""The `lookalike` command: serve | export | index | query | sample-catalog."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from lookalike_client import contract as c
+
+from .repository import Repository, default_repository
+
+
+def _add_repository(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repository", type=Path, default=default_repository(),
+                        help="Triton model repository (default: $LOOKALIKE_MODEL_REPOSITORY or ./model_repository)")
+
+
+def _add_url(parser: argparse.ArgumentParser, protocol: bool = False) -> None:
+    parser.add_argument("--url", default=None, help="server address host:port (default localhost:8001 for gRPC, :8000 for HTTP)")
+    if protocol:
+        parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import ServerError, ServerOptions, serve_forever
+
+    options = ServerOptions(
+        model_repository=args.model_repository, host=args.host, http_port=args.http_port,
+        grpc_port=args.grpc_port, metrics_port=args.metrics_port, tritonserver=args.tritonserver,
+        model_config_name=args.model_config_name, log_verbose=args.log_verbose,
+    )
+    try:
+        return serve_forever(options)
+    except (ServerError, FileNotFoundError) as exc:
+        print(f"lookalike serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from lookalike_export.backbones import get_backbone
+        from lookalike_export.onnx_export import ExportError, export_embedder
+    except ImportError as exc:
+        print(f"lookalike export needs the export extra (torch): {exc}", file=sys.stderr)
+        return 1
+    from .sample_data import encode, real_photos
+
+    backbone = get_backbone(args.model)
+    images = [encode(image) for _, image in list(real_photos())[: args.parity_images]]
+    weights = None if args.random_weights else args.weights
+    try:
+        manifest = export_embedder(backbone, args.model_repository, images, weights=weights,
+                                   max_batch_size=args.max_batch)
+    except ExportError as exc:
+        print(f"lookalike export: {exc}", file=sys.stderr)
+        return 1
+    p = manifest["parity_onnx_vs_torch"]
+    print(f"exported {backbone.name} ({manifest['weights_source']}) -> {Path(args.model_repository) / c.EMBEDDER_MODEL}\n"
+          f"  dim {manifest['dim']}, input {manifest['input']}, fingerprint {manifest['fingerprint']}\n"
+          f"  parity ONNX Runtime vs torch on {p['images']} real images: mean cosine {p['mean_cosine']:.7f}, "
+          f"max abs diff {p['max_abs_diff']:.2e}")
+    if manifest["random_weights"]:
+        print("  WARNING: random weights (for testing the export machinery only)")
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from lookalike_client import LookalikeClient
+
+    protocol = getattr(args, "protocol", "grpc")
+    url = args.url or ("localhost:8001" if protocol == "grpc" else "localhost:8000")
+    return LookalikeClient(url, protocol=protocol, timeout_s=args.timeout)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from lookalike_client import LookalikeError
+
+    from .indexer import index_catalog
+
+    repository = Repository(args.model_repository)
+    try:
+        with _client(args) as client:
+            report = index_catalog(args.catalog, repository, client, factory=args.index_factory,
+                                   batch_size=args.batch_size, concurrency=args.concurrency,
+                                   progress=not args.quiet)
+    except (LookalikeError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"lookalike index: {exc}", file=sys.stderr)
+        return 1
+    for problem in report.problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    print(f"indexed {report.products} products ({len(report.problems)} rows skipped) in {report.seconds:.1f} s; "
+          f"{c.SEARCH_MODEL} now serves version {report.version}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lookalike_client import LookalikeError
+
+    from .search import load_products
+
+    products = {}
+    latest = Repository(args.model_repository).latest_index_dir()
+    if latest is not None:  # categories and images for display, when the index is local
+        try:
+            products = {p.product_id: p for p in load_products(latest)}
+        except (OSError, ValueError, KeyError):
+            products = {}
+    failed = 0
+    with _client(args) as client:
+        def one(path: str):
+            try:
+                return path, [(m.rank, m.product_id, m.score) for m in client.search(path, top_k=args.top_k)]
+            except (LookalikeError, OSError) as exc:
+                return path, f"{type(exc).__name__}: {exc}"
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(one, args.images))
+    for path, matches in results:
+        print(f"\n{path}")
+        if isinstance(matches, str):
+            failed += 1
+            print(f"  error: {matches}")
+            continue
+        for rank, product_id, score in matches:
+            category = products[product_id].category if product_id in products else ""
+            print(f"  {rank:>3}  {product_id:<40} {score:.4f}  {category}")
+    if args.html:
+        from .report import render
+
+        Path(args.html).write_text(render(results, products))
+        print(f"\nwrote {Path(args.html).resolve()}")
+    return 1 if failed else 0
+
+
+def cmd_sample_catalog(args: argparse.Namespace) -> int:
+    from .sample_data import build_sample_catalog
+
+    summary = build_sample_catalog(args.out, per_category=args.per_category)
+    print(f"sample catalog: {summary['products']} products in {summary['categories']} categories, "
+          f"{summary['queries']} query photos not in the catalog -> {summary['path']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lookalike", description="similar-product image search on Triton")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="start tritonserver on the model repository")
+    _add_repository(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; beyond it, "
+                   f"model control needs ${c.ADMIN_KEY_ENV})")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--tritonserver", default=None, help="tritonserver binary (default: on PATH, else nvidia-pytriton's)")
+    p.add_argument("--model-config-name", default=None,
+                   help="serve configs/<name>.pbtxt where a model has one, e.g. 'onnxruntime' in the NGC image")
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export an embedder to ONNX into the model repository")
+    _add_repository(p)
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default="DEFAULT", help="DEFAULT (packaged/pretrained) or a state_dict file")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random init: only to test the export machinery; the manifest records it")
+    p.add_argument("--max-batch", type=int, default=c.MAX_BATCH_SIZE)
+    p.add_argument("--parity-images", type=int, default=8, help="real images for the torch/ONNX parity check")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("index", help="embed a catalog through the server and serve it as a new index version")
+    p.add_argument("catalog", type=Path, help="CSV product_id,image[,category] or a folder of category folders")
+    _add_repository(p)
+    _add_url(p)
+    p.add_argument("--index-factory", default="Flat", help="FAISS index factory string (inner product)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("query", help="find the catalog products most similar to photos")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=c.DEFAULT_TOP_K)
+    _add_url(p, protocol=True)
+    _add_repository(p)
+    p.add_argument("--html", default=None, help="write a page with thumbnails of queries and results")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("sample-catalog", help="build the demo catalog from images that installed packages ship")
+    p.add_argument("--out", type=Path, default=Path("data/sample_catalog"))
+    p.add_argument("--per-category", type=int, default=45)
+    p.set_defaults(func=cmd_sample_catalog)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

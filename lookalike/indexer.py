@@ -1,0 +1,135 @@
+"""`lookalike index`: embed a catalog through the running server, publish it as a new index version of
+`product_search`, and have the server swap it in without a restart.
+
+Images are sent in batches over several concurrent requests (the server's dynamic batcher merges
+them). A batch refused for a bad image is retried image by image, so one bad file costs only itself;
+every unusable row is reported with its reason and the rest go on.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lookalike_client import InvalidRequestError, LookalikeClient
+
+from .catalog import CatalogItem, Problem, read_catalog
+from .repository import Repository
+from .search import Product, ProductIndex
+
+
+@dataclass
+class IndexReport:
+    version: int
+    products: int
+    problems: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _read(item: CatalogItem) -> bytes | Problem:
+    try:
+        return item.image.read_bytes()
+    except OSError as exc:
+        return Problem(item.where, f"cannot read {item.image}: {exc.strerror or exc}")
+
+
+def embed_items(
+    client: LookalikeClient,
+    items: Sequence[CatalogItem],
+    *,
+    batch_size: int = 16,
+    concurrency: int = 4,
+    progress: bool = True,
+) -> tuple[list[CatalogItem], np.ndarray, list[Problem]]:
+    """Returns the items that embedded, their [N, D] embeddings, and the problems of the rest."""
+    batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+    def run(batch: list[CatalogItem]) -> list[tuple[CatalogItem, np.ndarray | Problem]]:
+        data = [_read(item) for item in batch]
+        readable = [(item, d) for item, d in zip(batch, data) if isinstance(d, bytes)]
+        out: list[tuple[CatalogItem, np.ndarray | Problem]] = [
+            (item, d) for item, d in zip(batch, data) if isinstance(d, Problem)
+        ]
+        if not readable:
+            return out
+        try:
+            vectors = client.embed([d for _, d in readable])
+            out += [(item, vector) for (item, _), vector in zip(readable, vectors)]
+        except InvalidRequestError:
+            for item, d in readable:  # find the bad one(s)
+                try:
+                    out.append((item, client.embed([d])[0]))
+                except InvalidRequestError as exc:
+                    message = str(exc).split("in ensemble 'embed_image', ", 1)[-1]
+                    out.append((item, Problem(item.where, f"{item.image.name}: {message}")))
+        return out
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), unit="img", desc="embedding", file=sys.stderr)
+    results: dict[int, np.ndarray | Problem] = {}
+    position = {id(item): i for i, item in enumerate(items)}
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        for batch_result in pool.map(run, batches):
+            for item, value in batch_result:
+                results[position[id(item)]] = value
+            if bar is not None:
+                bar.update(len(batch_result))
+    if bar is not None:
+        bar.close()
+    good = [(items[i], results[i]) for i in range(len(items)) if isinstance(results[i], np.ndarray)]
+    problems = [results[i] for i in range(len(items)) if isinstance(results[i], Problem)]
+    vectors = np.stack([v for _, v in good]).astype(np.float32) if good else np.zeros((0, 0), np.float32)
+    return [item for item, _ in good], vectors, problems  # type: ignore[return-value]
+
+
+def index_catalog(
+    catalog: str | Path,
+    repository: Repository,
+    client: LookalikeClient,
+    *,
+    factory: str = "Flat",
+    batch_size: int = 16,
+    concurrency: int = 4,
+    keep_versions: int = 2,
+    progress: bool = True,
+) -> IndexReport:
+    import time
+
+    started = time.perf_counter()
+    manifest = repository.manifest()
+    items, problems = read_catalog(catalog)
+    client.wait_until_ready(timeout_s=120.0, model="embed_image")
+    good, vectors, embed_problems = embed_items(
+        client, items, batch_size=batch_size, concurrency=concurrency, progress=progress
+    )
+    problems += embed_problems
+    if len(good) and vectors.shape[1] != manifest["dim"]:
+        raise RuntimeError(f"server returned {vectors.shape[1]}-d embeddings, the embedder manifest says {manifest['dim']}")
+    index = ProductIndex.build(
+        [Product(item.product_id, item.category, str(item.image)) for item in good],
+        vectors,
+        dim=int(manifest["dim"]),
+        factory=factory,
+        embedder_fingerprint=manifest["fingerprint"],
+    )
+    version = repository.write_index_version(index.save)
+    client.reload_index()
+    repository.prune_index_versions(keep=keep_versions)
+    return IndexReport(version, len(good), problems, time.perf_counter() - started)
+
+
+def write_empty_index(repository: Repository) -> int:
+    """Publishes an empty index version for the current embedder, so that `visual_search` can load
+    before the first `lookalike index`."""
+    manifest = repository.manifest()
+    index = ProductIndex.build([], np.zeros((0, manifest["dim"]), np.float32), dim=int(manifest["dim"]),
+                               embedder_fingerprint=manifest["fingerprint"])
+    return repository.write_index_version(index.save)

@@ -1,0 +1,300 @@
+"""Encoded image bytes -> normalised float32 CHW pixels, exactly as the embedder was exported to expect.
+
+The parameters (size, resize mode, interpolation, mean, std, padding) come from the preprocessing file
+that the export step writes next to the embedder (`PreprocessConfig`); nothing here hard-codes them.
+Safety limits (encoded bytes, decoded pixels) are server policy and come from the `preprocess` model's
+config (`ImageLimits`).
+
+Every way an upload can be bad raises `ImageError` with a `reason` and a message that names the
+problem; the Triton model turns it into INVALID_ARG for that request alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+# A truncated file is an error, never a silently half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Formats a shop can upload. Everything else (EPS, PSD, PDF, ...) is refused before any decoder runs:
+# fewer decoders reachable from the network, and no Ghostscript.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF") + (
+    ("AVIF",) if features.check("avif") else ()
+)
+
+# Magic numbers of formats we recognise but do not decode, to say "unsupported" rather than
+# "not an image".
+_KNOWN_UNSUPPORTED = (
+    (b"8BPS", "PSD"),
+    (b"%PDF", "PDF"),
+    (b"%!PS", "PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"DDS ", "DDS"),
+)
+_FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+
+# How much larger than the resize target a JPEG is DCT-downscaled while decoding (Pillow's
+# `reducing_gap`): >= 2 keeps the final antialiased resize close to a full decode.
+DRAFT_OVERSAMPLE = 2.0
+
+_INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESIZE_MODES = ("letterbox", "crop")
+
+
+class ImageError(ValueError):
+    """An upload that cannot be turned into pixels. `reason` is one of REASONS."""
+
+    REASONS = ("empty", "not_an_image", "truncated", "too_large", "unsupported")
+
+    def __init__(self, reason: str, message: str) -> None:
+        assert reason in self.REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024  # encoded bytes per image
+    max_pixels: int = 64_000_000  # decoded width * height (8000 x 8000), against decompression bombs
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How the embedder's input is made; written by export next to the embedder, read at model load.
+
+    resize_mode "letterbox": scale the whole image to fit (height, width), pad the rest with pad_rgb.
+    resize_mode "crop": scale the shorter side to resize_size, then centre-crop (height, width)
+        (torchvision's Resize + CenterCrop).
+    """
+
+    height: int
+    width: int
+    resize_mode: str
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_size: int | None = None  # crop mode only
+    pad_rgb: tuple[int, int, int] = (255, 255, 255)  # letterbox fill
+    background_rgb: tuple[int, int, int] = (255, 255, 255)  # transparent pixels are composited over this
+    notes: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation must be one of {tuple(_INTERPOLATION)}, got {self.interpolation!r}")
+        if self.resize_mode == "crop" and not self.resize_size:
+            raise ValueError("resize_mode 'crop' needs resize_size")
+        if self.height <= 0 or self.width <= 0:
+            raise ValueError("height and width must be positive")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need 3 values, std > 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
+        values = dict(data)
+        for key in ("mean", "std", "pad_rgb", "background_rgb"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PreprocessConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("mean", "std", "pad_rgb", "background_rgb"):
+            data[key] = list(data[key])
+        return data
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) of the image after the resize step, before padding or cropping."""
+        if self.resize_mode == "letterbox":
+            scale = min(self.width / width, self.height / height)
+            return max(1, round(width * scale)), max(1, round(height * scale))
+        # torchvision.transforms.functional.resize with an int size: shorter side -> size, the longer
+        # one truncated, not rounded.
+        size = int(self.resize_size or 0)
+        if width <= height:
+            return size, int(size * height / width)
+        return int(size * width / height), size
+
+
+def _sniff_unsupported(data: bytes) -> str | None:
+    head = data[:32]
+    for magic, name in _KNOWN_UNSUPPORTED:
+        if head.startswith(magic):
+            return name
+    if head[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(head[8:12], "ISO media (HEIF/AVIF/MP4)")
+    stripped = head.lstrip()
+    if stripped.startswith(b"<svg") or (stripped.startswith(b"<?xml") and b"<svg" in data[:1024]):
+        return "SVG"
+    return None
+
+
+def _truncation(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("truncated", "broken data stream", "premature end", "unexpected end"))
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Identifies the image and checks its size from the header alone; nothing is decoded yet."""
+    if not data:
+        raise ImageError("empty", "empty image: the request carried 0 bytes")
+    if len(data) > limits.max_bytes:
+        raise ImageError(
+            "too_large", f"image too large: {len(data):,} bytes, the limit is {limits.max_bytes:,} bytes"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("too_large", f"image too large: {exc}") from None
+    except UnidentifiedImageError:
+        name = _sniff_unsupported(data)
+        if name:
+            raise ImageError(
+                "unsupported", f"unsupported image format {name}: send {', '.join(ALLOWED_FORMATS)}"
+            ) from None
+        raise ImageError("not_an_image", f"not an image: {len(data):,} bytes in no format this server reads") from None
+    except Exception as exc:  # a header so broken that the plugin itself fails
+        if _truncation(exc) or isinstance(exc, EOFError):
+            raise ImageError("truncated", f"truncated image: {exc}") from None
+        raise ImageError("not_an_image", f"not an image: {type(exc).__name__}: {exc}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError("not_an_image", f"not an image: {width}x{height} pixels")
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            "too_large",
+            f"image too large: {width}x{height} = {width * height:,} pixels, the limit is {limits.max_pixels:,}",
+        )
+    return image
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16-bit (and 32-bit) grayscale: Pillow's convert() clips to 0..255, which turns most of a
+        # 16-bit image white. Scale to 8 bits instead.
+        array = np.asarray(image, dtype=np.float64)
+        if mode == "F" and array.size and float(array.max()) <= 1.0:
+            array = array * 255.0
+        elif mode != "F" and (mode.startswith("I;16") or (array.size and float(array.max()) > 255)):
+            array = array / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+        mode = "L"
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    if mode == "RGB":
+        return image
+    return image.convert("RGB")  # L, 1, P, CMYK (Pillow inverts Adobe CMYK JPEGs), YCbCr, LAB, HSV
+
+
+def decode(data: bytes, config: PreprocessConfig, limits: ImageLimits) -> Image.Image:
+    """Bytes -> upright RGB image: first frame, EXIF orientation applied, transparency over white."""
+    image = open_image(data, limits)
+    try:
+        if image.format == "JPEG":
+            # Decode straight at a reduced scale when the image is much larger than we need.
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+            upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            target = config.resized_size(*upright)
+            scale = max(target[0] / upright[0], target[1] / upright[1]) * DRAFT_OVERSAMPLE
+            if scale < 1.0:
+                image.draft("RGB" if image.mode == "RGB" else None, (int(width * scale) + 1, int(height * scale) + 1))
+        image.load()  # first frame of an animation
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image, config.background_rgb)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError("too_large", "image too large to decode in this server's memory") from None
+    except Exception as exc:
+        if _truncation(exc) or isinstance(exc, EOFError):
+            raise ImageError("truncated", f"truncated image: {exc}") from None
+        if isinstance(exc, (NotImplementedError, KeyError)) or "not supported" in str(exc).lower():
+            raise ImageError("unsupported", f"unsupported image: {type(exc).__name__}: {exc}") from None
+        raise ImageError("not_an_image", f"corrupt image: {type(exc).__name__}: {exc}") from None
+
+
+def resize(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """RGB image -> RGB image of exactly (config.width, config.height)."""
+    resample = _INTERPOLATION[config.interpolation]
+    new_w, new_h = config.resized_size(*image.size)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), resample=resample)
+    if config.resize_mode == "letterbox":
+        if image.size == (config.width, config.height):
+            return image
+        canvas = Image.new("RGB", (config.width, config.height), tuple(config.pad_rgb))
+        canvas.paste(image, ((config.width - new_w) // 2, (config.height - new_h) // 2))
+        return canvas
+    # torchvision CenterCrop: offsets rounded, so the crop matches the reference transform exactly.
+    top = int(round((new_h - config.height) / 2.0))
+    left = int(round((new_w - config.width) / 2.0))
+    return image.crop((left, top, left + config.width, top + config.height))
+
+
+class Preprocessor:
+    """Turns encoded images into the embedder's input. Built once per model instance."""
+
+    def __init__(self, config: PreprocessConfig, limits: ImageLimits | None = None) -> None:
+        self.config = config
+        self.limits = limits or ImageLimits()
+        std = np.asarray(config.std, dtype=np.float32)
+        # (x / 255 - mean) / std == x * scale + offset, per channel
+        self._scale = (1.0 / (255.0 * std)).reshape(1, 1, 3)
+        self._offset = (-np.asarray(config.mean, dtype=np.float32) / std).reshape(1, 1, 3)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        return (3, self.config.height, self.config.width)
+
+    def normalise(self, image: Image.Image) -> np.ndarray:
+        hwc = np.asarray(image, dtype=np.float32)
+        return np.ascontiguousarray((hwc * self._scale + self._offset).transpose(2, 0, 1))
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        """One encoded image -> float32 [3, H, W]. Raises ImageError."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ImageError("not_an_image", f"expected encoded image bytes, got {type(data).__name__}")
+        return self.normalise(resize(decode(bytes(data), self.config, self.limits), self.config))
+
+    def batch(self, items: Sequence[bytes]) -> np.ndarray:
+        """N encoded images -> float32 [N, 3, H, W]. The first bad image raises ImageError naming it."""
+        out = np.empty((len(items), *self.output_shape), dtype=np.float32)
+        for i, data in enumerate(items):
+            try:
+                out[i] = self(data)
+            except ImageError as exc:
+                if len(items) == 1:
+                    raise
+                raise ImageError(exc.reason, f"image {i} of {len(items)}: {exc}") from None
+        return out

@@ -1,0 +1,164 @@
+"""The product index: FAISS over L2-normalised embeddings, searched by inner product (= cosine).
+
+FAISS positions are int64 and stay inside this module; callers see the catalog's own product ids.
+An index is a directory, written once and never modified:
+
+    index.faiss      the FAISS index (written with faiss.write_index)
+    products.json    ids, categories and image paths, in FAISS order
+    index.json       dim, count, factory, embedder fingerprint, creation time
+
+`product_search` serves one such directory per Triton model version (see `lookalike.repository`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+PRODUCTS_FILE = "products.json"
+META_FILE = "index.json"
+
+
+@dataclass(frozen=True)
+class Product:
+    product_id: str
+    category: str = ""
+    image: str = ""
+
+
+class ProductIndex:
+    def __init__(self, index: faiss.Index, products: Sequence[Product], meta: dict) -> None:
+        if index.ntotal != len(products):
+            raise ValueError(f"index holds {index.ntotal} vectors but {len(products)} products")
+        self.index = index
+        self.products = list(products)
+        self._ids = np.array([p.product_id for p in self.products], dtype=object)
+        self.meta = dict(meta)
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta.get("embedder_fingerprint", ""))
+
+    def __len__(self) -> int:
+        return len(self.products)
+
+    # -- build -----------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        products: Sequence[Product],
+        embeddings: np.ndarray,
+        *,
+        dim: int | None = None,
+        factory: str = "Flat",
+        embedder_fingerprint: str = "",
+    ) -> "ProductIndex":
+        """Builds an inner-product index. `embeddings` [N, D] must be L2-normalised (the embedder's
+        output is). `dim` is required only for an empty catalog."""
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(products):
+            if not (len(products) == 0 and dim):
+                raise ValueError(f"embeddings {embeddings.shape} do not match {len(products)} products")
+            embeddings = np.zeros((0, int(dim)), dtype=np.float32)
+        d = int(dim or embeddings.shape[1])
+        if embeddings.shape[1] != d:
+            raise ValueError(f"embeddings have dim {embeddings.shape[1]}, expected {d}")
+        ids = [p.product_id for p in products]
+        if len(set(ids)) != len(ids):
+            raise ValueError("product ids must be unique")
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            if len(products) < 1:
+                raise ValueError(f"index factory {factory!r} needs training data; use 'Flat' for an empty catalog")
+            index.train(embeddings)
+        if len(products):
+            index.add(embeddings)
+        meta = {
+            "dim": d,
+            "count": len(products),
+            "factory": factory,
+            "metric": "inner_product",
+            "embedder_fingerprint": embedder_fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return cls(index, products, meta)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        products = {
+            "product_id": [p.product_id for p in self.products],
+            "category": [p.category for p in self.products],
+            "image": [p.image for p in self.products],
+        }
+        (directory / PRODUCTS_FILE).write_text(json.dumps(products))
+        (directory / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, *, use_gpu: bool = False, gpu_device: int = 0) -> "ProductIndex":
+        directory = Path(directory)
+        meta = json.loads((directory / META_FILE).read_text())
+        products = load_products(directory)
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        if use_gpu:
+            index = to_gpu(index, gpu_device)
+        return cls(index, products, meta)
+
+    # -- search ----------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """[N, D] queries -> (N lists of product ids, [N, k'] float32 scores), best first, where
+        k' = min(k, catalog size). Scores are cosine similarities for normalised queries."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [N, {self.dim}], got {list(queries.shape)}")
+        k_eff = min(int(k), len(self))
+        if k_eff <= 0 or queries.shape[0] == 0:
+            return [[] for _ in range(queries.shape[0])], np.zeros((queries.shape[0], 0), dtype=np.float32)
+        scores, positions = self.index.search(queries, k_eff)
+        # Approximate indexes may return -1 for missing neighbours; keep rows rectangular by clamping
+        # those to the worst score (they sort last) and dropping the columns no row filled.
+        filled = int((positions >= 0).sum(axis=1).min())
+        scores, positions = scores[:, :filled], positions[:, :filled]
+        ids = [list(self._ids[row]) for row in positions]
+        return ids, scores.astype(np.float32, copy=False)
+
+
+def load_products(directory: str | Path) -> list[Product]:
+    """The products of an index directory, in FAISS order, without loading the index."""
+    columns = json.loads((Path(directory) / PRODUCTS_FILE).read_text())
+    return [Product(pid, cat, img) for pid, cat, img in zip(columns["product_id"], columns["category"], columns["image"])]
+
+
+def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
+    """Moves an index to a GPU when this FAISS build has GPU support and a GPU is visible."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        log.info("FAISS has no GPU here (build without CUDA or no visible GPU): searching on the CPU")
+        return index
+    resources = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(resources, device, index)
+    gpu_index.referenced_resources = resources  # keep the resources alive with the index
+    log.info("FAISS index on GPU %d", device)
+    return gpu_index
+
+
+def set_threads(count: int) -> None:
+    """FAISS uses OpenMP; in a server with several model instances, each should use a share of cores."""
+    if count > 0:
+        faiss.omp_set_num_threads(count)

@@ -1,0 +1,319 @@
+"""`lookalike serve`: run tritonserver as a managed child process.
+
+Finds the binary (--tritonserver, else `tritonserver` on PATH, else the one inside the nvidia-pytriton
+wheel with its Python-backend stub set up for this interpreter), builds its command line from
+`ServerOptions`, waits until `visual_search` is ready, forwards SIGINT/SIGTERM, and dies with its parent
+(PR_SET_PDEATHSIG), so no orphaned server is left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lookalike_client import contract as c
+
+from .repository import Repository
+
+# APIs that change or expose server state: restricted to holders of the admin key when the server is
+# reachable beyond loopback (whoever reaches the port could otherwise unload the models).
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class ServerOptions:
+    model_repository: Path = Path("model_repository")
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    tritonserver: str | None = None
+    model_config_name: str | None = None  # e.g. "onnxruntime" in the NGC image
+    admin_key: str | None = None  # default: $LOOKALIKE_ADMIN_KEY
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "localhost") else self.host
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.client_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.client_host}:{self.http_port}"
+
+
+@dataclass(frozen=True)
+class Binary:
+    path: Path
+    env: dict[str, str]  # variables to set for it
+    backend_directory: Path | None  # None: the binary's own default (/opt/tritonserver/backends)
+
+
+def _pytriton_root() -> Path | None:
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    return Path(pytriton.__file__).parent
+
+
+def _prepare_wheel_backends(root: Path) -> Path:
+    """A backends directory with the wheel's Python backend and the stub built for this Python.
+    Cached per pytriton install and Python version; built in a temp dir and renamed into place."""
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"the nvidia-pytriton wheel has no Python-backend stub for Python {version}")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lookalike"
+    target = cache / f"backends-py{version}-{hashlib.sha256(str(root).encode()).hexdigest()[:10]}"
+    if (target / "python" / "triton_python_backend_stub").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(f"{target}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(root / "tritonserver" / "backends" / "python", staging / "python",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
+    try:
+        os.rename(staging, target)
+    except OSError:  # another launcher won the race
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def find_tritonserver(explicit: str | None = None) -> Binary:
+    if explicit:
+        path = Path(explicit)
+        if not path.exists():
+            raise ServerError(f"--tritonserver {explicit} does not exist")
+        return Binary(path, {}, None)
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Binary(Path(on_path), {}, None)
+    root = _pytriton_root()
+    if root is None:
+        raise ServerError("no tritonserver: pass --tritonserver, put one on PATH, or install nvidia-pytriton (make setup)")
+    binary = root / "tritonserver" / "bin" / "tritonserver"
+    libs = root.parent / "nvidia_pytriton.libs"
+    ld = os.pathsep.join(p for p in (str(libs), os.environ.get("LD_LIBRARY_PATH", "")) if p)
+    # The stub imports numpy, onnxruntime, faiss and lookalike from the environment whose bin/ is
+    # first on PATH: make that this interpreter's environment.
+    scripts = sysconfig.get_path("scripts")
+    path = os.pathsep.join((str(Path(sys.executable).parent), scripts, os.environ.get("PATH", "")))
+    return Binary(binary, {"LD_LIBRARY_PATH": ld, "PATH": path}, _prepare_wheel_backends(root))
+
+
+def build_command(options: ServerOptions, binary: Binary) -> list[str]:
+    repo = Path(options.model_repository).resolve()
+    args = [
+        str(binary.path),
+        f"--model-repository={repo}",
+        # Explicit control: every model at start, then `load_model` swaps in new index versions.
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        "--strict-readiness=true",
+        "--exit-timeout-secs=30",
+        f"--http-address={options.host}",
+        f"--http-port={options.http_port}",
+        f"--grpc-address={options.host}",
+        f"--grpc-port={options.grpc_port}",
+        f"--metrics-address={options.host}",
+        f"--metrics-port={options.metrics_port}",
+        f"--log-verbose={options.log_verbose}",
+    ]
+    if binary.backend_directory is not None:
+        args.append(f"--backend-directory={binary.backend_directory}")
+    if options.model_config_name:
+        args.append(f"--model-config-name={options.model_config_name}")
+    if not options.loopback:
+        key = options.admin_key or os.environ.get(c.ADMIN_KEY_ENV)
+        if not key:
+            raise ServerError(
+                f"--host {options.host} is reachable beyond loopback: set {c.ADMIN_KEY_ENV} to a secret so that "
+                f"model control ({', '.join(RESTRICTED_APIS)}) needs it"
+            )
+        restriction = f"{','.join(RESTRICTED_APIS)}:{c.ADMIN_KEY_HEADER}={key}"
+        args += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
+    return args + list(options.extra_args)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def ensure_servable_index(repository: Repository, log=print) -> None:
+    """`visual_search` needs a loadable `product_search`: publish an empty index when there is none,
+    or when the newest was built with another embedder (it would be refused, never mixed)."""
+    from .indexer import write_empty_index
+
+    expected = repository.manifest()["fingerprint"]
+    latest = repository.latest_index_dir()
+    if latest is not None:
+        built_with = json.loads((latest / "index.json").read_text()).get("embedder_fingerprint")
+        if built_with == expected:
+            return
+        log(f"index version {latest.name} was built with embedder {built_with}, the embedder is now {expected}: "
+            "serving an empty index until `lookalike index` runs again")
+    version = write_empty_index(repository)
+    log(f"published empty index version {version} of {c.SEARCH_MODEL}; run `lookalike index CATALOG` to fill it")
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class TritonServer:
+    """A tritonserver child process. Use as a context manager, or start()/stop()."""
+
+    def __init__(self, options: ServerOptions, log_file: Path | None = None) -> None:
+        self.options = options
+        self.log_file = log_file
+        self.process: subprocess.Popen | None = None
+        self._log_handle = None
+
+    def start(self) -> "TritonServer":
+        opts = self.options
+        repository = Repository(Path(opts.model_repository))
+        ensure_servable_index(repository, log=lambda m: print(f"lookalike: {m}", file=sys.stderr))
+        for name, port in (("http", opts.http_port), ("grpc", opts.grpc_port), ("metrics", opts.metrics_port)):
+            if not port_is_free(opts.host, port):
+                raise ServerError(f"{name} port {opts.host}:{port} is in use (another server running?)")
+        binary = find_tritonserver(opts.tritonserver)
+        command = build_command(opts, binary)
+        env = {**os.environ, **binary.env}
+        # One process per model instance already; keep OpenMP from spinning on idle cores.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if self.log_file is not None:
+            self._log_handle = open(self.log_file, "ab")
+        self.process = subprocess.Popen(
+            command, env=env, preexec_fn=_die_with_parent,
+            stdout=self._log_handle, stderr=subprocess.STDOUT if self._log_handle else None,
+        )
+        return self
+
+    def ready(self, model: str = c.VISUAL_SEARCH_MODEL) -> bool:
+        url = f"http://{self.options.http_url}/v2/models/{model}/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float = 300.0, model: str = c.VISUAL_SEARCH_MODEL) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready(model):
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} before {model} was ready"
+                                  + (f"; see {self.log_file}" if self.log_file else ""))
+            if time.monotonic() > deadline:
+                raise ServerError(f"{model} not ready after {timeout_s:.0f} s"
+                                  + (f"; see {self.log_file}" if self.log_file else ""))
+            time.sleep(0.25)
+
+    def stop(self, timeout_s: float = 40.0) -> int:
+        code = 0
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            code = self.process.returncode
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(options: ServerOptions) -> int:
+    """Foreground server for the CLI: ready banner, signal forwarding, the child's exit code."""
+    server = TritonServer(options)
+    server.start()
+    assert server.process is not None
+    stopping = {"signal": None}
+
+    def forward(signum, _frame):
+        stopping["signal"] = signum
+        if server.process and server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        server.wait_ready()
+    except ServerError as exc:
+        if stopping["signal"] is None:
+            print(f"lookalike: {exc}", file=sys.stderr)
+            server.stop()
+            return 1
+    if stopping["signal"] is None:
+        print(
+            f"lookalike: {c.VISUAL_SEARCH_MODEL} is ready\n"
+            f"  gRPC     {options.grpc_url}\n"
+            f"  HTTP     http://{options.http_url}\n"
+            f"  metrics  http://{options.client_host}:{options.metrics_port}/metrics\n"
+            f"  stop with Ctrl-C or: kill {os.getpid()}",
+            file=sys.stderr,
+            flush=True,
+        )
+    code = server.process.wait()
+    server.stop()
+    return 0 if stopping["signal"] is not None and code in (0, -signal.SIGTERM) else code

@@ -1,0 +1,40 @@
+"""Triton adapter of `lookalike.preprocessing`: IMAGE bytes -> PIXELS, one response per request.
+
+A bad image fails its own request (INVALID_ARG), never the other requests of the dynamic batch, and
+no exception escapes `execute`, so the stub cannot be brought down by an upload.
+"""
+
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from lookalike.preprocessing import ImageError, ImageLimits, PreprocessConfig, Preprocessor
+from lookalike_client import contract as c
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        model_dir = Path(args["model_repository"])
+        preprocessing_file = (model_dir / params["preprocessing_file"]).resolve()
+        limits = ImageLimits(max_bytes=int(params["max_image_bytes"]), max_pixels=int(params["max_image_pixels"]))
+        self.preprocessor = Preprocessor(PreprocessConfig.load(preprocessing_file), limits)
+        self.logger = pb_utils.Logger
+        self.logger.log_info(f"preprocess: {preprocessing_file} {self.preprocessor.config.to_dict()} {limits}")
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                images = pb_utils.get_input_tensor_by_name(request, c.IMAGE).as_numpy()
+                pixels = self.preprocessor.batch(images.reshape(-1).tolist())
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(c.PIXELS, pixels)]))
+            except ImageError as exc:
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+            except Exception as exc:  # never let one request take down the batch or the stub
+                self.logger.log_error(f"preprocess: unexpected {type(exc).__name__}: {exc}")
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocess failed: {exc}")))
+        return responses
