@@ -14,6 +14,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -54,11 +55,12 @@ class Embedder(nn.Module):
         return nn.functional.normalize(self.features(pixels), p=2.0, dim=1, eps=1e-12)
 
 
-def export_onnx(module: nn.Module, path: Path, height: int, width: int) -> None:
+def export_onnx(module: nn.Module, path: Path, height: int, width: int, dim: int) -> None:
     import onnx
 
     example = torch.zeros(2, 3, height, width)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
             module,
             (example,),
@@ -70,6 +72,12 @@ def export_onnx(module: nn.Module, path: Path, height: int, width: int) -> None:
             do_constant_folding=True,
             dynamo=False,
         )
+    # Only the batch axis is dynamic: pin the embedding width, which the exporter can leave symbolic.
+    model = onnx.load(str(path))
+    output_dims = model.graph.output[0].type.tensor_type.shape.dim
+    output_dims[1].Clear()
+    output_dims[1].dim_value = dim
+    onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -115,7 +123,7 @@ def export_embedder(
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=embedder_dir))
     try:
         onnx_path = staging / ONNX_FILE
-        export_onnx(module, onnx_path, pre.height, pre.width)
+        export_onnx(module, onnx_path, pre.height, pre.width, backbone.dim)
         report = parity(module, onnx_path, pixels)
         if report["dim"] != backbone.dim:
             raise ExportError(f"{backbone.name}: embedding dim {report['dim']}, expected {backbone.dim}")

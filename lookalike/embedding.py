@@ -32,7 +32,9 @@ class OnnxEmbedder:
                 f"found inputs {list(inputs)} and outputs {list(outputs)}"
             )
         self.input_shape = inputs[c.PIXELS].shape  # ['batch', 3, H, W]
-        self.dim = int(outputs[c.EMBEDDING].shape[1])
+        self.dim: int | None
+        width = outputs[c.EMBEDDING].shape[1]
+        self.dim = width if isinstance(width, int) else None
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)

@@ -107,6 +107,19 @@ class Repository:
         return removed
 
 
+def copy_repository(source: Path, target: Path, *, with_indexes: bool = False) -> Repository:
+    """A copy of a model repository (for tests and benchmarks), by default without index versions."""
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = {n for n in names if n == "__pycache__" or n.startswith((".staging-", ".export-"))}
+        if not with_indexes and Path(directory).name == c.SEARCH_MODEL:
+            skipped |= {n for n in names if n.isdigit()}
+        return skipped
+
+    shutil.copytree(source, target, ignore=ignore)
+    return Repository(target)
+
+
 def fingerprint(embedder_dir: Path, model_file: str = ONNX_FILE) -> str:
     """Identifies an embedding space: the model bytes plus the preprocessing that feeds them. An index
     built under one fingerprint is meaningless under another."""

@@ -7,6 +7,7 @@ matplotlib's sample data; clip art from Debian's openclipart-png (public domain,
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import random
 import shutil
@@ -110,8 +111,17 @@ def build_sample_catalog(out: Path, per_category: int = 45, holdout: int = 3, se
     rows: list[tuple[str, str, str]] = []
     queries: list[tuple[str, str, str]] = []
     seen: set[str] = set()
+    seen_content: set[str] = set()  # openclipart files the same drawing under several folders
+
+    def unique(file: Path) -> bool:
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        if digest in seen_content:
+            return False
+        seen_content.add(digest)
+        return True
+
     for category, folder in CLIPART_CATEGORIES:
-        files = clipart_files(folder)
+        files = [f for f in clipart_files(folder) if unique(f)]
         rng.shuffle(files)
         held, kept = files[:holdout], files[holdout : holdout + per_category]
         (out / "images" / category).mkdir()

@@ -1,0 +1,244 @@
+"""visual_search / embed_image on a real tritonserver, over gRPC and HTTP."""
+
+import csv
+import io
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.embedding import OnnxEmbedder
+from lookalike.indexer import index_catalog
+from lookalike.preprocessing import Preprocessor
+from lookalike.repository import Repository
+from lookalike.sample_data import perturb
+from lookalike.search import ProductIndex
+from lookalike_client import InvalidRequestError, LookalikeClient
+from tests.conftest import encode
+
+pytestmark = pytest.mark.integration
+
+
+def catalog_rows(catalog: Path) -> list[dict]:
+    with open(catalog / "catalog.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def sample(rows, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rows[i] for i in sorted(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
+
+
+def test_server_indexed_the_catalog(server):
+    report = server.index_report
+    assert report.products >= 200
+    # openclipart ships a few PNGs over Pillow's decompression-bomb limit: reported, skipped.
+    assert all("too large" in p.reason for p in report.problems), report.problems
+
+
+def test_catalog_image_finds_itself(client, catalog, server):
+    indexed = {p.product_id for p in ProductIndex.load(Repository(server.options.model_repository).latest_index_dir()).products}
+    rows = [r for r in sample(catalog_rows(catalog), 25) if r["product_id"] in indexed]
+    for row in rows:
+        matches = client.search(catalog / row["image"], top_k=5)
+        assert matches[0].product_id == row["product_id"], (row, matches[:2])
+        assert matches[0].score > 0.99
+        assert [m.rank for m in matches] == [1, 2, 3, 4, 5]
+        assert all(a.score >= b.score for a, b in zip(matches, matches[1:]))
+
+
+def test_perturbed_copies_find_their_original(server, catalog):
+    """Re-shot copies (off-centre crop, rescale, relight, JPEG re-encode) of catalog images."""
+    rows = [r for r in catalog_rows(catalog)]
+    rows = [r for r in sample(rows, 80, seed=1) if not r["product_id"].endswith(("banana_mateya_01", "milk_mateya_01"))]
+    hits = {1: 0, 5: 0}
+    with LookalikeClient(server.options.grpc_url) as client:
+        def one(args):
+            i, row = args
+            with Image.open(catalog / row["image"]) as image:
+                image = image.convert("RGBA")
+                flat = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                flat.alpha_composite(image)
+                data = encode(perturb(flat.convert("RGB"), seed=i), "JPEG", quality=75)
+            return row["product_id"], [m.product_id for m in client.search(data, top_k=5)]
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, enumerate(rows)))
+    for product_id, ids in results:
+        hits[1] += ids[0] == product_id
+        hits[5] += product_id in ids
+    recall1, recall5 = hits[1] / len(results), hits[5] / len(results)
+    print(f"\nperturbed-copy recall over {len(results)} catalog images: recall@1 {recall1:.3f}, recall@5 {recall5:.3f}")
+    assert recall1 >= 0.8
+
+
+def test_top_k_is_optional_and_range_checked(client, server):
+    image = encode(Image.new("RGB", (64, 64), (200, 40, 40)), "PNG")
+    assert len(client.search(image, top_k=3)) == 3
+    # Without TOP_K at all (the optional ensemble input): the default, 10.
+    module = client._module
+    tensor = module.InferInput("IMAGE", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+    result = client._client().infer("visual_search", [tensor])
+    assert result.as_numpy("PRODUCT_IDS").shape == (1, 10)
+    for bad in (0, -5, 1001):
+        raw = module.InferInput("TOP_K", [1, 1], "INT32")
+        raw.set_data_from_numpy(np.array([[bad]], dtype=np.int32))
+        with pytest.raises(Exception) as info:
+            client._client().infer("visual_search", [tensor, raw])
+        assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400"), info.value
+        assert "TOP_K must be in 1..1000" in str(info.value)
+
+
+def test_embed_image_matches_the_same_pipeline_in_process(server, photos):
+    repo = Repository(server.options.model_repository)
+    preprocessor = Preprocessor(repo.preprocessing())
+    embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
+    images = [encode(image, "JPEG", quality=90) for _, image in photos[:6]]
+    expected = embedder(preprocessor.batch(images))
+    with LookalikeClient(server.options.grpc_url) as client:
+        got = client.embed(images)
+    assert got.shape == (6, 1280)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def _bomb() -> bytes:
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+
+
+def bad_inputs(photo):
+    jpeg = encode(photo, "JPEG", quality=90)
+    return {
+        "empty": (b"", "empty image"),
+        "text": (b"this is not an image, it is a sentence. " * 20, "not an image"),
+        "truncated": (jpeg[: len(jpeg) // 3], "truncated"),
+        "too many bytes": (b"\xff\xd8\xff\xe0" + b"\x00" * (21 * 1024 * 1024), "image too large"),
+        "decompression bomb": (_bomb(), "image too large"),
+        "psd": (b"8BPS\x00\x01" + b"\x00" * 200, "unsupported image format PSD"),
+    }
+
+
+def test_bad_inputs_fail_alone_while_good_requests_succeed(client, server, photo):
+    good = encode(photo, "JPEG", quality=90)
+    expected_top = client.search(good, top_k=1)[0].product_id
+    failures, successes = [], []
+    stop = threading.Event()
+
+    def good_traffic():
+        while not stop.is_set():
+            try:
+                successes.append(client.search(good, top_k=1)[0].product_id)
+            except Exception as exc:  # noqa: BLE001 - any failure of a good request is the bug
+                failures.append(exc)
+
+    workers = [threading.Thread(target=good_traffic) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        for name, (data, message) in bad_inputs(photo).items():
+            for _ in range(3):
+                with pytest.raises(InvalidRequestError) as info:
+                    client.search(data, top_k=1)
+                assert message in str(info.value), (name, str(info.value))
+            # A request that mixes good and bad images fails as a whole, with the bad one named.
+            with pytest.raises(InvalidRequestError, match="image 1 of 2"):
+                client.search_batch([good, data], top_k=1)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert not failures, failures[:3]
+    assert len(successes) > 10 and set(successes) == {expected_top}
+    assert server.ready()
+
+
+def test_wrongly_typed_image_is_invalid_argument(client, server):
+    module = client._module
+    tensor = module.InferInput("IMAGE", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[7]], dtype=np.int32))
+    with pytest.raises(Exception) as info:
+        client._client().infer("visual_search", [tensor])
+    assert info.value.status() in ("StatusCode.INVALID_ARGUMENT", "400"), info.value
+    assert server.ready()
+
+
+def test_reindex_while_queries_run_loses_no_request(server, catalog):
+    repo = Repository(server.options.model_repository)
+    before = repo.index_versions()[-1]
+    image = (catalog / catalog_rows(catalog)[0]["image"]).read_bytes()
+    stop = threading.Event()
+    counts = {"ok": 0}
+    failures = []
+
+    def traffic(protocol):
+        url = server.options.grpc_url if protocol == "grpc" else server.options.http_url
+        with LookalikeClient(url, protocol=protocol, timeout_s=60) as client:
+            while not stop.is_set():
+                try:
+                    assert client.search(image, top_k=3)[0].score > 0.99
+                    counts["ok"] += 1
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(f"{protocol}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=traffic, args=(p,)) for p in ("grpc", "grpc", "http", "http")]
+    for t in threads:
+        t.start()
+    try:
+        with LookalikeClient(server.options.grpc_url) as client:
+            for _ in range(2):
+                index_catalog(catalog / "catalog.csv", repo, client, progress=False)
+                time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    print(f"\n{counts['ok']} queries during 2 re-indexes, {len(failures)} failed")
+    assert not failures, failures[:5]
+    assert counts["ok"] > 20
+    assert repo.index_versions()[-1] == before + 2
+    assert len(repo.index_versions()) <= 2  # old versions pruned
+
+
+def test_index_from_another_embedder_is_refused_and_old_version_keeps_serving(server, catalog):
+    repo = Repository(server.options.model_repository)
+    serving = repo.index_versions()[-1]
+    vectors = np.eye(3, 1280, dtype=np.float32)
+    from lookalike.search import Product
+
+    stale = ProductIndex.build([Product(f"X{i}") for i in range(3)], vectors, embedder_fingerprint="another-embedder")
+    version = repo.write_index_version(stale.save)
+    with LookalikeClient(server.options.grpc_url) as client:
+        with pytest.raises(Exception, match="built with embedder another-embedder"):
+            client.reload_index()
+        image = (catalog / catalog_rows(catalog)[0]["image"]).read_bytes()
+        assert client.search(image, top_k=1)[0].product_id == catalog_rows(catalog)[0]["product_id"]
+    import shutil
+
+    shutil.rmtree(repo.search_dir / str(version))
+    assert repo.index_versions()[-1] == serving
+
+
+def test_plain_tritonclient_as_in_the_readme(server, catalog):
+    import tritonclient.grpc as grpcclient
+
+    row = catalog_rows(catalog)[3]
+    client = grpcclient.InferenceServerClient(server.options.grpc_url)
+    image = np.array([[(catalog / row["image"]).read_bytes()]], dtype=np.object_)
+    inputs = [grpcclient.InferInput("IMAGE", [1, 1], "BYTES"), grpcclient.InferInput("TOP_K", [1, 1], "INT32")]
+    inputs[0].set_data_from_numpy(image)
+    inputs[1].set_data_from_numpy(np.array([[5]], dtype=np.int32))
+    result = client.infer("visual_search", inputs)
+    ids = [x.decode() for x in result.as_numpy("PRODUCT_IDS")[0]]
+    scores = result.as_numpy("SCORES")[0]
+    assert ids[0] == row["product_id"] and scores[0] > 0.99 and len(ids) == 5

@@ -1,0 +1,111 @@
+"""The model repository: configs parse as Triton ModelConfig protos, tensor names follow the contract,
+and the embedder's serving variants (Python+ORT here, `onnxruntime` backend in NGC) agree with the ONNX
+file they serve."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from lookalike.repository import Repository, render_embedder_config
+from lookalike_client import contract as c
+from tests.conftest import REPOSITORY
+
+TYPE = model_config_pb2.DataType
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def load(model: str) -> model_config_pb2.ModelConfig:
+    return parse((REPOSITORY / model / "config.pbtxt").read_text())
+
+
+def tensors(entries):
+    return {t.name: (TYPE.Name(t.data_type), list(t.dims), getattr(t, "optional", False)) for t in entries}
+
+
+def test_contract_tensors():
+    assert tensors(load("preprocess").input) == {c.IMAGE: ("TYPE_STRING", [1], False)}
+    assert tensors(load("preprocess").output) == {c.PIXELS: ("TYPE_FP32", [3, -1, -1], False)}
+    search = load("product_search")
+    assert tensors(search.input) == {c.EMBEDDING: ("TYPE_FP32", [-1], False), c.TOP_K: ("TYPE_INT32", [1], True)}
+    assert tensors(search.output) == {c.PRODUCT_IDS: ("TYPE_STRING", [-1], False), c.SCORES: ("TYPE_FP32", [-1], False)}
+    visual = load("visual_search")
+    assert visual.platform == "ensemble"
+    assert tensors(visual.input) == {c.IMAGE: ("TYPE_STRING", [1], False), c.TOP_K: ("TYPE_INT32", [1], True)}
+    assert set(tensors(visual.output)) == {c.PRODUCT_IDS, c.SCORES}
+    assert [s.model_name for s in visual.ensemble_scheduling.step] == [c.PREPROCESS_MODEL, c.EMBEDDER_MODEL, c.SEARCH_MODEL]
+    embed = load("embed_image")
+    assert [s.model_name for s in embed.ensemble_scheduling.step] == [c.PREPROCESS_MODEL, c.EMBEDDER_MODEL]
+    for model in ("preprocess", "product_search", "visual_search", "embed_image"):
+        assert load(model).max_batch_size == c.MAX_BATCH_SIZE  # composing models >= ensembles
+
+
+@pytest.mark.parametrize("variant", ["python", "onnxruntime"])
+def test_embedder_variants_parse_and_share_tensors(variant):
+    config = parse(render_embedder_config(variant, height=224, width=224, dim=1280, max_batch_size=64))
+    assert config.name == c.EMBEDDER_MODEL and config.max_batch_size == 64
+    assert config.backend == variant
+    assert tensors(config.input) == {c.PIXELS: ("TYPE_FP32", [3, 224, 224], False)}
+    assert tensors(config.output) == {c.EMBEDDING: ("TYPE_FP32", [1280], False)}
+    if variant == "onnxruntime":
+        assert config.default_model_filename == "model.onnx"
+        assert not config.parameters  # nothing the onnxruntime backend would not understand
+
+
+def test_exported_embedder_directory_serves_both_variants():
+    """The directory `lookalike export` wrote: config.pbtxt (Python+ORT) and configs/onnxruntime.pbtxt
+    (selected with --model-config-name=onnxruntime) both name the ONNX file's own tensors and dims."""
+    import onnx
+
+    repo = Repository(REPOSITORY)
+    if not repo.manifest_file.exists():
+        pytest.fail("no exported embedder: run `make export` first")
+    model = onnx.load(str(repo.embedder_dir / "1" / "model.onnx"), load_external_data=False)
+    graph_in = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    graph_out = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    manifest = repo.manifest()
+    assert graph_in == {c.PIXELS: ["batch", *manifest["input"]]}
+    assert graph_out == {c.EMBEDDING: ["batch", manifest["dim"]]}
+    for path in (repo.embedder_dir / "config.pbtxt", repo.embedder_dir / "configs" / "onnxruntime.pbtxt"):
+        config = parse(path.read_text())
+        assert list(config.input[0].dims) == manifest["input"] and config.input[0].name == c.PIXELS
+        assert list(config.output[0].dims) == [manifest["dim"]] and config.output[0].name == c.EMBEDDING
+    assert (repo.embedder_dir / "1" / "model.py").exists() and (repo.embedder_dir / "1" / "model.onnx").exists()
+    assert repo.preprocessing().height == manifest["input"][1]
+
+
+def test_serving_path_does_not_import_torch():
+    code = (
+        "import sys; import lookalike.preprocessing, lookalike.search, lookalike.embedding, lookalike.server, "
+        "lookalike.indexer, lookalike.cli, lookalike_client; "
+        "bad = [m for m in ('torch', 'torchvision', 'lookalike_export') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_write_index_version_is_atomic_and_prunes(tmp_path):
+    search_dir = tmp_path / "product_search"
+    search_dir.mkdir()
+    (search_dir / "model.py").write_text("# adapter")
+    repo = Repository(tmp_path)
+
+    def failing(path: Path):
+        (path / "partial").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        repo.write_index_version(failing)
+    assert repo.index_versions() == [] and list(search_dir.iterdir()) == [search_dir / "model.py"]
+    for _ in range(3):
+        repo.write_index_version(lambda path: (path / "index.json").write_text("{}"))
+    assert repo.index_versions() == [1, 2, 3]
+    assert (search_dir / "3" / "model.py").read_text() == "# adapter"
+    assert repo.prune_index_versions(keep=2) == [1]
+    assert repo.index_versions() == [2, 3]
