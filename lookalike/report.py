@@ -59,7 +59,7 @@ def render(queries: Sequence[tuple[str, Sequence[tuple[int, str, float]] | str]]
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; }}
 section {{ display: flex; gap: 1.5em; border-bottom: 1px solid #ddd; padding: 1em 0; }}
 .results {{ display: flex; flex-wrap: wrap; gap: .6em; }}
-figure {{ margin: 0; width: 160px; font-size: 12px; text-align: center; }}
+figure {{ margin: 0; width: 160px; font-size: 12px; text-align: center; overflow-wrap: anywhere; }}
 img {{ max-width: 160px; max-height: 160px; border: 1px solid #eee; }}
 .query img {{ border: 2px solid #36c; }}
 .error {{ color: #b00; }}

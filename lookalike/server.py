@@ -47,6 +47,8 @@ class ServerOptions:
     tritonserver: str | None = None
     model_config_name: str | None = None  # e.g. "onnxruntime" in the NGC image
     admin_key: str | None = None  # default: $LOOKALIKE_ADMIN_KEY
+    # Restrict model control to holders of the admin key: None = only when bound beyond loopback.
+    restrict_admin: bool | None = None
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
 
@@ -155,7 +157,8 @@ def build_command(options: ServerOptions, binary: Binary) -> list[str]:
         args.append(f"--backend-directory={binary.backend_directory}")
     if options.model_config_name:
         args.append(f"--model-config-name={options.model_config_name}")
-    if not options.loopback:
+    restrict = (not options.loopback) if options.restrict_admin is None else options.restrict_admin
+    if restrict:
         key = options.admin_key or os.environ.get(c.ADMIN_KEY_ENV)
         if not key:
             raise ServerError(

@@ -70,6 +70,8 @@ def translate(exc: BaseException) -> LookalikeError:
             cls = ServerUnavailableError
     else:
         cls = error_class_for_status(status)
+    if "is restricted, expecting header" in str(message):
+        cls = PermissionDeniedError  # Triton answers a restricted gRPC protocol with UNAVAILABLE
     err = cls(str(message) if message else type(exc).__name__)
     err.__cause__ = exc
     return err

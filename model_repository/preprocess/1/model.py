@@ -22,7 +22,8 @@ class TritonPythonModel:
         limits = ImageLimits(max_bytes=int(params["max_image_bytes"]), max_pixels=int(params["max_image_pixels"]))
         self.preprocessor = Preprocessor(PreprocessConfig.load(preprocessing_file), limits)
         self.logger = pb_utils.Logger
-        self.logger.log_info(f"preprocess: {preprocessing_file} {self.preprocessor.config.to_dict()} {limits}")
+        settings = {k: v for k, v in self.preprocessor.config.to_dict().items() if k != "notes"}
+        self.logger.log_info(f"preprocess: {preprocessing_file} {settings} {limits}")
 
     def execute(self, requests):
         responses = []
