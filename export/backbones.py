@@ -52,6 +52,79 @@ def _efficientnet_lite0(weights: str | None) -> nn.Module:
     return _LitePooled(net.eval())
 
 
+def _torchvision_preprocessing(weights_enum) -> PreprocessConfig:
+    """The weights' own eval transform (resize shorter side, centre crop, mean/std), read from the enum's
+    metadata: no download."""
+    t = weights_enum.transforms()
+    return PreprocessConfig(
+        height=int(t.crop_size[0]),
+        width=int(t.crop_size[0]),
+        resize_mode="crop",
+        resize_size=int(t.resize_size[0]),
+        interpolation=t.interpolation.value,
+        mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std),
+        notes={"source": f"torchvision {weights_enum} transforms()"},
+    )
+
+
+def _load_torchvision(builder, weights_enum, weights: str | None) -> nn.Module:
+    if weights is None:
+        return builder(weights=None)
+    if weights == "DEFAULT":
+        try:
+            return builder(weights=weights_enum)
+        except Exception as exc:  # offline: torch.hub cannot download
+            raise RuntimeError(
+                f"cannot load {weights_enum} ({exc.__class__.__name__}: {exc}); offline, pass --weights FILE "
+                "with a state_dict saved from that model"
+            ) from None
+    net = builder(weights=None)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    net.load_state_dict(state)
+    return net
+
+
+def _resnet50(weights: str | None) -> nn.Module:
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    net = _load_torchvision(resnet50, ResNet50_Weights.DEFAULT, weights)
+    net.fc = nn.Identity()  # global-average-pooled 2048-d features
+    return net.eval()
+
+
+def _vit_b_16(weights: str | None) -> nn.Module:
+    from torchvision.models import ViT_B_16_Weights, vit_b_16
+
+    net = _load_torchvision(vit_b_16, ViT_B_16_Weights.DEFAULT, weights)
+    net.heads = nn.Identity()  # the class token after the encoder's final LayerNorm, 768-d
+    return net.eval()
+
+
+def _torchvision_entries() -> dict[str, "Backbone"]:
+    from torchvision.models import ResNet50_Weights, ViT_B_16_Weights
+
+    return {
+        "resnet50": Backbone(
+            name="resnet50",
+            dim=2048,
+            preprocessing=_torchvision_preprocessing(ResNet50_Weights.DEFAULT),
+            build=_resnet50,
+            weights_source=f"torchvision {ResNet50_Weights.DEFAULT} (BSD-3-Clause code; ImageNet weights)",
+        ),
+        "vit_b_16": Backbone(
+            name="vit_b_16",
+            dim=768,
+            preprocessing=_torchvision_preprocessing(ViT_B_16_Weights.DEFAULT),
+            build=_vit_b_16,
+            weights_source=f"torchvision {ViT_B_16_Weights.DEFAULT} (BSD-3-Clause code; ImageNet weights)",
+            notes={"fp16": "LayerNorm and softmax kept in FP32 in TensorRT FP16 engines"},
+        ),
+    }
+
+
 BACKBONES: dict[str, Backbone] = {
     "efficientnet_lite0": Backbone(
         name="efficientnet_lite0",
@@ -76,6 +149,10 @@ BACKBONES: dict[str, Backbone] = {
         license="Apache-2.0",
     ),
 }
+
+
+BACKBONES.update(_torchvision_entries())
+MODEL_NAMES = tuple(BACKBONES)
 
 
 def get_backbone(name: str) -> Backbone:

@@ -27,6 +27,7 @@ from lookalike.preprocessing import Preprocessor
 from lookalike.repository import (
     MANIFEST_FILE,
     ONNX_FILE,
+    PLAN_FILE,
     PREPROCESSING_FILE,
     Repository,
     fingerprint,
@@ -37,6 +38,8 @@ from lookalike_client import contract as c
 from .backbones import Backbone
 
 OPSET = 17
+# The Python-backend adapter of the embedder, as committed in this checkout's model repository.
+ADAPTER_SOURCE = Path(__file__).resolve().parents[1] / "model_repository" / c.EMBEDDER_MODEL / "1" / "model.py"
 MIN_ONNX_COSINE = 0.9999
 
 
@@ -59,6 +62,10 @@ def export_onnx(module: nn.Module, path: Path, height: int, width: int, dim: int
     import onnx
 
     example = torch.zeros(2, 3, height, width)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has no ONNX
+    # symbolic: trace the plain path, which computes the same thing.
+    torch.backends.mha.set_fastpath_enabled(False)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(
@@ -72,6 +79,7 @@ def export_onnx(module: nn.Module, path: Path, height: int, width: int, dim: int
             do_constant_folding=True,
             dynamo=False,
         )
+    torch.backends.mha.set_fastpath_enabled(fastpath)
     # Only the batch axis is dynamic: pin the embedding width, which the exporter can leave symbolic.
     model = onnx.load(str(path))
     output_dims = model.graph.output[0].type.tensor_type.shape.dim
@@ -107,9 +115,17 @@ def export_embedder(
     *,
     weights: str | None = "DEFAULT",
     max_batch_size: int = c.MAX_BATCH_SIZE,
+    fmt: str = "onnx",
+    precision: str = "fp32",
+    calibration_images: Sequence[bytes] = (),
 ) -> dict:
     """Writes `repository/embedder/` for `backbone`; returns the manifest. Raises ExportError when a
-    check fails, leaving any existing embedder untouched."""
+    check fails, leaving any existing embedder untouched. fmt "tensorrt" also builds `1/model.plan`
+    from the checked ONNX file (needs TensorRT and a CUDA GPU)."""
+    if fmt not in ("onnx", "tensorrt"):
+        raise ExportError(f"format must be onnx or tensorrt, got {fmt!r}")
+    if fmt == "onnx" and precision != "fp32":
+        raise ExportError("ONNX export is fp32; --precision fp16/int8 applies to --format tensorrt")
     if not images:
         raise ExportError("parity needs at least one real image")
     repo = Repository(Path(repository))
@@ -131,12 +147,24 @@ def export_embedder(
             raise ExportError(
                 f"{backbone.name}: ONNX parity failed, mean cosine {report['mean_cosine']:.6f} < {MIN_ONNX_COSINE}"
             )
-        # Checks passed: publish. model.onnx lands last-but-one, the manifest last.
+        engine = None
+        if fmt == "tensorrt":
+            engine = _build_tensorrt(backbone, onnx_path, staging / PLAN_FILE, pixels, precision, max_batch_size,
+                                     calibration_images)
+        # Checks passed: publish. The model files land first, the manifest last.
         (embedder_dir / "1").mkdir(exist_ok=True)
+        adapter = embedder_dir / "1" / "model.py"
+        if not adapter.exists() and ADAPTER_SOURCE.exists():  # a repository other than this checkout's
+            shutil.copy2(ADAPTER_SOURCE, adapter)
         pre.save(embedder_dir / PREPROCESSING_FILE)
         os.replace(onnx_path, embedder_dir / "1" / ONNX_FILE)
+        if engine is not None:
+            os.replace(staging / PLAN_FILE, embedder_dir / "1" / PLAN_FILE)
+        elif (embedder_dir / "1" / PLAN_FILE).exists():
+            (embedder_dir / "1" / PLAN_FILE).unlink()  # built from another ONNX file: stale
         write_embedder_configs(
-            embedder_dir, height=pre.height, width=pre.width, dim=backbone.dim, max_batch_size=max_batch_size
+            embedder_dir, height=pre.height, width=pre.width, dim=backbone.dim, max_batch_size=max_batch_size,
+            tensorrt=engine is not None,
         )
         import onnx
         import onnxruntime
@@ -153,6 +181,7 @@ def export_embedder(
             "opset": OPSET,
             "fingerprint": fingerprint(embedder_dir),
             "parity_onnx_vs_torch": report,
+            "tensorrt_engine": engine,
             "export_seconds": round(time.perf_counter() - started, 1),
             "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": {
@@ -166,3 +195,32 @@ def export_embedder(
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _build_tensorrt(backbone: Backbone, onnx_path: Path, plan_path: Path, pixels: np.ndarray, precision: str,
+                    max_batch_size: int, calibration_images: Sequence[bytes]) -> dict:
+    try:
+        from . import tensorrt_build
+    except ImportError as exc:
+        raise ExportError(
+            f"--format tensorrt needs TensorRT ({exc}); build engines in NGC's TensorRT image: make engine"
+        ) from None
+    if not torch.cuda.is_available():
+        raise ExportError("--format tensorrt needs a CUDA GPU")
+    pre = backbone.preprocessing
+    calibration = None
+    if precision == "int8":
+        if not calibration_images:
+            raise ExportError("--precision int8 needs --calibration CATALOG (images through our preprocessing)")
+        calibration_pixels = list(Preprocessor(pre).batch(list(calibration_images)))
+        calibration = tensorrt_build.batches(calibration_pixels, 16)
+    try:
+        engine = tensorrt_build.build_engine(
+            onnx_path, plan_path, height=pre.height, width=pre.width, precision=precision,
+            max_batch_size=max_batch_size, keep_fp32_norms=backbone.name.startswith("vit"), calibration=calibration,
+        )
+        reference = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])(pixels)
+        engine["parity_vs_onnx"] = tensorrt_build.cosine_gate(reference, tensorrt_build.run_engine(plan_path, pixels), precision)
+    except tensorrt_build.EngineBuildError as exc:
+        raise ExportError(str(exc)) from None
+    return engine

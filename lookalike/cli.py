@@ -50,10 +50,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     backbone = get_backbone(args.model)
     images = [encode(image) for _, image in list(real_photos())[: args.parity_images]]
     weights = None if args.random_weights else args.weights
+    calibration: list[bytes] = []
+    if args.calibration is not None:
+        from .catalog import read_catalog
+
+        items, _ = read_catalog(args.calibration)
+        calibration = [item.image.read_bytes() for item in items[: args.calibration_images]]
     try:
         manifest = export_embedder(backbone, args.model_repository, images, weights=weights,
-                                   max_batch_size=args.max_batch)
-    except ExportError as exc:
+                                   max_batch_size=args.max_batch, fmt=args.format, precision=args.precision,
+                                   calibration_images=calibration)
+    except (ExportError, RuntimeError) as exc:
         print(f"lookalike export: {exc}", file=sys.stderr)
         return 1
     p = manifest["parity_onnx_vs_torch"]
@@ -61,6 +68,11 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"  dim {manifest['dim']}, input {manifest['input']}, fingerprint {manifest['fingerprint']}\n"
           f"  parity ONNX Runtime vs torch on {p['images']} real images: mean cosine {p['mean_cosine']:.7f}, "
           f"max abs diff {p['max_abs_diff']:.2e}")
+    engine = manifest.get("tensorrt_engine")
+    if engine:
+        e = engine["parity_vs_onnx"]
+        print(f"  TensorRT {engine['tensorrt']} {engine['precision']} engine on {engine['gpu']} (sm {engine['compute_capability']}): "
+              f"mean cosine vs ONNX {e['mean_cosine']:.6f} (gate {e['threshold']})")
     if manifest["random_weights"]:
         print("  WARNING: random weights (for testing the export machinery only)")
     return 0
@@ -164,8 +176,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("export", help="export an embedder to ONNX into the model repository")
     _add_repository(p)
-    p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--weights", default="DEFAULT", help="DEFAULT (packaged/pretrained) or a state_dict file")
+    p.add_argument("--model", default="efficientnet_lite0", choices=("efficientnet_lite0", "resnet50", "vit_b_16"))
+    p.add_argument("--weights", default="DEFAULT",
+                   help="DEFAULT (Lite0: the packaged weights; ResNet-50/ViT: torchvision's, downloaded) or a state_dict file")
+    p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="TensorRT engine precision")
+    p.add_argument("--calibration", type=Path, default=None, help="catalog (CSV or folder) whose images calibrate INT8")
+    p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--random-weights", action="store_true",
                    help="random init: only to test the export machinery; the manifest records it")
     p.add_argument("--max-batch", type=int, default=c.MAX_BATCH_SIZE)

@@ -33,7 +33,7 @@ PLAN_FILE = "model.plan"
 # Serving variants of the embedder, chosen at serve time with tritonserver's --model-config-name.
 # "python" is config.pbtxt itself: ONNX Runtime inside a Python-backend model, for the tritonserver of
 # the nvidia-pytriton wheel, which has no other backend.
-EMBEDDER_VARIANTS = ("python", "onnxruntime")
+EMBEDDER_VARIANTS = ("python", "onnxruntime", "tensorrt")
 
 
 def default_repository() -> Path:
@@ -146,8 +146,10 @@ def render_embedder_config(variant: str, *, height: int, width: int, dim: int, m
     lines = [f'name: "{c.EMBEDDER_MODEL}"']
     if variant == "python":
         lines.append('backend: "python"')
-    else:
+    elif variant == "onnxruntime":
         lines += ['backend: "onnxruntime"', f'default_model_filename: "{ONNX_FILE}"']
+    else:
+        lines += ['platform: "tensorrt_plan"', f'default_model_filename: "{PLAN_FILE}"']
     lines += [
         f"max_batch_size: {max_batch_size}",
         f'input [ {{ name: "{c.PIXELS}" data_type: TYPE_FP32 dims: {_dims((3, height, width))} }} ]',
@@ -164,14 +166,24 @@ def render_embedder_config(variant: str, *, height: int, width: int, dim: int, m
             f'parameters {{ key: "onnx_file" value {{ string_value: "{ONNX_FILE}" }} }}',
             f'parameters {{ key: "intra_op_threads" value {{ string_value: "{intra_op_threads}" }} }}',
         ]
-    else:
+    elif variant == "onnxruntime":
         # No instance kind: one instance per visible GPU, or on the CPU where there is none.
         lines += [f"instance_group [ {{ count: {instances} }} ]"]
+    else:
+        lines += [f"instance_group [ {{ kind: KIND_GPU count: {instances} }} ]"]
     return "\n".join(lines) + "\n"
 
 
-def write_embedder_configs(embedder_dir: Path, *, height: int, width: int, dim: int, max_batch_size: int) -> None:
+def write_embedder_configs(embedder_dir: Path, *, height: int, width: int, dim: int, max_batch_size: int,
+                           tensorrt: bool = False) -> None:
+    """config.pbtxt (Python + ONNX Runtime) and configs/<variant>.pbtxt for the other backends; the
+    tensorrt variant only when a model.plan was built for it."""
     (embedder_dir / "configs").mkdir(parents=True, exist_ok=True)
     common = dict(height=height, width=width, dim=dim, max_batch_size=max_batch_size)
     (embedder_dir / "config.pbtxt").write_text(render_embedder_config("python", **common))
     (embedder_dir / "configs" / "onnxruntime.pbtxt").write_text(render_embedder_config("onnxruntime", **common))
+    plan_config = embedder_dir / "configs" / "tensorrt.pbtxt"
+    if tensorrt:
+        plan_config.write_text(render_embedder_config("tensorrt", **common))
+    elif plan_config.exists():
+        plan_config.unlink()  # a new ONNX export makes an older engine stale
