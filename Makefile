@@ -13,16 +13,27 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 MODEL ?= efficientnet_lite0
 
-.PHONY: setup export catalog demo serve stop test unit bench clean
+TRT_STUBS := tensorrt-stubs==10.13.0.35.1
+# NGC images of one release: the engine must be built with the TensorRT of the Triton image that serves it.
+NGC_RELEASE ?= 24.10
+TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
+PRECISION ?= fp16
+CALIBRATION ?=
+
+.PHONY: setup export catalog demo serve stop test unit typecheck bench bench-export engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
 setup: $(VENV)/.setup-done
-$(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scripts/install-system-deps.sh
+$(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scripts/install-system-deps.sh package-lock.json
 	bash scripts/install-system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e ./client -e .
+	# Type-checking the TensorRT build: pyright (npm, pinned in package-lock.json) and TensorRT's stubs,
+	# kept out of .venv (their dependencies would download TensorRT itself).
+	npm ci --no-audit --no-fund --silent
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --upgrade --target .typecheck $(TRT_STUBS)
 	touch $@
 
 # --- artefacts (generated, not in git) ----------------------------------------------------------
@@ -71,11 +82,30 @@ test: $(EMBEDDER)
 unit: $(VENV)/.setup-done
 	$(BIN)/python -m pytest tests/unit -q
 
+typecheck: $(VENV)/.setup-done
+	node_modules/.bin/pyright
+
 bench: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/bench.py --catalog $(CATALOG) --out results
 
+bench-export: $(VENV)/.setup-done
+	$(BIN)/python loadtest/export_bench.py --out results
+
+# --- production (GPU host with Docker and the NVIDIA container toolkit) ---------------------------
+# TensorRT engine for the embedder, built inside NGC's TensorRT image on the GPU that will serve it.
+engine:
+	docker run --rm --gpus all -v $(CURDIR):/src -w /src $(TRT_IMAGE) bash -c '\
+		pip install -q -r docker/requirements-engine.txt && pip install -q --no-deps ./client . && \
+		lookalike export --model $(MODEL) --format tensorrt --precision $(PRECISION) --model-repository $(REPO) \
+			$(if $(CALIBRATION),--calibration $(CALIBRATION))'
+
+# The serving image: NGC tritonserver + the Python backend's dependencies + this repository.
+image:
+	docker build --build-arg NGC_RELEASE=$(NGC_RELEASE) -t lookalike:$(NGC_RELEASE) .
+
 clean: stop
 	rm -rf $(VENV) data $(RUN) results $(REPO)/embedder/config.pbtxt $(REPO)/embedder/configs \
-		$(REPO)/embedder/1/model.onnx $(REPO)/embedder/1/model.plan $(REPO)/embedder/*.json
+		$(REPO)/embedder/1/model.onnx $(REPO)/embedder/1/model.plan $(REPO)/embedder/*.json \
+		$(REPO)/embedder/1/*.timing-cache $(REPO)/embedder/1/*.calibration-cache node_modules .typecheck
 	find $(REPO)/product_search -mindepth 1 -maxdepth 1 -type d -name '[0-9]*' -exec rm -rf {} +
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -46,11 +46,17 @@ def test_contract_tensors():
         assert load(model).max_batch_size == c.MAX_BATCH_SIZE  # composing models >= ensembles
 
 
-@pytest.mark.parametrize("variant", ["python", "onnxruntime"])
+@pytest.mark.parametrize("variant", ["python", "onnxruntime", "tensorrt"])
 def test_embedder_variants_parse_and_share_tensors(variant):
     config = parse(render_embedder_config(variant, height=224, width=224, dim=1280, max_batch_size=64))
     assert config.name == c.EMBEDDER_MODEL and config.max_batch_size == 64
-    assert config.backend == variant
+    if variant == "tensorrt":
+        assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+        assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_GPU"
+        # the engine's optimisation profile goes up to max_batch_size (Triton may batch that far)
+        assert list(config.dynamic_batching.preferred_batch_size)[-1] <= config.max_batch_size
+    else:
+        assert config.backend == variant
     assert tensors(config.input) == {c.PIXELS: ("TYPE_FP32", [3, 224, 224], False)}
     assert tensors(config.output) == {c.EMBEDDING: ("TYPE_FP32", [1280], False)}
     if variant == "onnxruntime":
