@@ -30,8 +30,8 @@ $(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scri
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e ./client -e .
-	# Type-checking the TensorRT build: pyright (npm, pinned in package-lock.json) and TensorRT's stubs,
-	# kept out of .venv (their dependencies would download TensorRT itself).
+	@# pyright (npm, pinned in package-lock.json) and TensorRT's type stubs, to type-check the TensorRT
+	@# build; the stubs stay out of .venv (their dependencies would download TensorRT itself).
 	npm ci --no-audit --no-fund --silent
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --upgrade --target .typecheck $(TRT_STUBS)
 	touch $@

@@ -71,10 +71,10 @@ class ProductIndex:
         """Builds an inner-product index. `embeddings` [N, D] must be L2-normalised (the embedder's
         output is). `dim` is required only for an empty catalog."""
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(products):
-            if not (len(products) == 0 and dim):
-                raise ValueError(f"embeddings {embeddings.shape} do not match {len(products)} products")
+        if len(products) == 0 and dim:  # an empty catalog: whatever shape the caller had
             embeddings = np.zeros((0, int(dim)), dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(products):
+            raise ValueError(f"embeddings {embeddings.shape} do not match {len(products)} products")
         d = int(dim or embeddings.shape[1])
         if embeddings.shape[1] != d:
             raise ValueError(f"embeddings have dim {embeddings.shape[1]}, expected {d}")

@@ -46,7 +46,7 @@ def test_k_larger_than_catalog_and_empty_catalog(catalog):
     index = ProductIndex.build(products[:3], vectors[:3])
     ids, scores = index.search(vectors[:2], 10)
     assert len(ids[0]) == 3 and scores.shape == (2, 3)
-    empty = ProductIndex.build([], np.zeros((0, 32), np.float32), dim=32)
+    empty = ProductIndex.build([], np.zeros((0, 0), np.float32), dim=32)  # every catalog row was bad
     ids, scores = empty.search(vectors[:2], 10)
     assert ids == [[], []] and scores.shape == (2, 0)
 
