@@ -20,7 +20,7 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?= fp16
 CALIBRATION ?=
 
-.PHONY: setup export catalog demo serve stop test unit typecheck bench bench-export engine image clean
+.PHONY: setup export catalog demo serve stop test unit typecheck bench bench-export eval engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
@@ -87,6 +87,9 @@ typecheck: $(VENV)/.setup-done
 
 bench: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/bench.py --catalog $(CATALOG) --out results
+
+eval: $(EMBEDDER) $(CATALOG)/catalog.csv
+	$(BIN)/python loadtest/eval_preprocessing.py --catalog $(CATALOG) --queries 200
 
 bench-export: $(VENV)/.setup-done
 	$(BIN)/python loadtest/export_bench.py --out results

@@ -1,0 +1,87 @@
+"""Measure preprocessing choices on retrieval, in process: recall@1/@5 of re-shot copies (off-centre
+crop, rescale, relight, JPEG) of catalog images against the catalog, for the exported embedder under
+several preprocessing variants. The variant in preprocessing.json is the one to beat.
+
+    .venv/bin/python loadtest/eval_preprocessing.py --catalog data/sample_catalog --queries 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lookalike.embedding import OnnxEmbedder
+from lookalike.preprocessing import ImageError, Preprocessor
+from lookalike.repository import Repository
+from lookalike.sample_data import encode, perturb
+from lookalike.search import Product, ProductIndex
+
+
+def flatten(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    canvas.alpha_composite(rgba)
+    return canvas.convert("RGB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--catalog", type=Path, default=Path("data/sample_catalog"))
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=Path("results/eval_preprocessing.json"))
+    args = parser.parse_args()
+
+    repo = Repository(args.model_repository)
+    base = repo.preprocessing()
+    variants = {
+        "exported (" + base.resize_mode + ")": base,
+        "letterbox, grey pad": dataclasses.replace(base, resize_mode="letterbox", pad_rgb=(124, 116, 104)),
+        "resize 256 + centre crop 224": dataclasses.replace(base, resize_mode="crop", resize_size=256),
+        "bicubic": dataclasses.replace(base, interpolation="bicubic"),
+    }
+    embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
+    with open(args.catalog / "catalog.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    data = {r["product_id"]: (args.catalog / r["image"]).read_bytes() for r in rows}
+    rng = random.Random(0)
+    query_ids = rng.sample(sorted(data), min(args.queries, len(data)))
+    queries = {}
+    for i, pid in enumerate(query_ids):
+        try:
+            queries[pid] = encode(perturb(flatten(data[pid]), seed=i), "JPEG", quality=75)
+        except (OSError, Image.DecompressionBombError):
+            continue
+
+    results = {}
+    for name, config in variants.items():
+        pre = Preprocessor(config)
+        ids, vectors = [], []
+        for pid, blob in data.items():
+            try:
+                vectors.append(embedder(pre(blob)[None])[0])
+                ids.append(pid)
+            except ImageError:
+                continue
+        index = ProductIndex.build([Product(i) for i in ids], np.stack(vectors))
+        qids = [q for q in queries if q in set(ids)]
+        found, _ = index.search(embedder(pre.batch([queries[q] for q in qids])), 5)
+        r1 = float(np.mean([f[0] == q for f, q in zip(found, qids)]))
+        r5 = float(np.mean([q in f for f, q in zip(found, qids)]))
+        results[name] = {"recall@1": r1, "recall@5": r5, "queries": len(qids), "catalog": len(ids)}
+        print(f"{name:<32} recall@1 {r1:.3f}  recall@5 {r5:.3f}  ({len(qids)} queries, {len(ids)} products)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
