@@ -6,7 +6,7 @@ it beside the ONNX file as the preprocessing file, and serving reads only that f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,7 +24,8 @@ class Backbone:
     build: Callable[[str | None], nn.Module]
     weights_source: str
     license: str = ""
-    notes: dict = field(default_factory=dict)
+    # TensorRT FP16/INT8: keep LayerNorm, softmax and reductions in FP32 (transformers overflow in FP16).
+    keep_fp32_norms: bool = False
 
 
 class _LitePooled(nn.Module):
@@ -120,7 +121,7 @@ def _torchvision_entries() -> dict[str, "Backbone"]:
             preprocessing=_torchvision_preprocessing(ViT_B_16_Weights.DEFAULT),
             build=_vit_b_16,
             weights_source=f"torchvision {ViT_B_16_Weights.DEFAULT} (BSD-3-Clause code; ImageNet weights)",
-            notes={"fp16": "LayerNorm and softmax kept in FP32 in TensorRT FP16 engines"},
+            keep_fp32_norms=True,
         ),
     }
 

@@ -217,7 +217,7 @@ def _build_tensorrt(backbone: Backbone, onnx_path: Path, plan_path: Path, pixels
     try:
         engine = tensorrt_build.build_engine(
             onnx_path, plan_path, height=pre.height, width=pre.width, precision=precision,
-            max_batch_size=max_batch_size, keep_fp32_norms=backbone.name.startswith("vit"), calibration=calibration,
+            max_batch_size=max_batch_size, keep_fp32_norms=backbone.keep_fp32_norms, calibration=calibration,
         )
         reference = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])(pixels)
         engine["parity_vs_onnx"] = tensorrt_build.cosine_gate(reference, tensorrt_build.run_engine(plan_path, pixels), precision)

@@ -31,10 +31,8 @@ class OnnxEmbedder:
                 f"{onnx_path}: expected input {c.PIXELS} and output {c.EMBEDDING}, "
                 f"found inputs {list(inputs)} and outputs {list(outputs)}"
             )
-        self.input_shape = inputs[c.PIXELS].shape  # ['batch', 3, H, W]
-        self.dim: int | None
         width = outputs[c.EMBEDDING].shape[1]
-        self.dim = width if isinstance(width, int) else None
+        self.dim: int | None = width if isinstance(width, int) else None
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)

@@ -55,8 +55,8 @@ def test_catalog_image_finds_itself(client, catalog, server):
 
 def test_perturbed_copies_find_their_original(server, catalog):
     """Re-shot copies (off-centre crop, rescale, relight, JPEG re-encode) of catalog images."""
-    rows = [r for r in catalog_rows(catalog)]
-    rows = [r for r in sample(rows, 80, seed=1) if not r["product_id"].endswith(("banana_mateya_01", "milk_mateya_01"))]
+    indexed = {p.product_id for p in ProductIndex.load(Repository(server.options.model_repository).latest_index_dir()).products}
+    rows = [r for r in sample(catalog_rows(catalog), 80, seed=1) if r["product_id"] in indexed]
     hits = {1: 0, 5: 0}
     with LookalikeClient(server.options.grpc_url) as client:
         def one(args):
