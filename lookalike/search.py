@@ -122,22 +122,24 @@ class ProductIndex:
         return cls(index, products, meta)
 
     # -- search ----------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
-        """[N, D] queries -> (N lists of product ids, [N, k'] float32 scores), best first, where
-        k' = min(k, catalog size). Scores are cosine similarities for normalised queries."""
+    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], list[np.ndarray]]:
+        """[N, D] queries -> (N lists of product ids, N float32 score arrays), best first, at most
+        min(k, catalog size) each. Scores are cosine similarities for normalised queries.
+
+        Rows are independent: an approximate index that finds fewer than k neighbours for one row
+        (FAISS marks the gaps with position -1) returns fewer items for that row only, never fewer
+        for the others. Callers must refuse non-finite queries first (`lookalike.serving`): FAISS
+        ranks NaN scores arbitrarily."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [N, {self.dim}], got {list(queries.shape)}")
         k_eff = min(int(k), len(self))
         if k_eff <= 0 or queries.shape[0] == 0:
-            return [[] for _ in range(queries.shape[0])], np.zeros((queries.shape[0], 0), dtype=np.float32)
+            return [[] for _ in range(queries.shape[0])], [np.zeros(0, np.float32) for _ in range(queries.shape[0])]
         scores, positions = self.index.search(queries, k_eff)
-        # Approximate indexes may return -1 for missing neighbours; keep rows rectangular by clamping
-        # those to the worst score (they sort last) and dropping the columns no row filled.
-        filled = int((positions >= 0).sum(axis=1).min())
-        scores, positions = scores[:, :filled], positions[:, :filled]
-        ids = [list(self._ids[row]) for row in positions]
-        return ids, scores.astype(np.float32, copy=False)
+        found = positions >= 0  # FAISS fills each row best first, gaps (-1) only at the end
+        ids = [list(self._ids[row[keep]]) for row, keep in zip(positions, found)]
+        return ids, [np.ascontiguousarray(row[keep], dtype=np.float32) for row, keep in zip(scores, found)]
 
 
 def load_products(directory: str | Path) -> list[Product]:

@@ -1,10 +1,31 @@
-"""Request-level rules shared by the Triton models, kept here so they are tested without Triton."""
+"""Request-level rules shared by the Triton models, kept here so they are tested without Triton.
+
+A dynamic batch holds requests from different clients. Everything here keeps them apart: each
+request is checked on its own (a bad one gets its own error), and no request's rows, size or TOP_K
+can change what another request gets back.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from lookalike_client import contract as c
+
+from .search import ProductIndex
+
+# How far an embedding's L2 norm may be from 1. The embedders normalise in the graph (FP32 and FP16
+# engines land within 1e-3); anything further off was not made by our embedder, and its inner
+# products would not be cosine similarities.
+DEFAULT_NORM_TOLERANCE = 0.01
+
+# Fill of a result row that has fewer hits than the longest row of the same request (only an
+# approximate index leaves gaps): the contract's NO_PRODUCT_ID and FAISS's own "no neighbour" score,
+# the lowest float32, which is finite (JSON-safe) and sorts last.
+PAD_PRODUCT_ID = c.NO_PRODUCT_ID.encode()
+PAD_SCORE = float(np.finfo(np.float32).min)
 
 
 def resolve_top_k(top_k: np.ndarray | None, rows: int) -> int:
@@ -19,3 +40,64 @@ def resolve_top_k(top_k: np.ndarray | None, rows: int) -> int:
     if not c.MIN_TOP_K <= k <= c.MAX_TOP_K:
         raise ValueError(f"TOP_K must be in {c.MIN_TOP_K}..{c.MAX_TOP_K}, got {k}")
     return k
+
+
+def check_embeddings(embeddings: np.ndarray, dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> np.ndarray:
+    """One request's EMBEDDING tensor, [N, dim] float32, finite and L2-normalised; else ValueError
+    naming the first bad row (-> INVALID_ARG for that request only)."""
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        raise ValueError(f"{c.EMBEDDING} must be [N, {dim}], got {list(embeddings.shape)}")
+    rows = embeddings.shape[0]
+    finite = np.isfinite(embeddings).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        kinds = sorted({"NaN" if np.isnan(v) else "inf" for v in embeddings[row] if not np.isfinite(v)})
+        raise ValueError(f"{c.EMBEDDING} row {row} of {rows} is not finite (holds {' and '.join(kinds)})")
+    norms = np.linalg.norm(embeddings.astype(np.float64), axis=1)
+    off = np.abs(norms - 1.0) > norm_tolerance
+    if off.any():
+        row = int(np.argmax(off))
+        raise ValueError(f"{c.EMBEDDING} row {row} of {rows} has L2 norm {norms[row]:.6g}; embeddings must be "
+                         f"L2-normalised (norm 1 +- {norm_tolerance:g})")
+    return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    embeddings: np.ndarray  # [N, D], already checked
+    k: int
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    product_ids: np.ndarray  # [N, W] object array of utf-8 bytes, W = the longest row (<= k)
+    scores: np.ndarray  # [N, W] float32, best first
+
+
+def search_requests(index: ProductIndex, requests: Sequence[SearchRequest]) -> list[SearchResult]:
+    """Searches the requests of one dynamic batch, one result per request, in order.
+
+    Requests with the same k share one FAISS call (the common case: every client sends the default);
+    different k are searched apart, because an approximate index (HNSW's efSearch grows with k) may
+    answer a row differently when asked for more neighbours. Within a request, a row with fewer hits
+    is padded with PAD_PRODUCT_ID / PAD_SCORE up to the request's longest row."""
+    results: list[SearchResult | None] = [None] * len(requests)
+    for k in sorted({r.k for r in requests}):
+        members = [i for i, r in enumerate(requests) if r.k == k]
+        ids, scores = index.search(np.concatenate([requests[i].embeddings for i in members]), k)
+        start = 0
+        for i in members:
+            count = len(requests[i].embeddings)
+            results[i] = _rectangular(ids[start : start + count], scores[start : start + count])
+            start += count
+    return results  # type: ignore[return-value]
+
+
+def _rectangular(ids: list[list[str]], scores: list[np.ndarray]) -> SearchResult:
+    width = max((len(row) for row in ids), default=0)
+    out_ids = np.full((len(ids), width), PAD_PRODUCT_ID, dtype=np.object_)
+    out_scores = np.full((len(ids), width), PAD_SCORE, dtype=np.float32)
+    for r, (row_ids, row_scores) in enumerate(zip(ids, scores)):
+        out_ids[r, : len(row_ids)] = [pid.encode("utf-8") for pid in row_ids]
+        out_scores[r, : len(row_scores)] = row_scores
+    return SearchResult(out_ids, out_scores)

@@ -62,6 +62,12 @@ def decode_ids(raw: np.ndarray) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v) for v in raw.reshape(-1)]
 
 
+def matches(ids: np.ndarray, scores: np.ndarray) -> list[Match]:
+    """One result row -> Matches, best first, without the padding (`contract.NO_PRODUCT_ID`)."""
+    found = [(pid, score) for pid, score in zip(decode_ids(ids), scores) if pid != c.NO_PRODUCT_ID]
+    return [Match(rank + 1, pid, float(score)) for rank, (pid, score) in enumerate(found)]
+
+
 class LookalikeClient:
     """Calls `visual_search`, `embed_image` and the index reload of a lookalike server.
 
@@ -196,10 +202,7 @@ class LookalikeClient:
         )
         ids = result.as_numpy(c.PRODUCT_IDS).reshape(len(data), -1)
         scores = result.as_numpy(c.SCORES).reshape(len(data), -1)
-        return [
-            [Match(rank + 1, pid, float(score)) for rank, (pid, score) in enumerate(zip(decode_ids(row_ids), row_scores))]
-            for row_ids, row_scores in zip(ids, scores)
-        ]
+        return [matches(row_ids, row_scores) for row_ids, row_scores in zip(ids, scores)]
 
     def embed(self, images: Sequence[ImageLike]) -> np.ndarray:
         """[N, D] float32 L2-normalised embeddings of N images, in one request."""

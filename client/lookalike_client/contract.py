@@ -21,6 +21,9 @@ EMBEDDING = "EMBEDDING"  # FP32 [D]: L2-normalised image embedding
 TOP_K = "TOP_K"  # INT32 [1]: how many results; optional, default DEFAULT_TOP_K
 PRODUCT_IDS = "PRODUCT_IDS"  # TYPE_STRING [-1]: the catalog's own product ids, best first
 SCORES = "SCORES"  # FP32 [-1]: cosine similarity, descending
+# Rows of one request are rectangular. A row that an approximate index could not fill as far as the
+# longest row of its request is padded with this id (never a catalog id) and the lowest float32 score.
+NO_PRODUCT_ID = ""
 
 # Triton datatypes of the tensors above, as the KServe v2 protocol spells them.
 DATATYPES = {

@@ -1,10 +1,14 @@
-"""lookalike.search: build, persist, search; ids stay strings; TOP_K rules."""
+"""lookalike.search and lookalike.serving: build, persist, search; ids stay strings; TOP_K and embedding
+rules; requests of one batch never shape each other."""
+
+import re
 
 import numpy as np
 import pytest
 
 from lookalike.search import Product, ProductIndex
-from lookalike.serving import resolve_top_k
+from lookalike.serving import (PAD_PRODUCT_ID, PAD_SCORE, SearchRequest, check_embeddings, resolve_top_k,
+                               search_requests)
 
 
 def normalised(rng, n, d):
@@ -26,8 +30,8 @@ def test_each_vector_finds_itself_first_with_cosine_one(catalog):
     index = ProductIndex.build(products, vectors, embedder_fingerprint="fp")
     ids, scores = index.search(vectors, 5)
     assert [row[0] for row in ids] == [p.product_id for p in products]
-    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
-    assert (np.diff(scores, axis=1) <= 1e-6).all()  # descending
+    np.testing.assert_allclose([row[0] for row in scores], 1.0, atol=1e-5)
+    assert all(len(row) == 5 and (np.diff(row) <= 1e-6).all() for row in scores)  # descending
 
 
 def test_scores_are_cosine_similarities(catalog):
@@ -45,10 +49,10 @@ def test_k_larger_than_catalog_and_empty_catalog(catalog):
     products, vectors = catalog
     index = ProductIndex.build(products[:3], vectors[:3])
     ids, scores = index.search(vectors[:2], 10)
-    assert len(ids[0]) == 3 and scores.shape == (2, 3)
+    assert [len(row) for row in ids] == [3, 3] and [len(row) for row in scores] == [3, 3]
     empty = ProductIndex.build([], np.zeros((0, 0), np.float32), dim=32)  # every catalog row was bad
     ids, scores = empty.search(vectors[:2], 10)
-    assert ids == [[], []] and scores.shape == (2, 0)
+    assert ids == [[], []] and [len(row) for row in scores] == [0, 0]
 
 
 def test_save_load_round_trip(tmp_path, catalog):
@@ -85,3 +89,75 @@ def test_resolve_top_k():
             resolve_top_k(np.array([[bad]], np.int32), 1)
     with pytest.raises(ValueError, match="same"):
         resolve_top_k(np.array([[3], [4]], np.int32), 2)
+
+
+def sparse_ivf(catalog):
+    """An IVF index whose lists are so uneven that nprobe=1 leaves some queries short of k hits."""
+    products, vectors = catalog
+    index = ProductIndex.build(products, vectors, factory="IVF8,Flat")
+    index.index.nprobe = 1
+    sizes = index.index.invlists
+    lists = [sizes.list_size(i) for i in range(index.index.nlist)]
+    return index, products, vectors, lists
+
+
+def test_a_row_an_approximate_index_cannot_fill_shortens_only_itself(catalog):
+    index, products, vectors, lists = sparse_ivf(catalog)
+    k = max(lists)  # more than most lists hold: the rows whose list is small come back short
+    ids, scores = index.search(vectors, k)
+    lengths = [len(row) for row in ids]
+    assert min(lengths) < k == max(lengths), lengths  # the test needs both kinds of row
+    for row_ids, row_scores, vector in zip(ids, scores, vectors):
+        assert len(row_ids) == len(row_scores) and "" not in row_ids
+        alone_ids, alone_scores = index.search(vector[None], k)  # the same row searched on its own
+        assert row_ids == alone_ids[0]
+        np.testing.assert_allclose(row_scores, alone_scores[0], atol=1e-6)
+
+
+def test_requests_of_one_batch_never_shape_each_other(catalog):
+    index, products, vectors, lists = sparse_ivf(catalog)
+    k = max(lists)
+    requests = [SearchRequest(vectors[i : i + 3], k) for i in range(0, 48, 3)] + [SearchRequest(vectors[48:], 2)]
+    together = search_requests(index, requests)
+    for request, result in zip(requests, together):
+        alone = search_requests(index, [request])[0]
+        assert result.product_ids.tolist() == alone.product_ids.tolist()
+        np.testing.assert_allclose(result.scores, alone.scores, atol=1e-6)
+        assert result.product_ids.shape[1] <= request.k
+        for row_ids, row_scores in zip(result.product_ids, result.scores):
+            real = [pid for pid in row_ids if pid != PAD_PRODUCT_ID]
+            assert list(row_ids[: len(real)]) == real  # padding only at the end
+            assert (row_scores[len(real):] == np.float32(PAD_SCORE)).all()
+    assert together[-1].product_ids.shape == (2, 2)  # its own k, not the batch's largest
+
+
+def test_flat_rows_are_full_whatever_their_batch_mates(catalog):
+    products, vectors = catalog
+    index = ProductIndex.build(products, vectors)
+    result = search_requests(index, [SearchRequest(vectors[:4], 10), SearchRequest(vectors[4:5], 3)])
+    assert result[0].product_ids.shape == (4, 10) and result[1].product_ids.shape == (1, 3)
+    assert PAD_PRODUCT_ID not in result[0].product_ids.reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("value, message", [(np.nan, "row 1 of 3 is not finite (holds NaN)"),
+                                            (np.inf, "row 1 of 3 is not finite (holds inf)"),
+                                            (-np.inf, "row 1 of 3 is not finite (holds inf)")])
+def test_non_finite_rows_are_refused_by_row(catalog, value, message):
+    _, vectors = catalog
+    batch = vectors[:3].copy()
+    batch[1, 5] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_embeddings(batch, 32)
+
+
+def test_wrongly_normed_rows_are_refused_by_row(catalog):
+    _, vectors = catalog
+    for scale, row in ((3.0, 2), (0.0, 0), (1.02, 1)):
+        batch = vectors[:3].copy()
+        batch[row] *= scale
+        with pytest.raises(ValueError, match=rf"row {row} of 3 has L2 norm .*L2-normalised"):
+            check_embeddings(batch, 32)
+    almost = vectors[:3] * 1.004  # FP16 engines land within 1e-3 of 1: accepted
+    assert check_embeddings(almost, 32).dtype == np.float32
+    with pytest.raises(ValueError, match=r"\[N, 32\]"):
+        check_embeddings(vectors[:, :16], 32)
