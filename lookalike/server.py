@@ -195,7 +195,12 @@ def ensure_servable_index(repository: Repository, log=print) -> None:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether tritonserver can bind `port`: the check binds the way it does, with SO_REUSEADDR, so
+    that the TIME-WAIT connections a stopped server leaves behind (about 60 s) do not count as in
+    use, while a socket that another process listens on still does (without SO_REUSEPORT on our
+    side, Linux refuses to share a port with a listener)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
             return True

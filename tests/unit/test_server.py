@@ -46,3 +46,37 @@ def test_wheel_binary_gets_its_libraries_stub_and_python(monkeypatch):
     stub = binary.backend_directory / "python" / "triton_python_backend_stub"
     assert stub.exists() and os.access(stub, os.X_OK)
     assert (binary.backend_directory / "python" / "libtriton_python.so").exists()
+
+
+def test_port_check_ignores_time_wait_but_not_listeners():
+    """A stopped server's TIME-WAIT connections (about 60 s) must not block its successor; a socket
+    that another process listens on, with or without SO_REUSEPORT (gRPC's), still does."""
+    import socket
+
+    from lookalike.server import port_is_free
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end goes to TIME-WAIT
+    client.recv(1)
+    client.close()
+    assert not port_is_free("127.0.0.1", port)
+    listener.close()
+    states = [line.split()[3] for table in ("/proc/net/tcp", "/proc/net/tcp6")
+              for line in open(table).read().splitlines()[1:] if int(line.split()[1].rsplit(":", 1)[1], 16) == port]
+    assert "06" in states  # TIME-WAIT, as after a restart
+    assert port_is_free("127.0.0.1", port)
+    shared = socket.socket()
+    shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    shared.bind(("127.0.0.1", port))
+    shared.listen()
+    try:
+        assert not port_is_free("127.0.0.1", port)
+    finally:
+        shared.close()
