@@ -19,6 +19,8 @@ import numpy as np
 from lookalike_client import InvalidRequestError, LookalikeClient
 
 from .catalog import CatalogItem, Problem, read_catalog
+from .preprocessing import ImageLimits
+from .publishing import clean_stale_staging, publish_index
 from .repository import Repository
 from .search import Product, ProductIndex
 
@@ -31,8 +33,13 @@ class IndexReport:
     seconds: float = 0.0
 
 
-def _read(item: CatalogItem) -> bytes | Problem:
+def _read(item: CatalogItem, max_bytes: int) -> bytes | Problem:
+    """The file's bytes, unless it is over the server's upload limit: checked from its size first,
+    so that an oversized file is never read into memory."""
     try:
+        size = item.image.stat().st_size
+        if size > max_bytes:
+            return Problem(item.where, f"{item.image.name}: image too large: {size:,} bytes, the limit is {max_bytes:,} bytes")
         return item.image.read_bytes()
     except OSError as exc:
         return Problem(item.where, f"cannot read {item.image}: {exc.strerror or exc}")
@@ -45,12 +52,14 @@ def embed_items(
     batch_size: int = 16,
     concurrency: int = 4,
     progress: bool = True,
+    max_bytes: int = ImageLimits().max_bytes,
 ) -> tuple[list[CatalogItem], np.ndarray, list[Problem]]:
-    """Returns the items that embedded, their [N, D] embeddings, and the problems of the rest."""
+    """Returns the items that embedded, their [N, D] embeddings, and the problems of the rest.
+    Files over `max_bytes` (the server's limit) are reported without being read."""
     batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
     def run(batch: list[CatalogItem]) -> list[tuple[CatalogItem, np.ndarray | Problem]]:
-        data = [_read(item) for item in batch]
+        data = [_read(item, max_bytes) for item in batch]
         readable = [(item, d) for item, d in zip(batch, data) if isinstance(d, bytes)]
         out: list[tuple[CatalogItem, np.ndarray | Problem]] = [
             (item, d) for item, d in zip(batch, data) if isinstance(d, Problem)
@@ -105,10 +114,12 @@ def index_catalog(
 
     started = time.perf_counter()
     manifest = repository.manifest()
+    clean_stale_staging(repository, log=lambda m: print(f"lookalike index: {m}", file=sys.stderr))
     items, problems = read_catalog(catalog)
     client.wait_until_ready(timeout_s=120.0, model="embed_image")
     good, vectors, embed_problems = embed_items(
-        client, items, batch_size=batch_size, concurrency=concurrency, progress=progress
+        client, items, batch_size=batch_size, concurrency=concurrency, progress=progress,
+        max_bytes=repository.image_limits().max_bytes,
     )
     problems += embed_problems
     if len(good) and vectors.shape[1] != manifest["dim"]:
@@ -120,16 +131,5 @@ def index_catalog(
         factory=factory,
         embedder_fingerprint=manifest["fingerprint"],
     )
-    version = repository.write_index_version(index.save)
-    client.reload_index()
-    repository.prune_index_versions(keep=keep_versions)
+    version = publish_index(repository, index, client, keep_versions=keep_versions)
     return IndexReport(version, len(good), problems, time.perf_counter() - started)
-
-
-def write_empty_index(repository: Repository) -> int:
-    """Publishes an empty index version for the current embedder, so that `visual_search` can load
-    before the first `lookalike index`."""
-    manifest = repository.manifest()
-    index = ProductIndex.build([], np.zeros((0, manifest["dim"]), np.float32), dim=int(manifest["dim"]),
-                               embedder_fingerprint=manifest["fingerprint"])
-    return repository.write_index_version(index.save)

@@ -17,14 +17,16 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lookalike_client import contract as c
 
-from .preprocessing import PreprocessConfig
+from .preprocessing import ImageLimits, PreprocessConfig
 
 PREPROCESSING_FILE = "preprocessing.json"
 MANIFEST_FILE = "manifest.json"
@@ -34,6 +36,10 @@ PLAN_FILE = "model.plan"
 # "python" is config.pbtxt itself: ONNX Runtime inside a Python-backend model, for the tritonserver of
 # the nvidia-pytriton wheel, which has no other backend.
 EMBEDDER_VARIANTS = ("python", "onnxruntime", "tensorrt")
+# Inside product_search/: index versions being written, and versions set aside as unservable.
+STAGING_PREFIX = ".staging-"
+STAGING_OWNER_FILE = ".owner.json"
+REJECTED_DIR = ".rejected"
 
 
 def default_repository() -> Path:
@@ -71,7 +77,23 @@ class Repository:
     def preprocessing(self) -> PreprocessConfig:
         return PreprocessConfig.load(self.preprocessing_file)
 
+    def image_limits(self) -> ImageLimits:
+        """The upload limits that `preprocess` enforces, from its config.pbtxt parameters."""
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        path = self.root / c.PREPROCESS_MODEL / "config.pbtxt"
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        params = {key: value.string_value for key, value in config.parameters.items()}
+        return ImageLimits(max_bytes=int(params["max_image_bytes"]), max_pixels=int(params["max_image_pixels"]))
+
     # -- product_search versions -----------------------------------------------------------------
+    @property
+    def rejected_dir(self) -> Path:
+        """Where index versions that cannot be served are set aside (`lookalike.publishing`); Triton
+        ignores it, as it ignores every non-numeric directory."""
+        return self.search_dir / REJECTED_DIR
+
     def index_versions(self) -> list[int]:
         if not self.search_dir.is_dir():
             return []
@@ -81,16 +103,33 @@ class Repository:
         versions = self.index_versions()
         return self.search_dir / str(versions[-1]) if versions else None
 
+    def staging_dirs(self) -> list[Path]:
+        if not self.search_dir.is_dir():
+            return []
+        return sorted(p for p in self.search_dir.iterdir() if p.is_dir() and p.name.startswith(STAGING_PREFIX))
+
+    def _next_version(self) -> int:
+        """One more than any version ever written here, set-aside ones included, so that a number
+        never names two different indexes."""
+        used = self.index_versions()
+        if self.rejected_dir.is_dir():
+            used += [int(p.name.split("-")[0]) for p in self.rejected_dir.iterdir() if p.name.split("-")[0].isdigit()]
+        return max(used, default=0) + 1
+
     def write_index_version(self, save: "Any") -> int:
         """Creates the next version directory of `product_search` atomically: `save(path)` writes the
         index into a staging directory, the model code is copied beside it, and one rename publishes
-        it, so Triton never sees a half-written version. Returns the new version number."""
-        versions = self.index_versions()
-        version = (versions[-1] + 1) if versions else 1
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=self.search_dir))
+        it, so Triton never sees a half-written version. Returns the new version number. The staging
+        directory names its owner (host, pid), so that one left by a killed writer can be told from
+        one being written (`lookalike.publishing.clean_stale_staging`)."""
+        version = self._next_version()
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=self.search_dir))
+        owner = staging / STAGING_OWNER_FILE
         try:
+            owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
             save(staging)
             shutil.copy2(self.search_dir / "model.py", staging / "model.py")
+            owner.unlink()
             os.chmod(staging, 0o755)
             os.rename(staging, self.search_dir / str(version))
         except BaseException:
@@ -111,7 +150,7 @@ def copy_repository(source: Path, target: Path, *, with_indexes: bool = False) -
     """A copy of a model repository (for tests and benchmarks), by default without index versions."""
 
     def ignore(directory: str, names: list[str]) -> set[str]:
-        skipped = {n for n in names if n == "__pycache__" or n.startswith((".staging-", ".export-"))}
+        skipped = {n for n in names if n == "__pycache__" or n == REJECTED_DIR or n.startswith((STAGING_PREFIX, ".export-"))}
         if not with_indexes and Path(directory).name == c.SEARCH_MODEL:
             skipped |= {n for n in names if n.isdigit()}
         return skipped

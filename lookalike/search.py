@@ -5,13 +5,15 @@ An index is a directory, written once and never modified:
 
     index.faiss      the FAISS index (written with faiss.write_index)
     products.json    ids, categories and image paths, in FAISS order
-    index.json       dim, count, factory, embedder fingerprint, creation time
+    index.json       dim, count, factory, embedder fingerprint, creation time, and the size and
+                     sha256 of the two files above (written last, so it vouches for them)
 
 `product_search` serves one such directory per Triton model version (see `lookalike.repository`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 PRODUCTS_FILE = "products.json"
 META_FILE = "index.json"
+
+
+class CorruptIndexError(ValueError):
+    """An index directory that cannot be served: a missing, truncated or altered file."""
 
 
 @dataclass(frozen=True)
@@ -109,17 +115,27 @@ class ProductIndex:
             "image": [p.image for p in self.products],
         }
         (directory / PRODUCTS_FILE).write_text(json.dumps(products))
-        (directory / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+        meta = {**self.meta, "files": {name: _file_digest(directory / name) for name in (INDEX_FILE, PRODUCTS_FILE)}}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path, *, use_gpu: bool = False, gpu_device: int = 0) -> "ProductIndex":
+        """Loads an index directory after `check_index_dir`, so a damaged file is refused with a reason
+        before FAISS parses it."""
         directory = Path(directory)
-        meta = json.loads((directory / META_FILE).read_text())
+        meta = check_index_dir(directory)
         products = load_products(directory)
-        index = faiss.read_index(str(directory / INDEX_FILE))
+        try:
+            index = faiss.read_index(str(directory / INDEX_FILE))
+        except RuntimeError as exc:
+            raise CorruptIndexError(f"{INDEX_FILE}: FAISS cannot read it: {str(exc).splitlines()[0]}") from None
         if use_gpu:
             index = to_gpu(index, gpu_device)
-        return cls(index, products, meta)
+        loaded = cls(index, products, meta)
+        if len(loaded) != meta.get("count", len(loaded)) or loaded.dim != meta.get("dim", loaded.dim):
+            raise CorruptIndexError(f"{INDEX_FILE} holds {len(loaded)} x {loaded.dim}, {META_FILE} says "
+                                    f"{meta.get('count')} x {meta.get('dim')}")
+        return loaded
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], list[np.ndarray]]:
@@ -144,8 +160,54 @@ class ProductIndex:
 
 def load_products(directory: str | Path) -> list[Product]:
     """The products of an index directory, in FAISS order, without loading the index."""
-    columns = json.loads((Path(directory) / PRODUCTS_FILE).read_text())
-    return [Product(pid, cat, img) for pid, cat, img in zip(columns["product_id"], columns["category"], columns["image"])]
+    try:
+        columns = json.loads((Path(directory) / PRODUCTS_FILE).read_text())
+        ids, categories, images = columns["product_id"], columns["category"], columns["image"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptIndexError(f"{PRODUCTS_FILE}: {type(exc).__name__}: {exc}") from None
+    if not len(ids) == len(categories) == len(images) or not all(isinstance(i, str) and i for i in ids):
+        raise CorruptIndexError(f"{PRODUCTS_FILE}: columns of different lengths or an empty/non-string id")
+    return [Product(pid, cat, img) for pid, cat, img in zip(ids, categories, images)]
+
+
+def _file_digest(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_index_dir(directory: str | Path) -> dict:
+    """Returns the metadata of an index directory whose files are whole and unaltered; raises
+    CorruptIndexError naming the first problem. The sizes and hashes come from index.json (indexes
+    written before they were recorded are checked when FAISS and JSON parse them in `load`)."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CorruptIndexError(f"no {META_FILE}") from None
+    except (OSError, ValueError) as exc:
+        raise CorruptIndexError(f"{META_FILE}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("dim"), int) or not isinstance(meta.get("count"), int):
+        raise CorruptIndexError(f"{META_FILE}: not index metadata (no integer dim and count)")
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        raise CorruptIndexError(f"{META_FILE}: 'files' is not a table of files")
+    for name in (INDEX_FILE, PRODUCTS_FILE):
+        path = directory / name
+        if not path.is_file():
+            raise CorruptIndexError(f"no {name}")
+        recorded = files.get(name)
+        if not isinstance(recorded, dict):
+            continue
+        size, want = path.stat().st_size, recorded.get("bytes")
+        if size != want:
+            raise CorruptIndexError(f"{name}: {size:,} bytes, but {META_FILE} recorded "
+                                    + (f"{want:,}" if isinstance(want, int) else repr(want)))
+        if _file_digest(path)["sha256"] != recorded.get("sha256"):
+            raise CorruptIndexError(f"{name}: its content changed since it was written (sha256 mismatch)")
+    return meta
 
 
 def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import ipaddress
-import json
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from lookalike_client import contract as c
 
+from .publishing import ensure_servable_index
 from .repository import Repository
 
 # APIs that change or expose server state: restricted to holders of the admin key when the server is
@@ -177,23 +177,6 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def ensure_servable_index(repository: Repository, log=print) -> None:
-    """`visual_search` needs a loadable `product_search`: publish an empty index when there is none,
-    or when the newest was built with another embedder (it would be refused, never mixed)."""
-    from .indexer import write_empty_index
-
-    expected = repository.manifest()["fingerprint"]
-    latest = repository.latest_index_dir()
-    if latest is not None:
-        built_with = json.loads((latest / "index.json").read_text()).get("embedder_fingerprint")
-        if built_with == expected:
-            return
-        log(f"index version {latest.name} was built with embedder {built_with}, the embedder is now {expected}: "
-            "serving an empty index until `lookalike index` runs again")
-    version = write_empty_index(repository)
-    log(f"published empty index version {version} of {c.SEARCH_MODEL}; run `lookalike index CATALOG` to fill it")
-
-
 def port_is_free(host: str, port: int) -> bool:
     """Whether tritonserver can bind `port`: the check binds the way it does, with SO_REUSEADDR, so
     that the TIME-WAIT connections a stopped server leaves behind (about 60 s) do not count as in
@@ -225,11 +208,11 @@ class TritonServer:
 
     def start(self) -> "TritonServer":
         opts = self.options
-        repository = Repository(Path(opts.model_repository))
-        ensure_servable_index(repository, log=lambda m: print(f"lookalike: {m}", file=sys.stderr))
         for name, port in (("http", opts.http_port), ("grpc", opts.grpc_port), ("metrics", opts.metrics_port)):
             if not port_is_free(opts.host, port):
                 raise ServerError(f"{name} port {opts.host}:{port} is in use (another server running?)")
+        repository = Repository(Path(opts.model_repository))
+        ensure_servable_index(repository, log=lambda m: print(f"lookalike: {m}", file=sys.stderr, flush=True))
         binary = find_tritonserver(opts.tritonserver)
         command = build_command(opts, binary)
         env = {**os.environ, **binary.env}

@@ -212,6 +212,16 @@ class LookalikeClient:
         result = self._infer(c.EMBED_IMAGE_MODEL, {c.IMAGE: image_batch(data)}, [c.EMBEDDING])
         return result.as_numpy(c.EMBEDDING).reshape(len(data), -1)
 
+    def served_index_versions(self) -> list[int]:
+        """The index versions that `product_search` serves now, from the model's metadata (which,
+        unlike model control, needs no admin key)."""
+        try:
+            metadata = self._client().get_model_metadata(c.SEARCH_MODEL, **self._timeout_kwargs())
+        except Exception as exc:
+            raise translate(exc) from exc
+        versions = metadata["versions"] if isinstance(metadata, dict) else metadata.versions
+        return sorted(int(v) for v in versions)
+
     # -- model control ---------------------------------------------------------------------------
     def reload_index(self, timeout_s: float = 300.0) -> None:
         """Asks the server to load the newest index version of `product_search`. Requests in flight

@@ -4,7 +4,7 @@ on loopback, so that no test binds a public address)."""
 import pytest
 from PIL import Image
 
-from lookalike.indexer import write_empty_index
+from lookalike.publishing import write_empty_index
 from lookalike.repository import copy_repository
 from lookalike.server import ServerOptions, TritonServer, free_port
 from lookalike_client import LookalikeClient, PermissionDeniedError

@@ -1,0 +1,163 @@
+"""Index versions of `product_search` as the server sees them: which one it can serve, setting aside
+the ones it cannot, cleaning up after killed writers, and publishing a new version so that nothing
+the server refused stays where a restart would serve it.
+
+Triton serves the highest-numbered version directory. A version that cannot be served (a damaged
+file, another embedder's index, a version the server refused to load) is therefore never left in
+place above a good one: it is moved, not deleted, to `product_search/.rejected/<version>-<UTC time>/`
+with a REJECTED.txt that says why, where Triton does not look and an operator can inspect it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lookalike_client import LookalikeClient, LookalikeError
+from lookalike_client import contract as c
+
+from .repository import STAGING_OWNER_FILE, Repository
+from .search import CorruptIndexError, ProductIndex, check_index_dir
+
+Log = Callable[[str], None]
+
+REASON_FILE = "REJECTED.txt"
+KEEP_REJECTED = 5  # set-aside versions kept for inspection; older ones are deleted
+# A staging directory whose writer cannot be asked (another host, or no owner file) is stale after:
+STALE_FOREIGN_STAGING_S = 24 * 3600.0
+STALE_UNKNOWN_STAGING_S = 3600.0
+
+
+class PublishError(RuntimeError):
+    """A new index version that the server did not take; it has been set aside."""
+
+
+def version_problem(directory: Path, fingerprint: str) -> str | None:
+    """Why the server could not serve this index version directory, or None if it can."""
+    if not (directory / "model.py").is_file():
+        return "no model.py"
+    try:
+        meta = check_index_dir(directory)
+    except CorruptIndexError as exc:
+        return str(exc)
+    built_with = meta.get("embedder_fingerprint")
+    if built_with != fingerprint:
+        return f"built with embedder {built_with or '?'}, but the embedder is {fingerprint}"
+    if "files" not in meta:  # written before sizes and hashes were recorded: parse it instead
+        try:
+            ProductIndex.load(directory)
+        except (CorruptIndexError, ValueError) as exc:
+            return str(exc)
+    return None
+
+
+def set_aside(repository: Repository, version: int, reason: str) -> Path:
+    """Moves an index version out of Triton's sight, with the reason beside it; returns where."""
+    repository.rejected_dir.mkdir(exist_ok=True)
+    target = repository.rejected_dir / f"{version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    os.rename(repository.search_dir / str(version), target)
+    (target / REASON_FILE).write_text(reason.rstrip() + "\n")
+    kept = sorted(repository.rejected_dir.iterdir(), key=lambda p: p.stat().st_mtime)
+    for old in kept[:-KEEP_REJECTED]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(repository: Repository, log: Log = print, now: float | None = None) -> list[Path]:
+    """Deletes staging directories whose writer is gone (a `lookalike index` killed while saving):
+    on this host, when its process no longer exists; otherwise after a day (an hour without an
+    owner file). One that is still being written is left alone."""
+    now = time.time() if now is None else now
+    removed = []
+    for staging in repository.staging_dirs():
+        try:
+            owner = json.loads((staging / STAGING_OWNER_FILE).read_text())
+            host, pid = str(owner["host"]), int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            host, pid = None, None
+        age = now - staging.stat().st_mtime
+        if host == socket.gethostname() and pid is not None:
+            stale = not _pid_alive(pid)
+        else:
+            stale = age > (STALE_FOREIGN_STAGING_S if host else STALE_UNKNOWN_STAGING_S)
+        if stale:
+            shutil.rmtree(staging, ignore_errors=True)
+            log(f"removed {staging.name}, an index version whose writer died while saving it")
+            removed.append(staging)
+    return removed
+
+
+def write_empty_index(repository: Repository) -> int:
+    """Publishes an empty index version for the current embedder, so that `visual_search` can load
+    before the first `lookalike index`."""
+    manifest = repository.manifest()
+    index = ProductIndex.build([], np.zeros((0, manifest["dim"]), np.float32), dim=int(manifest["dim"]),
+                               embedder_fingerprint=manifest["fingerprint"])
+    return repository.write_index_version(index.save)
+
+
+def ensure_servable_index(repository: Repository, log: Log = print) -> int:
+    """Before tritonserver starts: makes the newest index version one that it can serve, and returns
+    its number. Newer versions that cannot be served are set aside (and named in the log), so the
+    server starts on the newest good one instead of failing to start. With no good version at all
+    (none yet, or only indexes of another embedder) an empty index is published, so the server comes
+    up and can be indexed; embedding spaces are never mixed."""
+    clean_stale_staging(repository, log)
+    fingerprint = repository.manifest()["fingerprint"]
+    skipped: list[tuple[int, str]] = []
+    for version in reversed(repository.index_versions()):
+        problem = version_problem(repository.search_dir / str(version), fingerprint)
+        if problem is None:
+            for bad, reason in skipped:
+                where = set_aside(repository, bad, f"index version {bad} cannot be served: {reason}")
+                log(f"skipped index version {bad}: {reason} (set aside in {where})")
+            if skipped:
+                log(f"serving index version {version}, the newest that can be served")
+            return version
+        skipped.append((version, problem))
+    for bad, reason in skipped:
+        log(f"index version {bad} cannot be served: {reason}")
+    version = write_empty_index(repository)
+    log(f"published empty index version {version} of {c.SEARCH_MODEL}; run `lookalike index CATALOG` to fill it")
+    return version
+
+
+def publish_index(repository: Repository, index: ProductIndex, client: LookalikeClient, *, keep_versions: int = 2) -> int:
+    """Writes `index` as the next version, has the running server load it and prunes old versions.
+    If the server does not load it (refused, no admin key, unreachable), the version is set aside
+    before the error is raised, so that a restart cannot serve what the server never accepted."""
+    version = repository.write_index_version(index.save)
+    try:
+        client.reload_index()
+    except LookalikeError as exc:
+        if not _serves(client, version):
+            why = f"{type(exc).__name__}: {exc}"
+            where = set_aside(repository, version, f"the server did not load index version {version}: {why}")
+            raise PublishError(f"the server did not load index version {version} ({why}); it was set aside in "
+                               f"{where}, where no restart serves it") from exc
+    repository.prune_index_versions(keep=keep_versions)
+    return version
+
+
+def _serves(client: LookalikeClient, version: int) -> bool:
+    try:
+        return version in client.served_index_versions()
+    except LookalikeError:
+        return False
