@@ -12,6 +12,19 @@ from lookalike_client import contract as c
 from .repository import Repository, default_repository
 
 
+def printable(text: str) -> str:
+    """`text` safe to print to a terminal: control characters (ANSI escapes, carriage returns),
+    bidirectional overrides and other invisible format characters (Unicode categories Cc, Cf, Zl,
+    Zp) are shown as escapes, so that a catalog's ids cannot rewrite or reorder what is shown."""
+    import unicodedata
+
+    return "".join(
+        (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
+        for ch in text
+    )
+
+
 def _add_repository(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", type=Path, default=default_repository(),
                         help="Triton model repository (default: $LOOKALIKE_MODEL_REPOSITORY or ./model_repository)")
@@ -101,7 +114,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"lookalike index: {exc}", file=sys.stderr)
         return 1
     for problem in report.problems:
-        print(f"skipped {problem}", file=sys.stderr)
+        print(printable(f"skipped {problem}"), file=sys.stderr)
     print(f"indexed {report.products} products ({len(report.problems)} rows skipped) in {report.seconds:.1f} s; "
           f"{c.SEARCH_MODEL} now serves version {report.version}")
     return 0
@@ -132,14 +145,14 @@ def cmd_query(args: argparse.Namespace) -> int:
         with ThreadPoolExecutor(max_workers=4) as pool:
             results = list(pool.map(one, args.images))
     for path, matches in results:
-        print(f"\n{path}")
+        print(f"\n{printable(path)}")
         if isinstance(matches, str):
             failed += 1
-            print(f"  error: {matches}")
+            print(f"  error: {printable(matches)}")
             continue
         for rank, product_id, score in matches:
             category = products[product_id].category if product_id in products else ""
-            print(f"  {rank:>3}  {product_id:<40} {score:.4f}  {category}")
+            print(f"  {rank:>3}  {printable(product_id):<40} {score:.4f}  {printable(category)}")
     if args.html:
         from .report import render
 
