@@ -11,6 +11,7 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+HEALTH_PORT ?= 8003
 MODEL ?= efficientnet_lite0
 
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
@@ -20,7 +21,7 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?= fp16
 CALIBRATION ?=
 
-.PHONY: setup export catalog demo serve stop test unit typecheck bench bench-export eval engine image clean
+.PHONY: setup export catalog demo serve stop test unit typecheck bench bench-export eval recovery engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ $(CATALOG)/catalog.csv: $(VENV)/.setup-done lookalike/sample_data.py
 # --- running ------------------------------------------------------------------------------------
 serve: $(EMBEDDER)
 	$(BIN)/lookalike serve --model-repository $(REPO) --host $(HOST) --http-port $(HTTP_PORT) \
-		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT)
 
 demo: $(EMBEDDER) $(CATALOG)/catalog.csv
 	@mkdir -p $(RUN)
@@ -57,7 +58,7 @@ demo: $(EMBEDDER) $(CATALOG)/catalog.csv
 	else \
 		echo "starting the server in the background (log: $(RUN)/server.log)"; \
 		setsid nohup $(BIN)/lookalike serve --model-repository $(REPO) --host $(HOST) --http-port $(HTTP_PORT) \
-			--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) > $(RUN)/server.log 2>&1 < /dev/null & \
+			--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT) > $(RUN)/server.log 2>&1 < /dev/null & \
 		echo $$! > $(RUN)/server.pid; \
 	fi
 	$(BIN)/python scripts/wait_ready.py --url http://127.0.0.1:$(HTTP_PORT) --timeout 300 --log $(RUN)/server.log
@@ -90,6 +91,9 @@ bench: $(EMBEDDER) $(CATALOG)/catalog.csv
 
 eval: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/eval_preprocessing.py --catalog $(CATALOG) --queries 200
+
+recovery: $(EMBEDDER) $(CATALOG)/catalog.csv
+	$(BIN)/python loadtest/recovery.py --catalog $(CATALOG) --out results
 
 bench-export: $(VENV)/.setup-done
 	$(BIN)/python loadtest/export_bench.py --out results

@@ -41,7 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = ServerOptions(
         model_repository=args.model_repository, host=args.host, http_port=args.http_port,
-        grpc_port=args.grpc_port, metrics_port=args.metrics_port, tritonserver=args.tritonserver,
+        grpc_port=args.grpc_port, metrics_port=args.metrics_port, health_port=args.health_port or None,
+        tritonserver=args.tritonserver,
         model_config_name=args.model_config_name, log_verbose=args.log_verbose,
     )
     try:
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--health-port", type=int, default=8003,
+                   help="the supervisor's GET /ready, /live, /status (0: off). Point readiness probes here: "
+                        "unlike Triton's, /ready turns 503 while a model process is dead or being replaced")
     p.add_argument("--tritonserver", default=None, help="tritonserver binary (default: on PATH, else nvidia-pytriton's)")
     p.add_argument("--model-config-name", default=None,
                    help="serve configs/<name>.pbtxt where a model has one, e.g. 'onnxruntime' in the NGC image")

@@ -18,15 +18,21 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lookalike_client import contract as c
 
 from .publishing import ensure_servable_index
 from .repository import Repository
+from .stubs import kill_stubs_of
+
+if TYPE_CHECKING:
+    from .supervisor import SupervisorOptions
 
 # APIs that change or expose server state: restricted to holders of the admin key when the server is
 # reachable beyond loopback (whoever reaches the port could otherwise unload the models).
@@ -44,6 +50,7 @@ class ServerOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    health_port: int | None = 8003  # the supervisor's /ready, /live, /status (`lookalike serve` only)
     tritonserver: str | None = None
     model_config_name: str | None = None  # e.g. "onnxruntime" in the NGC image
     admin_key: str | None = None  # default: $LOOKALIKE_ADMIN_KEY
@@ -51,6 +58,16 @@ class ServerOptions:
     restrict_admin: bool | None = None
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def restricted(self) -> bool:
+        """Whether model control needs the admin key: beyond loopback unless told otherwise."""
+        return (not self.loopback) if self.restrict_admin is None else self.restrict_admin
+
+    @property
+    def effective_admin_key(self) -> str | None:
+        """The admin key in force, when model control is restricted."""
+        return (self.admin_key or os.environ.get(c.ADMIN_KEY_ENV)) if self.restricted else None
 
     @property
     def loopback(self) -> bool:
@@ -157,9 +174,8 @@ def build_command(options: ServerOptions, binary: Binary) -> list[str]:
         args.append(f"--backend-directory={binary.backend_directory}")
     if options.model_config_name:
         args.append(f"--model-config-name={options.model_config_name}")
-    restrict = (not options.loopback) if options.restrict_admin is None else options.restrict_admin
-    if restrict:
-        key = options.admin_key or os.environ.get(c.ADMIN_KEY_ENV)
+    if options.restricted:
+        key = options.effective_admin_key
         if not key:
             raise ServerError(
                 f"--host {options.host} is reachable beyond loopback: set {c.ADMIN_KEY_ENV} to a secret so that "
@@ -175,6 +191,16 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def processes_hidden_from_other_users() -> bool:
+    """Whether /proc is mounted with hidepid, so that other users cannot read our command lines."""
+    try:
+        mounts = Path("/proc/mounts").read_text()
+    except OSError:
+        return False
+    return any(line.split()[1] == "/proc" and "hidepid=" in line and "hidepid=0" not in line
+               and "hidepid=off" not in line for line in mounts.splitlines() if len(line.split()) > 3)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -246,6 +272,8 @@ class TritonServer:
             time.sleep(0.25)
 
     def stop(self, timeout_s: float = 40.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout_s`; then no stub of this tritonserver is left running
+        (see `kill_stubs_of`). Returns tritonserver's exit code."""
         code = 0
         if self.process is not None:
             if self.process.poll() is None:
@@ -256,6 +284,10 @@ class TritonServer:
                     self.process.kill()
                     self.process.wait()
             code = self.process.returncode
+            leftovers = kill_stubs_of(self.process.pid)
+            if leftovers:
+                print(f"lookalike: killed {len(leftovers)} model process(es) that tritonserver (pid "
+                      f"{self.process.pid}) left running: {leftovers}", file=sys.stderr, flush=True)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -274,37 +306,74 @@ class TritonServer:
         self.stop()
 
 
-def serve_forever(options: ServerOptions) -> int:
-    """Foreground server for the CLI: ready banner, signal forwarding, the child's exit code."""
+def serve_forever(options: ServerOptions, supervision: "SupervisorOptions | None" = None) -> int:
+    """Foreground server for the CLI: the supervisor and its health endpoint, the ready banner,
+    signal forwarding, and the exit code (0 after SIGINT/SIGTERM)."""
+    from .supervisor import HealthServer, Supervisor, SupervisorGaveUp
+
+    def log(message: object) -> None:
+        print(f"lookalike: {message}", file=sys.stderr, flush=True)
+
     server = TritonServer(options)
-    server.start()
-    assert server.process is not None
-    stopping = {"signal": None}
+    stop = threading.Event()
+    current: dict[str, Supervisor | None] = {"supervisor": None}
+    health = None
+    if options.health_port:
+        try:
+            health = HealthServer(lambda: current["supervisor"], options.host, options.health_port).start()
+        except OSError as exc:
+            log(f"health port {options.host}:{options.health_port}: {exc.strerror or exc} (another server running?)")
+            return 1
 
     def forward(signum, _frame):
-        stopping["signal"] = signum
-        if server.process and server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
+        stop.set()
+        process = server.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    gave_up = False
     try:
-        server.wait_ready()
-    except ServerError as exc:
-        if stopping["signal"] is None:
-            print(f"lookalike: {exc}", file=sys.stderr)
-            server.stop()
-            return 1
-    if stopping["signal"] is None:
-        print(
-            f"lookalike: {c.VISUAL_SEARCH_MODEL} is ready\n"
-            f"  gRPC     {options.grpc_url}\n"
-            f"  HTTP     http://{options.http_url}\n"
-            f"  metrics  http://{options.client_host}:{options.metrics_port}/metrics\n"
-            f"  stop with Ctrl-C or: kill {os.getpid()}",
-            file=sys.stderr,
-            flush=True,
-        )
-    code = server.process.wait()
-    server.stop()
-    return 0 if stopping["signal"] is not None and code in (0, -signal.SIGTERM) else code
+        try:
+            server.start()
+            server.wait_ready()
+        except ServerError as exc:
+            if not stop.is_set():
+                log(exc)
+                server.stop()
+                return 1
+        if not stop.is_set():
+            print(
+                f"lookalike: {c.VISUAL_SEARCH_MODEL} is ready\n"
+                f"  gRPC     {options.grpc_url}\n"
+                f"  HTTP     http://{options.http_url}\n"
+                f"  metrics  http://{options.client_host}:{options.metrics_port}/metrics\n"
+                + (f"  health   http://{options.client_host}:{options.health_port}/ready\n" if health else "")
+                + f"  stop with Ctrl-C or: kill {os.getpid()}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if options.effective_admin_key and not processes_hidden_from_other_users():
+                log("note: tritonserver 2.51 takes the admin key only on its command line, where local users who "
+                    "can list processes read it: run it in its own container or mount /proc with hidepid=2 "
+                    "(README, Reliability)")
+            current["supervisor"] = Supervisor(server, supervision, log=log)
+            try:
+                current["supervisor"].run(stop)
+            except SupervisorGaveUp:
+                gave_up = True
+        code = server.stop()
+        if stop.is_set() and code == 1:
+            supervisor = current["supervisor"]
+            stuck = f"; {supervisor.stuck_unloads} model(s) replaced after a crash, which tritonserver 2.51 never " \
+                    "finishes unloading" if supervisor is not None and supervisor.stuck_unloads else ""
+            log(f"tritonserver stopped at its exit timeout (--exit-timeout-secs=30: it waits for clients' open "
+                f"HTTP connections and for every model to unload{stuck}): treated as a clean stop")
+            code = 0
+    finally:
+        if health is not None:
+            health.close()
+    if gave_up:
+        return 1
+    return 0 if stop.is_set() and code in (0, -signal.SIGTERM) else code

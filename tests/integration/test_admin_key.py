@@ -31,3 +31,36 @@ def test_model_control_needs_the_admin_key_inference_does_not(tmp_path):
             with LookalikeClient(url, protocol=protocol, admin_key="k3y-for-tests") as admin:
                 admin.reload_index()
                 assert admin.is_ready()
+
+
+def test_the_supervisor_repairs_with_the_admin_key_where_model_control_is_restricted(tmp_path):
+    """Its repository index and reload calls are restricted APIs: it must send the key."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from lookalike.supervisor import Supervisor, SupervisorOptions
+
+    repo = copy_repository(REPOSITORY, tmp_path / "model_repository")
+    options = ServerOptions(model_repository=repo.root, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port(), restrict_admin=True, admin_key="k3y-for-tests")
+    lines = []
+    with TritonServer(options, log_file=tmp_path / "tritonserver.log") as server:
+        supervisor = Supervisor(server, SupervisorOptions(interval_s=0.1), log=lines.append)
+        supervisor.check()  # learn the stubs
+        (victim,) = [p for s, p in supervisor.watch.current.items() if s.model == "product_search"]
+        stop = threading.Event()
+        watcher = threading.Thread(target=supervisor.run, args=(stop,), daemon=True)
+        watcher.start()
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not any(i.recovered_after_s is not None for i in supervisor.incidents):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.1)
+        stop.set()
+        watcher.join(timeout=30)
+        assert supervisor.readiness() == (True, "ready"), lines
+        assert not any("failed" in line for line in lines), lines
+        with LookalikeClient(options.grpc_url, admin_key="") as anonymous:
+            assert anonymous.search(encode(Image.new("RGB", (32, 32), (10, 200, 10)), "PNG"), top_k=3) == []

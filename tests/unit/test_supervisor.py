@@ -1,0 +1,123 @@
+"""lookalike.stubs and lookalike.supervisor without tritonserver: stub identities, which stubs count as
+dead, orphans, and the /proc reading on real processes of this test."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from lookalike.stubs import StubId, StubProcess, kill_stubs_of, list_stubs, parse_stub_argv, read_state
+from lookalike.supervisor import StubWatch
+
+STUB = "/root/.cache/lookalike/backends-py3.11-x/python/triton_python_backend_stub"
+
+
+def argv(model: str, version: str, instance: str) -> list[str]:
+    return [STUB, f"/srv/repo/{model}/{version}/model.py", "triton_python_backend_shm_region_1", "1048576",
+            "1048576", "4664", "/root/.cache/lookalike/backends-py3.11-x/python", "336", instance, "DEFAULT"]
+
+
+def test_stub_identity_from_its_command_line():
+    assert parse_stub_argv(argv("preprocess", "1", "preprocess_0_1")) == StubId("preprocess", "1", "preprocess_0_1")
+    assert parse_stub_argv(argv("product_search", "12", "product_search_0_0")).version == "12"
+    assert parse_stub_argv(["/usr/bin/python3", "x.py"]) is None
+    assert parse_stub_argv([]) is None  # a zombie's command line is empty
+    assert parse_stub_argv([STUB, "/srv/repo/m/1/model.py"]) is None  # truncated
+    # the stub that auto-completes a config while the model loads is named after the model: transient
+    assert parse_stub_argv(argv("product_search", "3", "product_search")) is None
+
+
+PRE0, PRE1 = StubId("preprocess", "1", "preprocess_0_0"), StubId("preprocess", "1", "preprocess_0_1")
+
+
+def test_a_crashed_stub_is_reported_once_and_a_replacement_heals_it():
+    watch = StubWatch()
+    watch.add([StubProcess(10, PRE0, 100), StubProcess(11, PRE1, 100)], {10: "S", 11: "S"})
+    assert watch.dead({10: "S", 11: "R"}, now=0) == [] and watch.healthy()
+    dead = watch.dead({10: "S", 11: "Z"}, now=1)
+    assert [(d.stub, d.pid, d.how) for d in dead] == [(PRE1, 11, "crashed (zombie)")]
+    assert watch.healthy()  # not until confirmed: an index swap stops stubs too
+    watch.confirm(dead[0])
+    assert not watch.healthy() and watch.is_dead(PRE1)
+    assert watch.dead({10: "S", 11: "Z"}, now=2) == []  # reported once
+    watch.add([StubProcess(20, PRE0, 300), StubProcess(21, PRE1, 300)], {20: "S", 21: "S"})  # the reload
+    assert watch.healthy() and watch.tracked() == [20, 21]
+    # the old generation is superseded, whatever its pid (pids wrap; start times do not)
+    old = [StubProcess(10, PRE0, 100)]
+    assert watch.superseded(old, {10: "S"}) == old
+    assert watch.superseded(old, {10: None}) == []
+
+
+def test_vanished_and_stopped_stubs():
+    watch = StubWatch(stopped_grace_s=5)
+    watch.add([StubProcess(10, PRE0, 100), StubProcess(11, PRE1, 100)], {10: "S", 11: "S"})
+    assert [d.how for d in watch.dead({10: None, 11: "T"}, now=0)] == ["exited"]
+    assert watch.dead({10: None, 11: "T"}, now=4) == []  # stopped, but not for long
+    assert [d.how for d in watch.dead({10: None, 11: "T"}, now=6)] == ["stopped (state T) for 6 s"]
+    watch.forget(PRE0)  # its version was unloaded: not a crash
+    assert PRE0 not in watch.current
+
+
+def test_an_older_stub_never_replaces_a_newer_one():
+    watch = StubWatch()
+    watch.add([StubProcess(30000, PRE0, 500)], {30000: "S"})
+    watch.add([StubProcess(12, PRE0, 400)], {12: "S"})  # listed later, started earlier
+    assert watch.current[PRE0].pid == 30000
+    watch.add([StubProcess(13, PRE1, 400)], {13: "Z"})  # never track a stub first seen dead
+    assert PRE1 not in watch.current
+
+
+def test_proc_reading_on_real_processes(tmp_path):
+    """A fake stub under a parent: python running a model.py, with the stub's name as its argv[0]."""
+    model_file = tmp_path / "repo" / "preprocess" / "3" / "model.py"
+    model_file.parent.mkdir(parents=True)
+    model_file.write_text("import time\ntime.sleep(60)\n")
+    stub_argv = [str(tmp_path / "triton_python_backend_stub"), str(model_file), "shm", "1", "1", "1", "dir", "1",
+                 "preprocess_0_0", "DEFAULT"]
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen({stub_argv!r}, executable=sys.executable)\n"
+        "time.sleep(60)")])
+    try:
+        deadline = time.monotonic() + 10
+        while not (found := list_stubs(parent.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [f.stub for f in found] == [StubId("preprocess", "3", "preprocess_0_0")]
+        child = found[0].pid
+        assert read_state(child) in ("S", "R")
+        os.kill(child, signal.SIGSTOP)
+        time.sleep(0.2)
+        assert read_state(child) == "T"
+        os.kill(child, signal.SIGKILL)
+        time.sleep(0.2)
+        assert read_state(child) == "Z"  # its parent has not reaped it, as tritonserver does not
+        assert list_stubs(parent.pid) == []  # a zombie has no command line
+    finally:
+        parent.kill()
+        parent.wait()
+    assert read_state(parent.pid) is None
+
+
+def test_stubs_that_outlive_their_tritonserver_are_killed(tmp_path):
+    """A stub names its tritonserver's pid (argv[5]); one left running after it died is killed."""
+    model_file = tmp_path / "repo" / "embedder" / "1" / "model.py"
+    model_file.parent.mkdir(parents=True)
+    model_file.write_text("import time\ntime.sleep(60)\n")
+    gone = 2**22 + 11  # no such tritonserver
+    argv_ = [str(tmp_path / "triton_python_backend_stub"), str(model_file), "shm", "1", "1", str(gone), "dir", "1",
+             "embedder_0_0", "DEFAULT"]
+    orphan = subprocess.Popen(argv_, executable=sys.executable)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 10
+        while not open(f"/proc/{orphan.pid}/cmdline", "rb").read().startswith(argv_[0].encode()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert kill_stubs_of(gone) == [orphan.pid]
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None and kill_stubs_of(gone) == []
+    finally:
+        for process in (orphan, other):
+            process.kill()
+            process.wait()
