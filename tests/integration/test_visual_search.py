@@ -109,12 +109,23 @@ def test_embed_image_matches_the_same_pipeline_in_process(server, photos):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-def _bomb() -> bytes:
+def _png(width: int, height: int, pixel_data: bytes) -> bytes:
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
-    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixel_data)) + chunk(b"IEND", b"")
+
+
+def _bomb() -> bytes:
+    return _png(20000, 20000, b"\x00" * 1000)
+
+
+def _lying_jpeg(photo) -> bytes:
+    """16x16 pixels of data under a header that says 7900x7900, properly ended."""
+    data = encode(photo.crop((200, 150, 216, 166)), "JPEG", quality=90)
+    sof = data.index(b"\xff\xc0")
+    return data[: sof + 5] + struct.pack(">HH", 7900, 7900) + data[sof + 9 :]
 
 
 def bad_inputs(photo):
@@ -123,6 +134,9 @@ def bad_inputs(photo):
         "empty": (b"", "empty image"),
         "text": (b"this is not an image, it is a sentence. " * 20, "not an image"),
         "truncated": (jpeg[: len(jpeg) // 3], "truncated"),
+        "jpeg header larger than its data": (_lying_jpeg(photo), "truncated image: the JPEG's data ends before its 7900x7900"),
+        "jpeg cut, closed with EOI": (jpeg[: len(jpeg) // 2] + b"\xff\xd9", "truncated image"),
+        "png with 16 of 2000 rows": (_png(2000, 2000, (b"\x00" + b"\x80" * 6000) * 16), "truncated image: the PNG's data holds"),
         "too many bytes": (b"\xff\xd8\xff\xe0" + b"\x00" * (21 * 1024 * 1024), "image too large"),
         "decompression bomb": (_bomb(), "image too large"),
         "psd": (b"8BPS\x00\x01" + b"\x00" * 200, "unsupported image format PSD"),
