@@ -366,8 +366,9 @@ def serve_forever(options: ServerOptions, supervision: "SupervisorOptions | None
         code = server.stop()
         if stop.is_set() and code == 1:
             supervisor = current["supervisor"]
-            stuck = f"; {supervisor.stuck_unloads} model(s) replaced after a crash, which tritonserver 2.51 never " \
-                    "finishes unloading" if supervisor is not None and supervisor.stuck_unloads else ""
+            replaced = supervisor.replaced_after_crash if supervisor is not None else 0
+            stuck = f"; {replaced} model(s) replaced after a crash, whose old instances tritonserver 2.51 may " \
+                    "never unload" if replaced else ""
             log(f"tritonserver stopped at its exit timeout (--exit-timeout-secs=30: it waits for clients' open "
                 f"HTTP connections and for every model to unload{stuck}): treated as a clean stop")
             code = 0

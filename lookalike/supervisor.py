@@ -197,9 +197,9 @@ class SupervisorOptions:
     interval_s: float = 0.25  # check the known stubs
     scan_every_s: float = 1.0  # list the process tree for new stubs
     stopped_grace_s: float = 5.0
-    # A reload replaces the instances of a model; tritonserver 2.51 then never finishes unloading the
-    # old model when one of its stubs had died, and its other stubs live on, serving nothing. Killed
-    # after this long (time enough for any request they still held):
+    # A reload replaces the instances of a model; when one of its stubs died holding its health mutex,
+    # tritonserver 2.51 never finishes unloading the old model, and its other stubs live on, serving
+    # nothing. Killed after this long (time enough for any request they still held):
     orphan_grace_s: float = 30.0
     reload_timeout_s: float = 120.0
     max_restarts: int = 3
@@ -217,14 +217,16 @@ class Supervisor:
         self.watch = StubWatch(self.options.stopped_grace_s)
         self.incidents: list[Incident] = []
         self.busy: str | None = None  # what the supervisor is repairing right now
-        # Models replaced after a crash since tritonserver started: their old instances never finish
-        # unloading (tritonserver 2.51 waits, without a timeout, for the health mutex that the killed
-        # stub held), so its shutdown then runs into --exit-timeout-secs and exits with 1.
-        self.stuck_unloads = 0
+        # Models replaced after a crash since tritonserver started: their old instances may never
+        # finish unloading (tritonserver 2.51 waits, without a timeout, for the health mutex if the
+        # killed stub held it), so its shutdown may run into --exit-timeout-secs and exit with 1.
+        self.replaced_after_crash = 0
         self.restarts: list[float] = []
         self._lock = threading.Lock()
         self._last_scan = 0.0
         self._orphans: dict[int, float] = {}  # superseded stub pid -> when first seen so
+        self._ready_since: float | None = time.monotonic()  # of the current tritonserver; None: failed to start
+        self._quick_restarts = 0
 
     # -- state for /ready and /status --------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
@@ -324,7 +326,7 @@ class Supervisor:
             self._restart(f"reloading {model} left {incident.failed}", stop)
             return
         incident.recovered_after_s = round(time.monotonic() - started, 2)
-        self.stuck_unloads += 1
+        self.replaced_after_crash += 1
         self.log(f"recovered {model}: new stub(s) serving {incident.recovered_after_s:.1f} s after the reload began")
 
     def _while_tritonserver_runs(self, call: Callable[[], object], timeout_s: float, what: str) -> None:
@@ -384,21 +386,25 @@ class Supervisor:
         self.log(f"{reason}: restarting tritonserver")
         started = time.monotonic()
         self.server.stop(timeout_s=self.options.stop_timeout_s)
-        backoff = 2.0 ** (len(self.restarts) - 2) if len(self.restarts) > 1 else 0.0  # 0, 1, 2, 4 s
-        if stop is not None and stop.wait(backoff):
+        # After a failed start, or a death within 10 s of being ready, wait 1, 2, 4 s before the next try.
+        quick = self._ready_since is None or now - self._ready_since < 10.0
+        self._quick_restarts = self._quick_restarts + 1 if quick else 0
+        if stop is not None and stop.wait(2.0 ** (self._quick_restarts - 1) if quick else 0.0):
             return
         self.watch = StubWatch(self.options.stopped_grace_s)
         self._last_scan = 0.0
-        self.stuck_unloads = 0
+        self.replaced_after_crash = 0
         try:
             self.server.start()
             self.server.wait_ready(self.options.ready_timeout_s)
         except Exception as exc:  # noqa: BLE001 - the next round sees the dead process and tries again
             incident.failed = str(exc)
             self.log(f"restarting tritonserver failed: {exc}")
+            self._ready_since = None
             self.busy = None
             return
         incident.recovered_after_s = round(time.monotonic() - started, 2)
+        self._ready_since = time.monotonic()
         self.busy = None
         self.log(f"tritonserver restarted; ready after {incident.recovered_after_s:.1f} s")
 

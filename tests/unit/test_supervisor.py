@@ -121,3 +121,65 @@ def test_stubs_that_outlive_their_tritonserver_are_killed(tmp_path):
         for process in (orphan, other):
             process.kill()
             process.wait()
+
+
+class DeadProcess:
+    pid = 2**22 + 13
+    returncode = -9
+
+    def poll(self):
+        return self.returncode
+
+
+class NeverStarts:
+    """A tritonserver that died and whose every restart fails (say, its repository is gone)."""
+
+    def __init__(self):
+        from lookalike.server import ServerOptions
+
+        self.options = ServerOptions(http_port=1, grpc_port=2, metrics_port=3)
+        self.process = DeadProcess()
+        self.starts = 0
+
+    def stop(self, timeout_s=0):
+        return -9
+
+    def start(self):
+        self.starts += 1
+        raise RuntimeError("no model repository")
+
+    def wait_ready(self, timeout_s=0):
+        raise AssertionError("never reached")
+
+
+class RecordingStop:
+    """threading.Event for Supervisor.run, recording the waits instead of sleeping them."""
+
+    def __init__(self):
+        self.waits = []
+
+    def wait(self, seconds):
+        self.waits.append(seconds)
+        return False
+
+    def is_set(self):
+        return False
+
+
+def test_restarts_back_off_and_then_give_up():
+    import pytest
+
+    from lookalike.supervisor import Supervisor, SupervisorGaveUp, SupervisorOptions
+
+    server = NeverStarts()
+    lines = []
+    supervisor = Supervisor(server, SupervisorOptions(interval_s=0.25, max_restarts=3), log=lines.append)
+    stop = RecordingStop()
+    with pytest.raises(SupervisorGaveUp, match="more than 3 restarts"):
+        supervisor.run(stop)
+    assert server.starts == 3
+    backoffs = [w for w in stop.waits if w != 0.25]
+    assert backoffs == [1.0, 2.0, 4.0][: len(backoffs)] and len(backoffs) >= 2, stop.waits
+    assert [i.action for i in supervisor.incidents] == ["restart tritonserver"] * 4
+    assert supervisor.incidents[-1].failed == "more than 3 restarts in 600 s"
+    assert any("giving up" in line for line in lines)
