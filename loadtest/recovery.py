@@ -156,9 +156,6 @@ class Traffic:
     def failures(self, started_after: float = 0.0) -> list:
         return [r for r in self.results if isinstance(r[2], Exception) and r[0] >= started_after]
 
-    def successes(self, started_after: float = 0.0) -> int:
-        return sum(1 for r in self.results if not isinstance(r[2], Exception) and r[0] >= started_after)
-
 
 def kill_and_recover(serve: Serve, target: str, traffic_images: list[bytes], settle_s: float = 3.0) -> dict:
     """SIGKILLs a stub of `target` (a model) or tritonserver itself under load; times the recovery."""

@@ -94,6 +94,11 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024  # encoded bytes per image
     max_pixels: int = 64_000_000  # decoded width * height (8000 x 8000), against decompression bombs
 
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "ImageLimits":
+        """From the `preprocess` model's config parameters (string values), as the model reads them."""
+        return cls(max_bytes=int(params["max_image_bytes"]), max_pixels=int(params["max_image_pixels"]))
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:

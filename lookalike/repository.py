@@ -85,7 +85,7 @@ class Repository:
         path = self.root / c.PREPROCESS_MODEL / "config.pbtxt"
         config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
         params = {key: value.string_value for key, value in config.parameters.items()}
-        return ImageLimits(max_bytes=int(params["max_image_bytes"]), max_pixels=int(params["max_image_pixels"]))
+        return ImageLimits.from_parameters(params)
 
     # -- product_search versions -----------------------------------------------------------------
     @property

@@ -445,10 +445,6 @@ class HealthServer:
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="lookalike-health", daemon=True)
 
-    @property
-    def port(self) -> int:
-        return int(self.httpd.server_address[1])
-
     def start(self) -> "HealthServer":
         self.thread.start()
         return self

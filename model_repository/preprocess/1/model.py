@@ -19,7 +19,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"])
         preprocessing_file = (model_dir / params["preprocessing_file"]).resolve()
-        limits = ImageLimits(max_bytes=int(params["max_image_bytes"]), max_pixels=int(params["max_image_pixels"]))
+        limits = ImageLimits.from_parameters(params)
         self.preprocessor = Preprocessor(PreprocessConfig.load(preprocessing_file), limits)
         self.logger = pb_utils.Logger
         settings = {k: v for k, v in self.preprocessor.config.to_dict().items() if k != "notes"}
