@@ -16,13 +16,15 @@ import json
 import struct
 import warnings
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+from .views import CatalogView
 
 # A truncated file is an error, never a silently half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -76,6 +78,8 @@ _INFLATE_STEP = 1 << 20
 
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 RESIZE_MODES = ("letterbox", "crop")
+# Which photos a setting is for: catalog packshots (indexing, `embed_image`) or shopper photos (`visual_search`).
+SIDES = ("catalog", "query")
 
 
 class ImageError(ValueError):
@@ -118,6 +122,13 @@ class PreprocessConfig:
     resize_size: int | None = None  # crop mode only
     pad_rgb: tuple[int, int, int] = (255, 255, 255)  # letterbox fill
     background_rgb: tuple[int, int, int] = (255, 255, 255)  # transparent pixels are composited over this
+    # Shopper photos (`visual_search`) may need other settings than catalog packshots (`embed_image`,
+    # `lookalike index`): keys here override the ones above on the query side (`for_side("query")`).
+    # Only how the picture is framed may differ: size, mean and std are the embedder's.
+    query: dict[str, Any] = field(default_factory=dict)
+    # Extra images of each catalog product that indexing embeds beside its packshot (lookalike.views):
+    # [{"scale": 0.6, "background": [128, 128, 128], "rotate": 0}, ...]. Empty: the packshot alone.
+    catalog_views: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +142,30 @@ class PreprocessConfig:
             raise ValueError("height and width must be positive")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need 3 values, std > 0")
+        self.views()  # validates them
+        fixed = {"height", "width", "mean", "std", "query", "catalog_views", "notes"} & set(self.query)
+        if fixed:
+            raise ValueError(f"query settings cannot change {sorted(fixed)}: they are the embedder's input")
+        unknown = set(self.query) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown query preprocessing keys: {sorted(unknown)}")
+        if self.query:
+            self.for_side("query")  # validates the query side too
+
+    def views(self) -> list[CatalogView]:
+        return [CatalogView.from_dict(view) for view in self.catalog_views]
+
+    def for_side(self, side: str) -> "PreprocessConfig":
+        """The settings of one side: "catalog" (the top-level settings) or "query" (with `query` applied)."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        if side == "catalog" or not self.query:
+            return replace(self, query={})
+        values = {**self.query}
+        for key in ("pad_rgb", "background_rgb"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return replace(self, query={}, **values)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":

@@ -8,7 +8,8 @@ SDK is installable without numpy-heavy server packages.
 from __future__ import annotations
 
 # Model names.
-PREPROCESS_MODEL = "preprocess"
+PREPROCESS_MODEL = "preprocess"  # catalog packshots: embed_image, indexing
+PREPROCESS_QUERY_MODEL = "preprocess_query"  # shopper photos: visual_search
 EMBEDDER_MODEL = "embedder"
 SEARCH_MODEL = "product_search"
 VISUAL_SEARCH_MODEL = "visual_search"

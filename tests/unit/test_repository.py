@@ -30,8 +30,9 @@ def tensors(entries):
 
 
 def test_contract_tensors():
-    assert tensors(load("preprocess").input) == {c.IMAGE: ("TYPE_STRING", [1], False)}
-    assert tensors(load("preprocess").output) == {c.PIXELS: ("TYPE_FP32", [3, -1, -1], False)}
+    for model in (c.PREPROCESS_MODEL, c.PREPROCESS_QUERY_MODEL):
+        assert tensors(load(model).input) == {c.IMAGE: ("TYPE_STRING", [1], False)}
+        assert tensors(load(model).output) == {c.PIXELS: ("TYPE_FP32", [3, -1, -1], False)}
     search = load("product_search")
     assert tensors(search.input) == {c.EMBEDDING: ("TYPE_FP32", [-1], False), c.TOP_K: ("TYPE_INT32", [1], True)}
     assert tensors(search.output) == {c.PRODUCT_IDS: ("TYPE_STRING", [-1], False), c.SCORES: ("TYPE_FP32", [-1], False)}
@@ -39,11 +40,20 @@ def test_contract_tensors():
     assert visual.platform == "ensemble"
     assert tensors(visual.input) == {c.IMAGE: ("TYPE_STRING", [1], False), c.TOP_K: ("TYPE_INT32", [1], True)}
     assert set(tensors(visual.output)) == {c.PRODUCT_IDS, c.SCORES}
-    assert [s.model_name for s in visual.ensemble_scheduling.step] == [c.PREPROCESS_MODEL, c.EMBEDDER_MODEL, c.SEARCH_MODEL]
+    assert [s.model_name for s in visual.ensemble_scheduling.step] == [c.PREPROCESS_QUERY_MODEL, c.EMBEDDER_MODEL, c.SEARCH_MODEL]
     embed = load("embed_image")
     assert [s.model_name for s in embed.ensemble_scheduling.step] == [c.PREPROCESS_MODEL, c.EMBEDDER_MODEL]
-    for model in ("preprocess", "product_search", "visual_search", "embed_image"):
+    for model in ("preprocess", "preprocess_query", "product_search", "visual_search", "embed_image"):
         assert load(model).max_batch_size == c.MAX_BATCH_SIZE  # composing models >= ensembles
+
+
+def test_query_and_catalog_preprocess_share_code_and_limits():
+    """preprocess_query is preprocess with side "query": the same model code (a link) and limits."""
+    query_dir, catalog_dir = REPOSITORY / c.PREPROCESS_QUERY_MODEL, REPOSITORY / c.PREPROCESS_MODEL
+    assert (query_dir / "1" / "model.py").resolve() == (catalog_dir / "1" / "model.py").resolve()
+    params = {m: {k: v.string_value for k, v in load(m).parameters.items()} for m in (c.PREPROCESS_MODEL, c.PREPROCESS_QUERY_MODEL)}
+    assert params[c.PREPROCESS_MODEL].pop("side") == "catalog" and params[c.PREPROCESS_QUERY_MODEL].pop("side") == "query"
+    assert params[c.PREPROCESS_MODEL] == params[c.PREPROCESS_QUERY_MODEL]
 
 
 @pytest.mark.parametrize("variant", ["python", "onnxruntime", "tensorrt"])

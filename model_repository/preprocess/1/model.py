@@ -1,5 +1,8 @@
 """Triton adapter of `lookalike.preprocessing`: IMAGE bytes -> PIXELS, one response per request.
 
+Serves both `preprocess` (catalog side: `embed_image`, indexing) and `preprocess_query` (shopper
+photos: `visual_search`, whose 1/model.py links here); the `side` parameter picks the settings.
+
 A bad image fails its own request (INVALID_ARG), never the other requests of the dynamic batch, and
 no exception escapes `execute`, so the stub cannot be brought down by an upload.
 """
@@ -20,10 +23,11 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])
         preprocessing_file = (model_dir / params["preprocessing_file"]).resolve()
         limits = ImageLimits.from_parameters(params)
-        self.preprocessor = Preprocessor(PreprocessConfig.load(preprocessing_file), limits)
+        side = params.get("side", "catalog")
+        self.preprocessor = Preprocessor(PreprocessConfig.load(preprocessing_file).for_side(side), limits)
         self.logger = pb_utils.Logger
-        settings = {k: v for k, v in self.preprocessor.config.to_dict().items() if k != "notes"}
-        self.logger.log_info(f"preprocess: {preprocessing_file} {settings} {limits}")
+        settings = {k: v for k, v in self.preprocessor.config.to_dict().items() if k not in ("notes", "query")}
+        self.logger.log_info(f"{args['model_name']}: {side} side of {preprocessing_file} {settings} {limits}")
 
     def execute(self, requests):
         responses = []
