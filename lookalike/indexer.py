@@ -19,10 +19,11 @@ import numpy as np
 from lookalike_client import InvalidRequestError, LookalikeClient
 
 from .catalog import CatalogItem, Problem, read_catalog
-from .preprocessing import ImageLimits
+from .preprocessing import ImageError, ImageLimits, PreprocessConfig, decode
 from .publishing import clean_stale_staging, publish_index
 from .repository import Repository
 from .search import Product, ProductIndex
+from .views import CatalogView, view_images
 
 
 @dataclass
@@ -45,6 +46,18 @@ def _read(item: CatalogItem, max_bytes: int) -> bytes | Problem:
         return Problem(item.where, f"cannot read {item.image}: {exc.strerror or exc}")
 
 
+def _with_views(data: bytes, views: Sequence[CatalogView], config: PreprocessConfig | None,
+                limits: ImageLimits) -> list[bytes]:
+    """The packshot's bytes, then its catalog views rendered here (the server embeds them all). A
+    packshot that does not decode here is sent alone: the server refuses it with its own reason."""
+    if not views or config is None:
+        return [data]
+    try:
+        return [data, *view_images(decode(data, config, limits), views)]
+    except ImageError:
+        return [data]
+
+
 def embed_items(
     client: LookalikeClient,
     items: Sequence[CatalogItem],
@@ -53,26 +66,37 @@ def embed_items(
     concurrency: int = 4,
     progress: bool = True,
     max_bytes: int = ImageLimits().max_bytes,
-) -> tuple[list[CatalogItem], np.ndarray, list[Problem]]:
-    """Returns the items that embedded, their [N, D] embeddings, and the problems of the rest.
-    Files over `max_bytes` (the server's limit) are reported without being read."""
-    batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    views: Sequence[CatalogView] = (),
+    config: PreprocessConfig | None = None,
+) -> tuple[list[CatalogItem], list[np.ndarray], list[Problem]]:
+    """Returns the items that embedded, each one's [1 + len(views), D] embeddings (its packshot, then
+    its catalog views, rendered with the catalog-side `config`), and the problems of the rest. Files
+    over `max_bytes` (the server's limit) are reported without being read."""
+    limits = ImageLimits(max_bytes=max_bytes)
+    groups = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
-    def run(batch: list[CatalogItem]) -> list[tuple[CatalogItem, np.ndarray | Problem]]:
-        data = [_read(item, max_bytes) for item in batch]
-        readable = [(item, d) for item, d in zip(batch, data) if isinstance(d, bytes)]
+    def embed_all(images: list[bytes]) -> np.ndarray:
+        chunks = [client.embed(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return np.concatenate(chunks)
+
+    def run(group: list[CatalogItem]) -> list[tuple[CatalogItem, np.ndarray | Problem]]:
+        data = [_read(item, max_bytes) for item in group]
         out: list[tuple[CatalogItem, np.ndarray | Problem]] = [
-            (item, d) for item, d in zip(batch, data) if isinstance(d, Problem)
+            (item, d) for item, d in zip(group, data) if isinstance(d, Problem)
         ]
+        readable = [(item, _with_views(d, views, config, limits)) for item, d in zip(group, data) if isinstance(d, bytes)]
         if not readable:
             return out
         try:
-            vectors = client.embed([d for _, d in readable])
-            out += [(item, vector) for (item, _), vector in zip(readable, vectors)]
+            vectors = embed_all([image for _, images in readable for image in images])
+            start = 0
+            for item, images in readable:
+                out.append((item, vectors[start : start + len(images)]))
+                start += len(images)
         except InvalidRequestError:
-            for item, d in readable:  # find the bad one(s)
+            for item, images in readable:  # find the bad one(s)
                 try:
-                    out.append((item, client.embed([d])[0]))
+                    out.append((item, embed_all(images)))
                 except InvalidRequestError as exc:
                     message = str(exc).split("in ensemble 'embed_image', ", 1)[-1]
                     out.append((item, Problem(item.where, f"{item.image.name}: {message}")))
@@ -86,17 +110,16 @@ def embed_items(
     results: dict[int, np.ndarray | Problem] = {}
     position = {id(item): i for i, item in enumerate(items)}
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for batch_result in pool.map(run, batches):
-            for item, value in batch_result:
+        for group_result in pool.map(run, groups):
+            for item, value in group_result:
                 results[position[id(item)]] = value
             if bar is not None:
-                bar.update(len(batch_result))
+                bar.update(len(group_result))
     if bar is not None:
         bar.close()
     good = [(items[i], results[i]) for i in range(len(items)) if isinstance(results[i], np.ndarray)]
     problems = [results[i] for i in range(len(items)) if isinstance(results[i], Problem)]
-    vectors = np.stack([v for _, v in good]).astype(np.float32) if good else np.zeros((0, 0), np.float32)
-    return [item for item, _ in good], vectors, problems  # type: ignore[return-value]
+    return [item for item, _ in good], [v.astype(np.float32) for _, v in good], problems  # type: ignore[misc]
 
 
 def index_catalog(
@@ -117,19 +140,30 @@ def index_catalog(
     clean_stale_staging(repository, log=lambda m: print(f"lookalike index: {m}", file=sys.stderr))
     items, problems = read_catalog(catalog)
     client.wait_until_ready(timeout_s=120.0, model="embed_image")
+    config = repository.preprocessing().for_side("catalog")
     good, vectors, embed_problems = embed_items(
         client, items, batch_size=batch_size, concurrency=concurrency, progress=progress,
-        max_bytes=repository.image_limits().max_bytes,
+        max_bytes=repository.image_limits().max_bytes, views=config.views(), config=config,
     )
     problems += embed_problems
-    if len(good) and vectors.shape[1] != manifest["dim"]:
-        raise RuntimeError(f"server returned {vectors.shape[1]}-d embeddings, the embedder manifest says {manifest['dim']}")
-    index = ProductIndex.build(
-        [Product(item.product_id, item.category, str(item.image)) for item in good],
-        vectors,
-        dim=int(manifest["dim"]),
-        factory=factory,
-        embedder_fingerprint=manifest["fingerprint"],
-    )
+    index = build_index(good, vectors, manifest, factory=factory)
     version = publish_index(repository, index, client, keep_versions=keep_versions)
     return IndexReport(version, len(good), problems, time.perf_counter() - started)
+
+
+def build_index(items: Sequence[CatalogItem], vectors: Sequence[np.ndarray], manifest: dict, *,
+                factory: str = "Flat") -> ProductIndex:
+    """The index of `items`, each with its vectors (packshot, then catalog views), for the embedder
+    of `manifest`."""
+    dim = int(manifest["dim"])
+    for block in vectors:
+        if block.shape[1] != dim:
+            raise RuntimeError(f"server returned {block.shape[1]}-d embeddings, the embedder manifest says {dim}")
+    return ProductIndex.build(
+        [Product(item.product_id, item.category, str(item.image)) for item in items],
+        np.concatenate(vectors) if len(vectors) else np.zeros((0, dim), np.float32),
+        dim=dim,
+        factory=factory,
+        embedder_fingerprint=manifest["fingerprint"],
+        vectors=[len(block) for block in vectors],
+    )

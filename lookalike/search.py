@@ -4,7 +4,8 @@ FAISS positions are int64 and stay inside this module; callers see the catalog's
 An index is a directory, written once and never modified:
 
     index.faiss      the FAISS index (written with faiss.write_index)
-    products.json    ids, categories and image paths, in FAISS order
+    products.json    ids, categories, image paths and how many vectors each product has, in FAISS
+                     order (a product's vectors are consecutive: its packshot, then its catalog views)
     index.json       dim, count, factory, embedder fingerprint, creation time, and the size and
                      sha256 of the two files above (written last, so it vouches for them)
 
@@ -43,12 +44,19 @@ class Product:
 
 
 class ProductIndex:
-    def __init__(self, index: faiss.Index, products: Sequence[Product], meta: dict) -> None:
-        if index.ntotal != len(products):
-            raise ValueError(f"index holds {index.ntotal} vectors but {len(products)} products")
+    def __init__(self, index: faiss.Index, products: Sequence[Product], meta: dict,
+                 vectors: Sequence[int] | None = None) -> None:
+        counts = np.ones(len(products), dtype=np.int64) if vectors is None else np.asarray(vectors, dtype=np.int64)
+        if len(counts) != len(products) or (len(counts) and counts.min() < 1):
+            raise ValueError(f"need one vector count >= 1 per product ({len(counts)} counts, {len(products)} products)")
+        if index.ntotal != int(counts.sum()):
+            raise ValueError(f"index holds {index.ntotal} vectors but its {len(products)} products have {int(counts.sum())}")
         self.index = index
         self.products = list(products)
+        self.vectors = counts
         self._ids = np.array([p.product_id for p in self.products], dtype=object)
+        self._owner = np.repeat(np.arange(len(products)), counts)  # FAISS position -> product position
+        self._max_vectors = int(counts.max()) if len(counts) else 1
         self.meta = dict(meta)
 
     # -- properties ------------------------------------------------------------------------------
@@ -73,14 +81,17 @@ class ProductIndex:
         dim: int | None = None,
         factory: str = "Flat",
         embedder_fingerprint: str = "",
+        vectors: Sequence[int] | None = None,
     ) -> "ProductIndex":
-        """Builds an inner-product index. `embeddings` [N, D] must be L2-normalised (the embedder's
-        output is). `dim` is required only for an empty catalog."""
+        """Builds an inner-product index. `embeddings` [R, D] must be L2-normalised (the embedder's
+        output is). `vectors[i]` is how many consecutive rows belong to product i (default one each:
+        R = N). `dim` is required only for an empty catalog."""
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if len(products) == 0 and dim:  # an empty catalog: whatever shape the caller had
             embeddings = np.zeros((0, int(dim)), dtype=np.float32)
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(products):
-            raise ValueError(f"embeddings {embeddings.shape} do not match {len(products)} products")
+        rows = len(products) if vectors is None else int(np.sum(vectors))
+        if embeddings.ndim != 2 or embeddings.shape[0] != rows:
+            raise ValueError(f"embeddings {embeddings.shape} do not match {len(products)} products ({rows} vectors)")
         d = int(dim or embeddings.shape[1])
         if embeddings.shape[1] != d:
             raise ValueError(f"embeddings have dim {embeddings.shape[1]}, expected {d}")
@@ -97,12 +108,13 @@ class ProductIndex:
         meta = {
             "dim": d,
             "count": len(products),
+            "vectors": rows,
             "factory": factory,
             "metric": "inner_product",
             "embedder_fingerprint": embedder_fingerprint,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        return cls(index, products, meta)
+        return cls(index, products, meta, vectors)
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -113,6 +125,7 @@ class ProductIndex:
             "product_id": [p.product_id for p in self.products],
             "category": [p.category for p in self.products],
             "image": [p.image for p in self.products],
+            "vectors": self.vectors.tolist(),
         }
         (directory / PRODUCTS_FILE).write_text(json.dumps(products))
         meta = {**self.meta, "files": {name: _file_digest(directory / name) for name in (INDEX_FILE, PRODUCTS_FILE)}}
@@ -124,14 +137,17 @@ class ProductIndex:
         before FAISS parses it."""
         directory = Path(directory)
         meta = check_index_dir(directory)
-        products = load_products(directory)
+        products, vectors = _load_columns(directory)
         try:
             index = faiss.read_index(str(directory / INDEX_FILE))
         except RuntimeError as exc:
             raise CorruptIndexError(f"{INDEX_FILE}: FAISS cannot read it: {str(exc).splitlines()[0]}") from None
         if use_gpu:
             index = to_gpu(index, gpu_device)
-        loaded = cls(index, products, meta)
+        try:
+            loaded = cls(index, products, meta, vectors)
+        except ValueError as exc:
+            raise CorruptIndexError(f"{INDEX_FILE} and {PRODUCTS_FILE} disagree: {exc}") from None
         if len(loaded) != meta.get("count", len(loaded)) or loaded.dim != meta.get("dim", loaded.dim):
             raise CorruptIndexError(f"{INDEX_FILE} holds {len(loaded)} x {loaded.dim}, {META_FILE} says "
                                     f"{meta.get('count')} x {meta.get('dim')}")
@@ -152,22 +168,43 @@ class ProductIndex:
         k_eff = min(int(k), len(self))
         if k_eff <= 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])], [np.zeros(0, np.float32) for _ in range(queries.shape[0])]
-        scores, positions = self.index.search(queries, k_eff)
-        found = positions >= 0  # FAISS fills each row best first, gaps (-1) only at the end
-        ids = [list(self._ids[row[keep]]) for row, keep in zip(positions, found)]
-        return ids, [np.ascontiguousarray(row[keep], dtype=np.float32) for row, keep in zip(scores, found)]
+        if self._max_vectors == 1:
+            scores, positions = self.index.search(queries, k_eff)
+            found = positions >= 0  # FAISS fills each row best first, gaps (-1) only at the end
+            ids = [list(self._ids[row[keep]]) for row, keep in zip(positions, found)]
+            return ids, [np.ascontiguousarray(row[keep], dtype=np.float32) for row, keep in zip(scores, found)]
+        # Several vectors per product: a product scores its best vector. The k best products are
+        # among the k * (most vectors of a product) best vectors, whatever their owners.
+        rows = min(k_eff * self._max_vectors, self.index.ntotal)
+        scores, positions = self.index.search(queries, rows)
+        all_ids, all_scores = [], []
+        for row_scores, row_positions in zip(scores, positions):
+            keep = row_positions >= 0
+            owners = self._owner[row_positions[keep]]
+            _, first = np.unique(owners, return_index=True)  # each owner's best (first) hit
+            first = np.sort(first)[:k_eff]
+            all_ids.append(list(self._ids[owners[first]]))
+            all_scores.append(np.ascontiguousarray(row_scores[keep][first], dtype=np.float32))
+        return all_ids, all_scores
 
 
 def load_products(directory: str | Path) -> list[Product]:
     """The products of an index directory, in FAISS order, without loading the index."""
+    return _load_columns(directory)[0]
+
+
+def _load_columns(directory: str | Path) -> tuple[list[Product], list[int]]:
     try:
         columns = json.loads((Path(directory) / PRODUCTS_FILE).read_text())
         ids, categories, images = columns["product_id"], columns["category"], columns["image"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        vectors = columns.get("vectors", [1] * len(ids))  # indexes from before catalog views: one each
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptIndexError(f"{PRODUCTS_FILE}: {type(exc).__name__}: {exc}") from None
-    if not len(ids) == len(categories) == len(images) or not all(isinstance(i, str) and i for i in ids):
+    if not len(ids) == len(categories) == len(images) == len(vectors) or not all(isinstance(i, str) and i for i in ids):
         raise CorruptIndexError(f"{PRODUCTS_FILE}: columns of different lengths or an empty/non-string id")
-    return [Product(pid, cat, img) for pid, cat, img in zip(ids, categories, images)]
+    if not all(isinstance(v, int) and v >= 1 for v in vectors):
+        raise CorruptIndexError(f"{PRODUCTS_FILE}: vector counts must be integers >= 1")
+    return [Product(pid, cat, img) for pid, cat, img in zip(ids, categories, images)], vectors
 
 
 def _file_digest(path: Path) -> dict:

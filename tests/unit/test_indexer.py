@@ -25,3 +25,62 @@ def test_an_oversized_file_is_reported_without_being_read(tmp_path):
     assert problem.where == "catalog.csv:2"
     assert problem.reason == "huge.jpg: image too large: 314,572,800 bytes, the limit is 20,971,520 bytes"
     assert peak < 10 * 1024 * 1024  # the file was never read into memory
+
+
+class InProcess:
+    """embed_image's pipeline (catalog-side preprocessing + the exported embedder) without a server;
+    a bad image fails its whole request, as the server does."""
+
+    def __init__(self):
+        from lookalike.embedding import OnnxEmbedder
+        from lookalike.preprocessing import Preprocessor
+        from lookalike.repository import Repository
+        from tests.conftest import REPOSITORY
+
+        repo = Repository(REPOSITORY)
+        self.config = repo.preprocessing().for_side("catalog")
+        self.pre = Preprocessor(self.config)
+        self.embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
+        self.requests = []
+
+    def embed(self, images):
+        from lookalike.preprocessing import ImageError
+        from lookalike_client import InvalidRequestError
+
+        self.requests.append(len(images))
+        try:
+            return self.embedder(self.pre.batch(list(images)))
+        except ImageError as exc:
+            raise InvalidRequestError(f"in ensemble 'embed_image', {exc}") from None
+
+
+def test_each_product_gets_its_packshot_then_its_views_and_a_bad_file_costs_only_itself(tmp_path, photos):
+    import numpy as np
+    import pytest
+
+    from lookalike.views import CatalogView
+    from tests.conftest import encode
+
+    from tests.conftest import REPOSITORY
+
+    if not (REPOSITORY / "embedder" / "manifest.json").exists():
+        pytest.skip("no exported embedder: run `make export` (make test does)")
+    client = InProcess()
+    views = [CatalogView(0.6, (128, 128, 128)), CatalogView(0.9, (255, 255, 255), 20.0)]
+    items = []
+    for i, (_, photo) in enumerate(photos[:5]):
+        path = tmp_path / f"p{i}.png"
+        path.write_bytes(encode(photo.resize((160, 120))))
+        items.append(CatalogItem(f"p{i}", path, "", f"catalog.csv:{i + 2}"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    items.insert(2, CatalogItem("bad", tmp_path / "bad.png", "", "catalog.csv:9"))
+    good, vectors, problems = embed_items(client, items, batch_size=4, concurrency=1, progress=False,
+                                          views=views, config=client.config)
+    assert [item.product_id for item in good] == ["p0", "p1", "p2", "p3", "p4"]
+    assert all(block.shape == (3, client.embedder.dim) for block in vectors)
+    assert max(client.requests) <= 4  # requests never exceed the batch size, views included
+    (problem,) = problems
+    assert problem.where == "catalog.csv:9" and "bad.png" in problem.reason
+    first = client.embedder(client.pre.batch([items[0].image.read_bytes()]))[0]
+    np.testing.assert_allclose(vectors[0][0], first, atol=1e-5)  # the packshot itself comes first
+    assert float(vectors[0][0] @ vectors[0][1]) < 0.99  # a view is another picture of it

@@ -161,3 +161,45 @@ def test_wrongly_normed_rows_are_refused_by_row(catalog):
     assert check_embeddings(almost, 32).dtype == np.float32
     with pytest.raises(ValueError, match=r"\[N, 32\]"):
         check_embeddings(vectors[:, :16], 32)
+
+
+# -- several vectors per product (catalog views) -------------------------------------------------------
+def test_a_product_scores_its_best_vector_and_appears_once(tmp_path):
+    rng = np.random.default_rng(3)
+    products = [Product(f"p{i}") for i in range(6)]
+    vectors = normalised(rng, 6 * 3, 16)  # three vectors each, consecutive
+    index = ProductIndex.build(products, vectors, vectors=[3] * 6)
+    assert len(index) == 6 and index.index.ntotal == 18 and index.meta["vectors"] == 18
+    ids, scores = index.search(vectors, 4)
+    for row, (found, got) in enumerate(zip(ids, scores)):
+        assert found[0] == f"p{row // 3}" and got[0] == pytest.approx(1.0, abs=1e-5)  # each view finds its product
+        assert len(found) == len(set(found)) == 4  # products, not vectors
+        assert np.all(np.diff(got) <= 1e-7)
+    # exactly the products' max-over-vectors ranking, as brute force says
+    query = normalised(rng, 1, 16)
+    best = (vectors @ query[0]).reshape(6, 3).max(axis=1)
+    ids, scores = index.search(query, 6)
+    assert ids[0] == [f"p{i}" for i in np.argsort(-best)]
+    np.testing.assert_allclose(scores[0], np.sort(best)[::-1], atol=1e-5)
+    index.save(tmp_path / "v")
+    loaded = ProductIndex.load(tmp_path / "v")
+    assert loaded.vectors.tolist() == [3] * 6 and loaded.search(query, 6)[0] == ids
+
+
+def test_uneven_vector_counts_and_old_indexes_without_counts(tmp_path):
+    import json
+
+    rng = np.random.default_rng(4)
+    vectors = normalised(rng, 4, 8)
+    index = ProductIndex.build([Product("a"), Product("b"), Product("c")], vectors, vectors=[1, 2, 1])
+    ids, _ = index.search(vectors, 3)  # rows 1 and 2 are both b's
+    assert [row[0] for row in ids] == ["a", "b", "b", "c"]
+    assert all(sorted(row) == ["a", "b", "c"] for row in ids)
+    with pytest.raises(ValueError, match="vectors"):
+        ProductIndex.build([Product("a"), Product("b")], vectors, vectors=[1, 2])
+    # an index written before catalog views has no counts: one vector each
+    plain = ProductIndex.build([Product("a"), Product("b"), Product("c"), Product("d")], vectors)
+    plain.save(tmp_path / "old")
+    columns = json.loads((tmp_path / "old" / "products.json").read_text())
+    assert columns.pop("vectors") == [1, 1, 1, 1]
+    assert ProductIndex(plain.index, plain.products, plain.meta).vectors.tolist() == [1, 1, 1, 1]
