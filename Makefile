@@ -21,7 +21,7 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?= fp16
 CALIBRATION ?=
 
-.PHONY: setup export catalog demo serve stop test unit typecheck bench bench-export eval recovery engine image clean
+.PHONY: setup export catalog demo up serve stop test unit typecheck bench bench-export eval eval-candidates eval-preprocessing recovery engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
@@ -52,6 +52,17 @@ serve: $(EMBEDDER)
 		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --health-port $(HEALTH_PORT)
 
 demo: $(EMBEDDER) $(CATALOG)/catalog.csv
+	@$(MAKE) --no-print-directory up
+	$(BIN)/lookalike index $(CATALOG)/catalog.csv --model-repository $(REPO) --url 127.0.0.1:$(GRPC_PORT)
+	$(BIN)/lookalike query $$(tail -n +2 $(CATALOG)/queries.csv | cut -d, -f1 | awk 'NR % 5 == 1' | sed 's|^|$(CATALOG)/|') \
+		--top-k 5 --url 127.0.0.1:$(GRPC_PORT) --model-repository $(REPO) --html $(RUN)/demo.html
+	@echo
+	@echo "The server is still running (pid $$(cat $(RUN)/server.pid)): gRPC 127.0.0.1:$(GRPC_PORT), HTTP 127.0.0.1:$(HTTP_PORT)."
+	@echo "Results page: $(abspath $(RUN))/demo.html"
+	@echo "Try: $(BIN)/lookalike query YOUR_PHOTO.jpg --html results.html     Stop it with: make stop"
+
+# The server in the background (log: .run/server.log), unless one runs already; waits until it is ready.
+up: $(EMBEDDER)
 	@mkdir -p $(RUN)
 	@if [ -f $(RUN)/server.pid ] && kill -0 $$(cat $(RUN)/server.pid) 2>/dev/null; then \
 		echo "server already running (pid $$(cat $(RUN)/server.pid))"; \
@@ -62,13 +73,6 @@ demo: $(EMBEDDER) $(CATALOG)/catalog.csv
 		echo $$! > $(RUN)/server.pid; \
 	fi
 	$(BIN)/python scripts/wait_ready.py --url http://127.0.0.1:$(HTTP_PORT) --timeout 300 --log $(RUN)/server.log
-	$(BIN)/lookalike index $(CATALOG)/catalog.csv --model-repository $(REPO) --url 127.0.0.1:$(GRPC_PORT)
-	$(BIN)/lookalike query $$(tail -n +2 $(CATALOG)/queries.csv | cut -d, -f1 | awk 'NR % 5 == 1' | sed 's|^|$(CATALOG)/|') \
-		--top-k 5 --url 127.0.0.1:$(GRPC_PORT) --model-repository $(REPO) --html $(RUN)/demo.html
-	@echo
-	@echo "The server is still running (pid $$(cat $(RUN)/server.pid)): gRPC 127.0.0.1:$(GRPC_PORT), HTTP 127.0.0.1:$(HTTP_PORT)."
-	@echo "Results page: $(abspath $(RUN))/demo.html"
-	@echo "Try: $(BIN)/lookalike query YOUR_PHOTO.jpg --html results.html     Stop it with: make stop"
 
 stop:
 	@if [ -f $(RUN)/server.pid ] && kill -0 $$(cat $(RUN)/server.pid) 2>/dev/null; then \
@@ -89,7 +93,19 @@ typecheck: $(VENV)/.setup-done
 bench: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/bench.py --catalog $(CATALOG) --out results
 
+# Shopper-photo recall through the server (started like `make demo` if none runs; left running, serving
+# the whole sample catalog afterwards): results/eval/eval.md, eval.json, failures.html.
 eval: $(EMBEDDER) $(CATALOG)/catalog.csv
+	@$(MAKE) --no-print-directory up
+	$(BIN)/lookalike eval $(CATALOG)/catalog.csv --simulate 1 --sample 200 --url 127.0.0.1:$(GRPC_PORT) \
+		--model-repository $(REPO) --out results/eval
+
+# Each search-quality candidate exported, served on its own server and evaluated (about 4 min each).
+eval-candidates: $(EMBEDDER) $(CATALOG)/catalog.csv
+	$(BIN)/python loadtest/eval_candidates.py --catalog $(CATALOG)/catalog.csv --out results/eval_candidates
+
+# Near-duplicate (re-shot catalog image) recall under preprocessing variants, in process.
+eval-preprocessing: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/eval_preprocessing.py --catalog $(CATALOG) --queries 200
 
 recovery: $(EMBEDDER) $(CATALOG)/catalog.csv

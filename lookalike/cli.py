@@ -1,4 +1,4 @@
-"""The `lookalike` command: serve | export | index | query | sample-catalog."""
+"""The `lookalike` command: serve | export | index | query | eval | sample-catalog."""
 
 from __future__ import annotations
 
@@ -162,6 +162,29 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lookalike_client import LookalikeError
+
+    from .evaluation import EvalOptions, run_eval, write_reports
+    from .publishing import PublishError
+
+    simulate = args.simulate if (args.simulate is not None or args.queries) else 1
+    options = EvalOptions(catalog=args.catalog, queries_csv=args.queries, simulate=simulate or 0,
+                          sample=args.sample, leave_out=args.leave_out, seed=args.seed, top_k=args.top_k,
+                          concurrency=args.concurrency, failures=args.failures)
+    try:
+        with _client(args) as client:
+            report = run_eval(options, Repository(args.model_repository), client)
+    except (LookalikeError, PublishError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"lookalike eval: {exc}", file=sys.stderr)
+        return 1
+    paths = write_reports(report, args.out, options.failures)
+    for line in paths[1].read_text().splitlines():
+        print(printable(line))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def cmd_sample_catalog(args: argparse.Namespace) -> int:
     from .sample_data import build_sample_catalog
 
@@ -193,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("export", help="export an embedder to ONNX into the model repository")
     _add_repository(p)
-    p.add_argument("--model", default="efficientnet_lite0", choices=("efficientnet_lite0", "resnet50", "vit_b_16"))
+    p.add_argument("--model", default="efficientnet_lite0",
+                   help="efficientnet_lite0 (weights packaged, works offline), resnet50, vit_b_16, dinov2_vits14, clip_vit_b16")
     p.add_argument("--weights", default="DEFAULT",
-                   help="DEFAULT (Lite0: the packaged weights; ResNet-50/ViT: torchvision's, downloaded) or a state_dict file")
+                   help="DEFAULT (Lite0: the packaged weights; the others: torchvision's or the HF hub's, downloaded) "
+                        "or a state_dict file (.pth, .safetensors) for offline use")
     p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="TensorRT engine precision")
     p.add_argument("--calibration", type=Path, default=None, help="catalog (CSV or folder) whose images calibrate INT8")
@@ -225,6 +250,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--html", default=None, help="write a page with thumbnails of queries and results")
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("eval", help="recall of shopper photos through the running server (simulated and/or real)")
+    p.add_argument("catalog", type=Path, help="the catalog the server should search (CSV or folder, as for index)")
+    p.add_argument("--queries", type=Path, default=None, help="real shopper photos: CSV image,product_id")
+    p.add_argument("--simulate", type=int, default=None,
+                   help="synthetic shopper photos per sampled product (default 1 without --queries)")
+    p.add_argument("--sample", type=int, default=200, help="products sampled for --simulate")
+    p.add_argument("--leave-out", type=int, default=1,
+                   help="products per category (of 5 or more) left out of the index, for category relevance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--concurrency", type=int, default=4, help="clients of the throughput pass (0: skip it)")
+    p.add_argument("--failures", type=int, default=40, help="worst failures shown in failures.html")
+    p.add_argument("--out", type=Path, default=Path("results/eval"))
+    _add_url(p, protocol=True)
+    _add_repository(p)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample-catalog", help="build the demo catalog from images that installed packages ship")
     p.add_argument("--out", type=Path, default=Path("data/sample_catalog"))

@@ -1,0 +1,470 @@
+"""`lookalike eval`: how often the running server finds the product in a shopper's photo.
+
+Everything goes through the server exactly as clients call it: the catalog through `embed_image`
+(catalog-side preprocessing), the queries through `visual_search` (query-side preprocessing). The
+evaluation index is the catalog minus a few left-out products per category; after the run the server
+is given the index of the whole catalog, as `lookalike index CATALOG` would leave it.
+
+Queries are real shopper photos (`--queries`, CSV `image,product_id`) and/or synthetic ones made from
+the catalog's packshots (`--simulate N`, lookalike.shopper). Reported: recall@1/5/10 and MRR, broken
+down by what was done to each synthetic photo; precision@10 of same-category results for products
+left out of the index; the same metrics for a colour-histogram baseline computed in the same run;
+latency at concurrency 1 and throughput under load. An image that cannot be read or that the server
+refuses is a miss, listed with its reason; it is never dropped from the counts.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import random
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from lookalike_client import LookalikeClient, LookalikeError
+
+from .catalog import CatalogItem, read_catalog
+from .indexer import build_index, embed_items
+from .preprocessing import ImageError, ImageLimits, decode
+from .publishing import publish_index
+from .repository import Repository
+from .search import Product, ProductIndex
+from .shopper import DIMENSIONS, ShopperSimulator, background_photos, exclude_lookalikes, signature
+
+KS = (1, 5, 10)
+PACKSHOT_MAX_SIDE = 1024  # packshots are shrunk to this before simulation: the photos are at most 2340 px
+
+
+@dataclass
+class Query:
+    name: str  # the file, or "simulated:<product id>#<n>"
+    product_id: str  # the right answer
+    data: bytes | None  # encoded image; None when it could not be read
+    tags: dict[str, str] = field(default_factory=dict)
+    error: str = ""  # why it could not be read
+    left_out: bool = False  # its product is not in the index: a category-relevance query
+
+
+@dataclass
+class Outcome:
+    query: Query
+    ids: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    error: str = ""
+    latency_ms: float | None = None
+
+    def rank(self) -> int | None:
+        """1-based rank of the right product in the results, None when missing or failed."""
+        return self.ids.index(self.query.product_id) + 1 if self.query.product_id in self.ids else None
+
+
+def retrieval_metrics(ranks: Sequence[int | None]) -> dict[str, Any]:
+    """recall@1/5/10 and MRR (1/rank, 0 when not in the results) over all queries, misses included."""
+    n = len(ranks)
+    out: dict[str, Any] = {"queries": n}
+    for k in KS:
+        out[f"recall@{k}"] = sum(1 for r in ranks if r is not None and r <= k) / n if n else None
+    out["mrr"] = sum(1.0 / r for r in ranks if r is not None) / n if n else None
+    return out
+
+
+def breakdown(tags: Sequence[dict[str, str]], ranks: Sequence[int | None]) -> dict[str, dict[str, dict]]:
+    """retrieval_metrics per value of each tag dimension."""
+    out: dict[str, dict[str, dict]] = {}
+    for dimension in DIMENSIONS:
+        groups: dict[str, list[int | None]] = defaultdict(list)
+        for tag, rank in zip(tags, ranks):
+            if dimension in tag:
+                groups[tag[dimension]].append(rank)
+        if groups:
+            out[dimension] = {value: retrieval_metrics(groups[value]) for value in sorted(groups)}
+    return out
+
+
+def category_precision(results: Sequence[tuple[str, Sequence[str]]], categories: dict[str, str], k: int = 10) -> dict:
+    """Mean share of the top-k results in the query product's own category (failed queries count 0)."""
+    values = []
+    for category, ids in results:
+        values.append(sum(1 for i in ids[:k] if categories.get(i) == category) / k)
+    return {"queries": len(values), f"precision@{k}": float(np.mean(values)) if values else None}
+
+
+class ColourHistogram:
+    """Baseline: an 8x8x8 RGB histogram of the non-white pixels, square-rooted (Hellinger) and L2-normalised."""
+
+    bins = 8
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        small = image.convert("RGB")
+        small.thumbnail((256, 256))
+        pixels = np.asarray(small).reshape(-1, 3)
+        keep = pixels[(pixels < 240).any(axis=1)]
+        if len(keep) == 0:
+            keep = pixels
+        index = (keep // (256 // self.bins)).astype(np.int64)
+        flat = index[:, 0] * self.bins * self.bins + index[:, 1] * self.bins + index[:, 2]
+        hist = np.sqrt(np.bincount(flat, minlength=self.bins**3).astype(np.float32))
+        return hist / (float(np.linalg.norm(hist)) + 1e-12)
+
+
+def read_queries(path: Path) -> list[Query]:
+    """Real shopper photos: CSV `image,product_id`, images relative to the CSV. Unreadable rows become
+    queries with an error (counted as misses), never silently dropped."""
+    queries = []
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"image", "product_id"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: needs the columns image,product_id (found {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            name = (row.get("image") or "").strip()
+            product_id = (row.get("product_id") or "").strip()
+            file = (path.parent / name) if name else None
+            try:
+                if file is None:
+                    raise OSError("no image given")
+                queries.append(Query(str(file), product_id, file.read_bytes(), {"source": "photo"}))
+            except OSError as exc:
+                queries.append(Query(f"{path.name}:{line} {name}", product_id, None, {"source": "photo"},
+                                     error=f"cannot read: {getattr(exc, 'strerror', None) or exc}"))
+    return queries
+
+
+def _packshot(item: CatalogItem, limits: ImageLimits, config) -> Image.Image | None:
+    """The catalog image, decoded as the server would (None if it refuses it), shrunk for simulation."""
+    try:
+        image = decode(item.image.read_bytes(), config, limits)
+    except (OSError, ImageError):
+        return None
+    image.thumbnail((PACKSHOT_MAX_SIDE, PACKSHOT_MAX_SIDE))
+    return image
+
+
+def _jpeg_thumbnail(data: bytes | Image.Image | None, size: int = 150) -> str | None:
+    if data is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+    except Exception:  # a thumbnail is a nicety: never fail the report for it
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@dataclass
+class EvalOptions:
+    catalog: Path
+    queries_csv: Path | None = None
+    simulate: int = 0  # synthetic photos per sampled product
+    sample: int = 200  # products sampled for simulation
+    leave_out: int = 1  # products per category left out of the index (categories with >= 5 products)
+    seed: int = 0
+    top_k: int = 10
+    concurrency: int = 4  # clients of the throughput pass (0: skip it)
+    failures: int = 40  # worst failures shown in failures.html
+
+
+def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClient,
+             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+    started = time.perf_counter()
+    items, problems = read_catalog(options.catalog)
+    unreadable_rows = len(problems)
+    if not items:
+        raise ValueError(f"{options.catalog}: no usable rows")
+    config = repository.preprocessing()
+    limits = repository.image_limits()
+    client.wait_until_ready(timeout_s=120.0, model="embed_image")
+
+    log(f"embedding {len(items)} catalog images through embed_image")
+    catalog_side = config.for_side("catalog")
+    good, vectors, embed_problems = embed_items(client, items, progress=False, max_bytes=limits.max_bytes,
+                                                views=catalog_side.views(), config=catalog_side)
+    problems += embed_problems
+    by_id = {item.product_id: item for item in good}
+    categories = {item.product_id: item.category for item in good}
+
+    rng = random.Random(options.seed)
+    per_category: dict[str, list[str]] = defaultdict(list)
+    for item in good:
+        if item.category:
+            per_category[item.category].append(item.product_id)
+    left_out: set[str] = set()
+    for category, ids in sorted(per_category.items()):
+        if len(ids) >= 5 and options.leave_out > 0:
+            left_out.update(rng.sample(sorted(ids), min(options.leave_out, len(ids) - 4)))
+    indexed = [item for item in good if item.product_id not in left_out]
+    indexed_vectors = [v for item, v in zip(good, vectors) if item.product_id not in left_out]
+
+    log("decoding packshots (backgrounds must not look like any of them; baseline histograms)")
+    histogram = ColourHistogram()
+    packshots: dict[str, Image.Image] = {}
+    signatures, hist_ids, hist_vectors = [], [], []
+    simulate_ids: list[str] = []
+    if options.simulate > 0:
+        pool = sorted(item.product_id for item in indexed)
+        simulate_ids = rng.sample(pool, min(options.sample, len(pool))) + sorted(left_out)
+    for item in good:
+        image = _packshot(item, limits, catalog_side)
+        if image is None:
+            continue
+        signatures.append(signature(image))
+        if item.product_id not in left_out:
+            hist_ids.append(item.product_id)
+            hist_vectors.append(histogram(image))
+        if item.product_id in simulate_ids:
+            packshots[item.product_id] = image
+
+    queries: list[Query] = []
+    background_info: dict[str, Any] = {}
+    if options.queries_csv is not None:
+        queries += read_queries(options.queries_csv)
+    if options.simulate > 0:
+        backgrounds = background_photos()
+        kept, dropped = exclude_lookalikes(backgrounds, signatures)
+        background_info = {"used": [name for name, _ in kept], "dropped_as_catalog_lookalikes": dropped}
+        simulator = ShopperSimulator(kept)
+        log(f"simulating {options.simulate} shopper photo(s) of each of {len(simulate_ids)} products "
+            f"({len(left_out)} left out of the index) on {len(kept)} background photos")
+        for i, product_id in enumerate(simulate_ids):
+            if product_id not in packshots:
+                continue
+            for n in range(options.simulate):
+                photo = simulator(packshots[product_id], seed=options.seed * 1_000_003 + i * 101 + n)
+                queries.append(Query(f"simulated:{product_id}#{n}", product_id, photo.jpeg(), photo.tags,
+                                     left_out=product_id in left_out))
+
+    log(f"publishing an evaluation index of {len(indexed)} products ({len(left_out)} left out)")
+    manifest = repository.manifest()
+    eval_version = publish_index(repository, build_index(indexed, indexed_vectors, manifest), client)
+
+    log(f"searching {len(queries)} queries through visual_search, one at a time")
+    outcomes = [_search(client, query, options.top_k) for query in queries]
+    throughput = _throughput(client, [q.data for q in queries if q.data is not None and not q.error],
+                             options.concurrency, options.top_k) if options.concurrency > 0 else None
+
+    log(f"restoring the index of the whole catalog ({len(good)} products)")
+    full_version = publish_index(repository, build_index(good, vectors, manifest), client)
+
+    # the colour-histogram baseline on the same queries and the same indexed products
+    hist_index = ProductIndex.build([Product(i) for i in hist_ids], np.stack(hist_vectors)) if hist_vectors else None
+    baseline_outcomes = []
+    for outcome in outcomes:
+        query = outcome.query
+        base = Outcome(query, error=outcome.error or query.error)
+        if query.data is not None and not base.error and hist_index is not None:
+            try:
+                with Image.open(io.BytesIO(query.data)) as image:
+                    found, scores = hist_index.search(histogram(image)[None], options.top_k)
+                base.ids, base.scores = found[0], scores[0].tolist()
+            except Exception as exc:
+                base.error = f"{type(exc).__name__}: {exc}"
+        baseline_outcomes.append(base)
+
+    report = {
+        "catalog": str(options.catalog),
+        "products": {"catalog_rows": len(items) + unreadable_rows,
+                     "embedded": len(good), "indexed": len(indexed), "left_out": sorted(left_out),
+                     "skipped": [str(p) for p in problems]},
+        "index_versions": {"evaluation": eval_version, "restored_full_catalog": full_version},
+        "embedder": {k: manifest.get(k) for k in ("model", "pooling", "weights_source", "random_weights", "dim", "input",
+                                                  "fingerprint")},
+        "catalog_views": catalog_side.catalog_views,
+        "preprocessing": {"catalog": _settings(config.for_side("catalog")), "query": _settings(config.for_side("query"))},
+        "options": {"simulate": options.simulate, "sample": options.sample, "leave_out": options.leave_out,
+                    "seed": options.seed, "top_k": options.top_k,
+                    "queries_csv": str(options.queries_csv) if options.queries_csv else None},
+        "backgrounds": background_info,
+        "served": _summary(outcomes, categories),
+        "colour_histogram_baseline": _summary(baseline_outcomes, categories),
+        "timing": {"latency_ms_concurrency_1": _latency(outcomes), "throughput": throughput},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    report["_outcomes"] = outcomes  # for the HTML page; not serialised
+    report["_by_id"] = by_id
+    return report
+
+
+def _settings(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in ("notes", "query", "catalog_views")}
+
+
+def _search(client: LookalikeClient, query: Query, top_k: int) -> Outcome:
+    if query.data is None:
+        return Outcome(query, error=query.error)
+    started = time.perf_counter()
+    try:
+        matches = client.search(query.data, top_k=top_k)
+    except LookalikeError as exc:
+        return Outcome(query, error=f"{type(exc).__name__}: {exc}")
+    latency = (time.perf_counter() - started) * 1000
+    return Outcome(query, [m.product_id for m in matches], [m.score for m in matches], latency_ms=latency)
+
+
+def _throughput(client: LookalikeClient, images: list[bytes], concurrency: int, top_k: int) -> dict | None:
+    if not images:
+        return None
+    errors = 0
+
+    def one(data: bytes) -> None:
+        nonlocal errors
+        try:
+            client.search(data, top_k=top_k)
+        except LookalikeError:
+            errors += 1
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, images))
+    seconds = time.perf_counter() - started
+    return {"concurrency": concurrency, "images": len(images), "errors": errors,
+            "images_per_s": round(len(images) / seconds, 2)}
+
+
+def _latency(outcomes: Sequence[Outcome]) -> dict | None:
+    samples = sorted(o.latency_ms for o in outcomes if o.latency_ms is not None)
+    if not samples:
+        return None
+    return {"p50": round(statistics.median(samples), 1), "p90": round(float(np.percentile(samples, 90)), 1),
+            "samples": len(samples)}
+
+
+def _summary(outcomes: Sequence[Outcome], categories: dict[str, str]) -> dict:
+    recall = [o for o in outcomes if not o.query.left_out]
+    ranks = [o.rank() for o in recall]
+    relevance = [(categories.get(o.query.product_id, ""), o.ids) for o in outcomes if o.query.left_out]
+    return {
+        "overall": retrieval_metrics(ranks),
+        "by_source": {source: retrieval_metrics([o.rank() for o in recall if o.query.tags.get("source", "simulated") == source])
+                      for source in sorted({o.query.tags.get("source", "simulated") for o in recall})},
+        "breakdown": breakdown([o.query.tags for o in recall], ranks),
+        "category_relevance_left_out": category_precision(relevance, categories) if relevance else None,
+        "failed": [{"query": o.query.name, "product_id": o.query.product_id, "error": o.error or o.query.error}
+                   for o in outcomes if o.error or o.query.error],
+    }
+
+
+# --- reports --------------------------------------------------------------------------------------
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def render_markdown(report: dict) -> str:
+    served, base = report["served"], report["colour_histogram_baseline"]
+    lines = [f"# lookalike eval: {report['catalog']}", ""]
+    e = report["embedder"]
+    lines += [f"Embedder `{e['model']}` ({e['weights_source']}), fingerprint `{e['fingerprint']}`."
+              + (" **RANDOM WEIGHTS: meaningless.**" if e.get("random_weights") else ""),
+              f"Query preprocessing: `{json.dumps(report['preprocessing']['query'])}`.",
+              f"Catalog preprocessing: `{json.dumps(report['preprocessing']['catalog'])}`.",
+              f"Catalog views (extra vectors per product): `{json.dumps(report['catalog_views'])}`.",
+              f"Index: {report['products']['indexed']} products, {len(report['products']['left_out'])} left out "
+              f"for category relevance; {len(report['products']['skipped'])} catalog rows skipped.", ""]
+    lines += ["| | queries | recall@1 | recall@5 | recall@10 | MRR | same-category precision@10 (left-out products) |",
+              "|---|---|---|---|---|---|---|"]
+    for name, summary in (("served `visual_search`", served), ("colour-histogram baseline", base)):
+        o, c = summary["overall"], summary["category_relevance_left_out"] or {}
+        lines.append(f"| {name} | {o['queries']} | {_fmt(o['recall@1'])} | {_fmt(o['recall@5'])} | {_fmt(o['recall@10'])} "
+                     f"| {_fmt(o['mrr'])} | {_fmt(c.get('precision@10'))} |")
+    lines.append("")
+    for dimension, groups in served["breakdown"].items():
+        lines += [f"**By {dimension}** (served; baseline recall@1 in brackets)", "",
+                  "| " + dimension + " | queries | recall@1 | recall@5 | recall@10 | MRR |", "|---|---|---|---|---|---|"]
+        base_groups = base["breakdown"].get(dimension, {})
+        for value, m in groups.items():
+            b = base_groups.get(value, {}).get("recall@1")
+            lines.append(f"| {value} | {m['queries']} | {_fmt(m['recall@1'])} ({_fmt(b)}) | {_fmt(m['recall@5'])} "
+                         f"| {_fmt(m['recall@10'])} | {_fmt(m['mrr'])} |")
+        lines.append("")
+    t = report["timing"]
+    if t["latency_ms_concurrency_1"]:
+        lines.append(f"Latency at concurrency 1: p50 {t['latency_ms_concurrency_1']['p50']} ms, "
+                     f"p90 {t['latency_ms_concurrency_1']['p90']} ms.")
+    if t["throughput"]:
+        lines.append(f"Throughput: {t['throughput']['images_per_s']} img/s with {t['throughput']['concurrency']} "
+                     f"concurrent clients ({t['throughput']['errors']} errors).")
+    failed = served["failed"]
+    lines += ["", f"**Queries that failed to load or were refused: {len(failed)}** (counted as misses)"]
+    lines += [f"- {f['query']} ({f['product_id']}): {f['error']}" for f in failed[:50]]
+    if report["backgrounds"]:
+        lines += ["", f"Backgrounds: {', '.join(report['backgrounds']['used'])}; not used because they look like a "
+                      f"catalog image: {', '.join(report['backgrounds']['dropped_as_catalog_lookalikes']) or 'none'}."]
+    lines += ["", f"Index versions: evaluation {report['index_versions']['evaluation']}, then the whole catalog "
+                  f"{report['index_versions']['restored_full_catalog']} (served now). {report['seconds']} s."]
+    return "\n".join(lines) + "\n"
+
+
+def render_failures_html(report: dict, limit: int) -> str:
+    by_id: dict[str, CatalogItem] = report["_by_id"]
+    outcomes = [o for o in report["_outcomes"] if not o.query.left_out and o.rank() != 1]
+    outcomes.sort(key=lambda o: (o.rank() is not None, -(o.rank() or 0)))
+    thumbs: dict[str, str | None] = {}
+
+    def product(pid: str) -> str | None:
+        if pid not in thumbs:
+            item = by_id.get(pid)
+            thumbs[pid] = _jpeg_thumbnail(item.image.read_bytes()) if item else None
+        return thumbs[pid]
+
+    def figure(uri: str | None, caption: str, cls: str = "") -> str:
+        img = f'<img src="{uri}" alt="">' if uri else '<div class="missing">no image</div>'
+        return f'<figure class="{cls}">{img}<figcaption>{caption}</figcaption></figure>'
+
+    rows = []
+    for o in outcomes[:limit]:
+        q = o.query
+        rank = o.rank()
+        tags = ", ".join(f"{k} {v}" for k, v in q.tags.items())
+        head = figure(_jpeg_thumbnail(q.data), f"<b>query</b> {html.escape(q.name)}<br>{html.escape(tags)}", "query")
+        want = figure(product(q.product_id), f"<b>wanted</b> {html.escape(q.product_id)}<br>"
+                      + (f"rank {rank}" if rank else "not in top results"), "wanted")
+        error = o.error or q.error
+        found = (f'<p class="error">{html.escape(error)}</p>' if error else
+                 "".join(figure(product(pid), f"#{i + 1} {html.escape(pid)}<br>{score:.3f}")
+                         for i, (pid, score) in enumerate(zip(o.ids[:5], o.scores[:5]))))
+        rows.append(f"<section>{head}{want}<div class='found'>{found}</div></section>")
+    overall = report["served"]["overall"]
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>lookalike eval: worst failures</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; }}
+section {{ display: flex; gap: 1em; border-bottom: 1px solid #ddd; padding: .8em 0; align-items: flex-start; }}
+.found {{ display: flex; gap: .5em; flex-wrap: wrap; }}
+figure {{ margin: 0; width: 150px; font-size: 11px; text-align: center; overflow-wrap: anywhere; }}
+img {{ max-width: 150px; max-height: 150px; border: 1px solid #eee; }}
+.query img {{ border: 2px solid #36c; }} .wanted img {{ border: 2px solid #2a2; }}
+.error {{ color: #b00; }}
+</style></head><body>
+<h1>Worst failures ({min(limit, len(outcomes))} of {len(outcomes)} queries not answered first)</h1>
+<p>recall@1 {_fmt(overall['recall@1'])}, recall@5 {_fmt(overall['recall@5'])} over {overall['queries']} queries.
+Sorted: failed or not found first, then by how far down the right product came.</p>
+{''.join(rows)}
+</body></html>
+"""
+
+
+def write_reports(report: dict, out: Path, failures: int) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    serialisable = {k: v for k, v in report.items() if not k.startswith("_")}
+    paths = [out / "eval.json", out / "eval.md", out / "failures.html"]
+    paths[0].write_text(json.dumps(serialisable, indent=2) + "\n")
+    paths[1].write_text(render_markdown(report))
+    paths[2].write_text(render_failures_html(report, failures))
+    return paths

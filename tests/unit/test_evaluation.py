@@ -1,0 +1,65 @@
+"""Plain parts of `lookalike eval`: metrics, breakdown, category relevance, the baseline, query files."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.evaluation import (
+    ColourHistogram, Outcome, Query, breakdown, category_precision, read_queries, retrieval_metrics,
+)
+
+
+def test_recall_and_mrr_count_misses_and_failures():
+    m = retrieval_metrics([1, 3, None, 7, 1])
+    assert m["queries"] == 5
+    assert m["recall@1"] == pytest.approx(2 / 5) and m["recall@5"] == pytest.approx(3 / 5)
+    assert m["recall@10"] == pytest.approx(4 / 5)
+    assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 7 + 1) / 5)
+    assert retrieval_metrics([])["recall@1"] is None
+
+
+def test_outcome_rank():
+    q = Query("q", "b", b"x")
+    assert Outcome(q, ["a", "b"], [0.9, 0.8]).rank() == 2
+    assert Outcome(q, ["a"], [0.9]).rank() is None
+    assert Outcome(q, error="refused").rank() is None
+
+
+def test_breakdown_groups_by_each_dimension():
+    tags = [{"frame": "tall", "scale": "small"}, {"frame": "tall", "scale": "large"}, {"frame": "square", "scale": "large"}]
+    out = breakdown(tags, [None, 1, 2])
+    assert out["frame"]["tall"]["recall@1"] == 0.5 and out["frame"]["square"]["recall@1"] == 0.0
+    assert out["scale"]["large"]["queries"] == 2 and "occlusion" not in out
+
+
+def test_category_precision():
+    categories = {"a1": "a", "a2": "a", "b1": "b"}
+    result = category_precision([("a", ["a1", "b1", "a2"]), ("b", [])], categories, k=2)
+    assert result == {"queries": 2, "precision@2": pytest.approx((0.5 + 0.0) / 2)}
+
+
+def test_colour_histogram_ignores_the_white_packshot_background():
+    hist = ColourHistogram()
+    red = Image.new("RGB", (50, 50), (200, 20, 20))
+    on_white = Image.new("RGB", (200, 200), (255, 255, 255))
+    on_white.paste(red, (75, 75))
+    assert float(hist(red) @ hist(on_white)) == pytest.approx(1.0)
+    assert float(hist(red) @ hist(Image.new("RGB", (50, 50), (20, 20, 200)))) == pytest.approx(0.0)
+    assert np.linalg.norm(hist(Image.new("RGB", (10, 10), (255, 255, 255)))) == pytest.approx(1.0)
+
+
+def test_read_queries_keeps_unreadable_rows_as_failures(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    (tmp_path / "good.png").write_bytes(buffer.getvalue())
+    (tmp_path / "q.csv").write_text("image,product_id\ngood.png,p1\nmissing.jpg,p2\n,p3\n")
+    queries = read_queries(tmp_path / "q.csv")
+    assert [q.product_id for q in queries] == ["p1", "p2", "p3"]
+    assert queries[0].data == buffer.getvalue() and not queries[0].error
+    assert queries[1].data is None and "cannot read" in queries[1].error
+    assert queries[2].data is None and queries[2].error
+    (tmp_path / "bad.csv").write_text("file,id\nx,y\n")
+    with pytest.raises(ValueError, match="image,product_id"):
+        read_queries(tmp_path / "bad.csv")
