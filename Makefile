@@ -39,7 +39,7 @@ $(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scri
 
 # --- artefacts (generated, not in git) ----------------------------------------------------------
 export: $(EMBEDDER)
-$(EMBEDDER): $(VENV)/.setup-done export/*.py lookalike/preprocessing.py
+$(EMBEDDER): $(VENV)/.setup-done export/*.py lookalike/preprocessing.py lookalike/views.py
 	$(BIN)/lookalike export --model $(MODEL) --model-repository $(REPO)
 
 catalog: $(CATALOG)/catalog.csv

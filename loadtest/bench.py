@@ -69,7 +69,7 @@ def run_in_process(repo, images: list[bytes], batch: int, requests: int, top_k: 
     from lookalike.preprocessing import Preprocessor
     from lookalike.search import ProductIndex
 
-    preprocessor = Preprocessor(repo.preprocessing())
+    preprocessor = Preprocessor(repo.preprocessing().for_side("query"))  # as visual_search's preprocess_query
     embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
     index = ProductIndex.load(repo.latest_index_dir())
 

@@ -28,7 +28,8 @@ CROP = {"resize_mode": "crop", "resize_size": 256}
 A3 = [{"scale": 0.6, "background": [128, 128, 128]},
       {"scale": 0.9, "background": [255, 255, 255], "rotate": 20.0},
       {"scale": 0.9, "background": [255, 255, 255], "rotate": -20.0}]
-A5 = [dict(view) for view in DEFAULT_CATALOG_VIEWS]
+A6 = [dict(view) for view in DEFAULT_CATALOG_VIEWS]  # A5 + the packshot framed as queries are
+A5 = [view for view in A6 if "centre_crop" not in view]
 A8 = A5 + [{"scale": 0.4, "background": [128, 128, 128]},
            {"scale": 0.6, "background": [128, 128, 128], "rotate": 20.0},
            {"scale": 0.6, "background": [128, 128, 128], "rotate": -20.0}]
@@ -38,7 +39,8 @@ CANDIDATES: dict[str, tuple[str, dict, list]] = {
     "average pooling, centre-crop queries": ("avg", CROP, []),
     "GeM, centre-crop queries": ("gem", CROP, []),
     "GeM, centre-crop queries, 3 catalog views": ("gem", CROP, A3),
-    "GeM, centre-crop queries, 5 catalog views: default": ("gem", CROP, A5),
+    "GeM, centre-crop queries, 5 catalog views": ("gem", CROP, A5),
+    "GeM, centre-crop queries, 6 catalog views (5 + query-framed packshot): default": ("gem", CROP, A6),
     "GeM, centre-crop queries, 8 catalog views": ("gem", CROP, A8),
     "GeM, letterbox queries, 5 catalog views": ("gem", {}, A5),
 }

@@ -42,9 +42,13 @@ def main() -> None:
     args = parser.parse_args()
 
     repo = Repository(args.model_repository)
-    base = repo.preprocessing()
+    exported = repo.preprocessing()
+    base = dataclasses.replace(exported.for_side("catalog"), catalog_views=[])
+    # The catalog is embedded with each variant's catalog side and the queries with its query side;
+    # the other variants use one setting on both sides. Catalog views are not embedded here.
     variants = {
-        "exported (" + base.resize_mode + ")": base,
+        "exported (catalog " + exported.resize_mode + ", query " + exported.for_side("query").resize_mode + ")":
+            dataclasses.replace(exported, catalog_views=[]),
         "letterbox, grey pad": dataclasses.replace(base, resize_mode="letterbox", pad_rgb=(124, 116, 104)),
         "resize 256 + centre crop 224": dataclasses.replace(base, resize_mode="crop", resize_size=256),
         "bicubic": dataclasses.replace(base, interpolation="bicubic"),
@@ -64,7 +68,8 @@ def main() -> None:
 
     results = {}
     for name, config in variants.items():
-        pre = Preprocessor(config)
+        pre = Preprocessor(config.for_side("catalog"))
+        query_pre = Preprocessor(config.for_side("query"))
         ids, vectors = [], []
         for pid, blob in data.items():
             try:
@@ -74,7 +79,7 @@ def main() -> None:
                 continue
         index = ProductIndex.build([Product(i) for i in ids], np.stack(vectors))
         qids = [q for q in queries if q in set(ids)]
-        found, _ = index.search(embedder(pre.batch([queries[q] for q in qids])), 5)
+        found, _ = index.search(embedder(query_pre.batch([queries[q] for q in qids])), 5)
         r1 = float(np.mean([f[0] == q for f, q in zip(found, qids)]))
         r5 = float(np.mean([q in f for f, q in zip(found, qids)]))
         results[name] = {"recall@1": r1, "recall@5": r5, "queries": len(qids), "catalog": len(ids)}

@@ -20,23 +20,37 @@ from PIL import Image, ImageFilter
 CANVAS = 448  # side of a rendered view; the catalog-side preprocessing then resizes it
 
 # The offline default embedder's views (README "Search quality"): the product at 60 % on grey, dark
-# and white, and tilted 20 degrees either way.
+# and white, tilted 20 degrees either way, and the packshot as the query side's resize-256/crop-224
+# frames it (224 / 256 = 0.875), which keeps packshots and close re-shots of them, sent as queries,
+# finding themselves.
 DEFAULT_CATALOG_VIEWS: tuple[dict[str, Any], ...] = (
     {"scale": 0.6, "background": [128, 128, 128]},
     {"scale": 0.6, "background": [40, 40, 40]},
     {"scale": 0.6, "background": [255, 255, 255]},
     {"scale": 0.9, "background": [255, 255, 255], "rotate": 20.0},
     {"scale": 0.9, "background": [255, 255, 255], "rotate": -20.0},
+    {"centre_crop": 0.875},
 )
 
 
 @dataclass(frozen=True)
 class CatalogView:
-    scale: float  # the product's longer side as a share of the canvas side
+    """The cut-out product at `scale` of the canvas, rotated by `rotate` degrees, on `background`; or,
+    with `centre_crop`, the packshot's own centre square of that share of its shorter side (how
+    centre-cropped queries frame it, so that a packshot or a close re-shot of it sent as a query meets
+    itself)."""
+
+    scale: float = 1.0  # the product's longer side as a share of the canvas side
     background: tuple[int, int, int] = (255, 255, 255)
     rotate: float = 0.0  # degrees, counter-clockwise
+    centre_crop: float | None = None
 
     def __post_init__(self) -> None:
+        if self.centre_crop is not None:
+            if not 0.1 <= self.centre_crop <= 1.0:
+                raise ValueError(f"catalog view centre_crop must be in 0.1..1, got {self.centre_crop}")
+            if (self.scale, self.background, self.rotate) != (1.0, (255, 255, 255), 0.0):
+                raise ValueError("a centre_crop catalog view takes no scale, background or rotate")
         if not 0.05 <= self.scale <= 1.0:
             raise ValueError(f"catalog view scale must be in 0.05..1, got {self.scale}")
         if len(self.background) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in self.background):
@@ -46,7 +60,7 @@ class CatalogView:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CatalogView":
-        unknown = set(data) - {"scale", "background", "rotate"}
+        unknown = set(data) - {"scale", "background", "rotate", "centre_crop"}
         if unknown:
             raise ValueError(f"unknown catalog view keys: {sorted(unknown)}")
         values = dict(data)
@@ -102,10 +116,19 @@ def view_images(packshot: Image.Image, views: Sequence[CatalogView], max_side: i
         return []
     image = packshot.copy()
     image.thumbnail((max_side, max_side))
-    product = cutout(image)
+    product = cutout(image) if any(view.centre_crop is None for view in views) else image
     out = []
     for view in views:
         buffer = io.BytesIO()
-        render(product, view).save(buffer, format="PNG", compress_level=1)
+        picture = centre_square(image, view.centre_crop) if view.centre_crop is not None else render(product, view)
+        picture.save(buffer, format="PNG", compress_level=1)
         out.append(buffer.getvalue())
     return out
+
+
+def centre_square(image: Image.Image, share: float) -> Image.Image:
+    """The centre square of `share` of the shorter side, as torchvision's CenterCrop places it."""
+    w, h = image.size
+    side = max(1, round(min(w, h) * share))
+    left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))
+    return image.crop((left, top, left + side, top + side))

@@ -23,6 +23,33 @@ def test_view_data_is_validated():
         with pytest.raises(ValueError, match=message):
             CatalogView.from_dict(bad)
     assert [CatalogView.from_dict(v) for v in DEFAULT_CATALOG_VIEWS]
+    assert CatalogView.from_dict({"centre_crop": 0.875}) == CatalogView(centre_crop=0.875)
+    with pytest.raises(ValueError, match="centre_crop"):
+        CatalogView.from_dict({"centre_crop": 0.875, "scale": 0.5})
+    with pytest.raises(ValueError, match="centre_crop"):
+        CatalogView.from_dict({"centre_crop": 1.5})
+
+
+def test_centre_crop_view_is_the_packshot_as_a_centre_cropped_query_frames_it():
+    """resize-256/centre-crop-224 of a query sees the centre 224/256 of the shorter side."""
+    from lookalike.preprocessing import PreprocessConfig, Preprocessor
+
+    from PIL import ImageFilter
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
+    image = noise.filter(ImageFilter.GaussianBlur(6))  # photo-like: smooth at the scale of a pixel
+    (data,) = view_images(image, [CatalogView(centre_crop=0.875)])
+    with Image.open(io.BytesIO(data)) as square:
+        assert square.size == (262, 262)  # round(300 * 0.875)
+        catalog = PreprocessConfig(height=224, width=224, resize_mode="letterbox", interpolation="bilinear",
+                                   mean=(0.5,) * 3, std=(0.5,) * 3)
+        as_indexed = Preprocessor(catalog).normalise(square.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
+    query = PreprocessConfig(height=224, width=224, resize_mode="crop", resize_size=256, interpolation="bilinear",
+                             mean=(0.5,) * 3, std=(0.5,) * 3)
+    from lookalike.preprocessing import resize
+
+    as_queried = Preprocessor(query).normalise(resize(image, query))
+    assert np.abs(as_indexed - as_queried).mean() < 0.05  # the same picture, resampled in another order
 
 
 def test_render_places_the_product_at_its_scale_on_the_background():
@@ -45,9 +72,10 @@ def test_view_images_are_pngs_one_per_view():
     views = [CatalogView.from_dict(v) for v in DEFAULT_CATALOG_VIEWS]
     images = view_images(packshot(), views)
     assert len(images) == len(views)
-    for data in images:
+    for view, data in zip(views, images):
         with Image.open(io.BytesIO(data)) as image:
-            assert image.format == "PNG" and image.size == (CANVAS, CANVAS)
+            assert image.format == "PNG"
+            assert image.size == ((CANVAS, CANVAS) if view.centre_crop is None else (175, 175))  # 200 * 0.875
     assert view_images(packshot(), []) == []
 
 
