@@ -22,17 +22,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lookalike.views import DEFAULT_CATALOG_VIEWS  # noqa: E402
+from lookalike.views import DEFAULT_CATALOG_VIEWS  # noqa: E402  (the default's views)
 
 CROP = {"resize_mode": "crop", "resize_size": 256}
 A3 = [{"scale": 0.6, "background": [128, 128, 128]},
       {"scale": 0.9, "background": [255, 255, 255], "rotate": 20.0},
       {"scale": 0.9, "background": [255, 255, 255], "rotate": -20.0}]
-A6 = [dict(view) for view in DEFAULT_CATALOG_VIEWS]  # A5 + the packshot framed as queries are
-A5 = [view for view in A6 if "centre_crop" not in view]
+A5 = [{"scale": 0.6, "background": [128, 128, 128]},
+      {"scale": 0.6, "background": [40, 40, 40]},
+      {"scale": 0.6, "background": [255, 255, 255]},
+      {"scale": 0.9, "background": [255, 255, 255], "rotate": 20.0},
+      {"scale": 0.9, "background": [255, 255, 255], "rotate": -20.0}]
 A8 = A5 + [{"scale": 0.4, "background": [128, 128, 128]},
            {"scale": 0.6, "background": [128, 128, 128], "rotate": 20.0},
            {"scale": 0.6, "background": [128, 128, 128], "rotate": -20.0}]
+A9 = [dict(view) for view in DEFAULT_CATALOG_VIEWS]  # A8 + the packshot framed as queries frame it
 # name -> (pooling, query-side overrides of the catalog settings, catalog views)
 CANDIDATES: dict[str, tuple[str, dict, list]] = {
     "before: average pooling, letterbox queries": ("avg", {}, []),
@@ -40,9 +44,9 @@ CANDIDATES: dict[str, tuple[str, dict, list]] = {
     "GeM, centre-crop queries": ("gem", CROP, []),
     "GeM, centre-crop queries, 3 catalog views": ("gem", CROP, A3),
     "GeM, centre-crop queries, 5 catalog views": ("gem", CROP, A5),
-    "GeM, centre-crop queries, 6 catalog views (5 + query-framed packshot): default": ("gem", CROP, A6),
     "GeM, centre-crop queries, 8 catalog views": ("gem", CROP, A8),
     "GeM, letterbox queries, 5 catalog views": ("gem", {}, A5),
+    "default: GeM, centre-crop queries, 9 catalog views (8 + the packshot as queries frame it)": ("gem", CROP, A9),
 }
 
 
@@ -52,7 +56,9 @@ def main() -> int:
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--simulate", type=int, default=1)
     parser.add_argument("--sample", type=int, default=200)
-    parser.add_argument("--only", nargs="*", default=None, help="names (substrings) of candidates to run")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="names (substrings) of candidates to run; their rows replace those of an earlier run")
+    parser.add_argument("--load-repeat", type=int, default=3, help="passes over the queries in the throughput run")
     parser.add_argument("--out", type=Path, default=ROOT / "results/eval_candidates")
     args = parser.parse_args()
 
@@ -66,8 +72,11 @@ def main() -> int:
 
     base = get_backbone("efficientnet_lite0")
     parity_images = [encode(image) for _, image in list(real_photos())[:8]]
-    rows = []
+    rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.only and (args.out / "candidates.json").exists():  # keep the other candidates' rows
+        rows = [r for r in json.loads((args.out / "candidates.json").read_text()) if r["candidate"] in CANDIDATES
+                and not any(s in r["candidate"] for s in args.only)]
     for name, (pooling, query, views) in CANDIDATES.items():
         if args.only and not any(s in name for s in args.only):
             continue
@@ -84,8 +93,8 @@ def main() -> int:
             with TritonServer(options, log_file=Path(work) / "tritonserver.log") as server:
                 server.wait_ready()
                 with LookalikeClient(options.grpc_url, timeout_s=120) as client:
-                    report = run_eval(EvalOptions(catalog=args.catalog, simulate=args.simulate, sample=args.sample),
-                                      repo, client)
+                    report = run_eval(EvalOptions(catalog=args.catalog, simulate=args.simulate, sample=args.sample,
+                                                  load_repeat=args.load_repeat), repo, client)
         slug = "".join(ch if ch.isalnum() else "_" for ch in name.split(":")[0])[:60]
         write_reports(report, args.out / slug, 40)
         served = report["served"]
@@ -105,6 +114,8 @@ def main() -> int:
             "images_per_s": (report["timing"]["throughput"] or {}).get("images_per_s"),
         })
         (args.out / "candidates.json").write_text(json.dumps(rows, indent=2) + "\n")
+    rows.sort(key=lambda r: list(CANDIDATES).index(r["candidate"]))
+    (args.out / "candidates.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["| candidate | recall@1 | recall@5 | MRR | category p@10 | worst frame | worst scale | p50 ms (c=1) | img/s (c=4) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

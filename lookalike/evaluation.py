@@ -178,6 +178,7 @@ class EvalOptions:
     seed: int = 0
     top_k: int = 10
     concurrency: int = 4  # clients of the throughput pass (0: skip it)
+    load_repeat: int = 1  # passes over the queries in the throughput pass
     failures: int = 40  # worst failures shown in failures.html
 
 
@@ -256,8 +257,8 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
 
     log(f"searching {len(queries)} queries through visual_search, one at a time")
     outcomes = [_search(client, query, options.top_k) for query in queries]
-    throughput = _throughput(client, [q.data for q in queries if q.data is not None and not q.error],
-                             options.concurrency, options.top_k) if options.concurrency > 0 else None
+    loadable = [q.data for q in queries if q.data is not None and not q.error] * max(1, options.load_repeat)
+    throughput = _throughput(client, loadable, options.concurrency, options.top_k) if options.concurrency > 0 else None
 
     log(f"restoring the index of the whole catalog ({len(good)} products)")
     full_version = publish_index(repository, build_index(good, vectors, manifest), client)

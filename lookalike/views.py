@@ -20,15 +20,18 @@ from PIL import Image, ImageFilter
 CANVAS = 448  # side of a rendered view; the catalog-side preprocessing then resizes it
 
 # The offline default embedder's views (README "Search quality"): the product at 60 % on grey, dark
-# and white, tilted 20 degrees either way, and the packshot as the query side's resize-256/crop-224
-# frames it (224 / 256 = 0.875), which keeps packshots and close re-shots of them, sent as queries,
-# finding themselves.
+# and white, at 40 % on grey, tilted 20 degrees either way large on white and at 60 % on grey, and
+# the packshot as the query side's resize-256/crop-224 frames it (224 / 256 = 0.875), which keeps
+# packshots and close re-shots of them, sent as queries, finding themselves. Ten vectors per product.
 DEFAULT_CATALOG_VIEWS: tuple[dict[str, Any], ...] = (
     {"scale": 0.6, "background": [128, 128, 128]},
     {"scale": 0.6, "background": [40, 40, 40]},
     {"scale": 0.6, "background": [255, 255, 255]},
     {"scale": 0.9, "background": [255, 255, 255], "rotate": 20.0},
     {"scale": 0.9, "background": [255, 255, 255], "rotate": -20.0},
+    {"scale": 0.4, "background": [128, 128, 128]},
+    {"scale": 0.6, "background": [128, 128, 128], "rotate": 20.0},
+    {"scale": 0.6, "background": [128, 128, 128], "rotate": -20.0},
     {"centre_crop": 0.875},
 )
 
