@@ -1,6 +1,8 @@
-"""Measure preprocessing choices on retrieval, in process: recall@1/@5 of re-shot copies (off-centre
-crop, rescale, relight, JPEG) of catalog images against the catalog, for the exported embedder under
-several preprocessing variants. The variant in preprocessing.json is the one to beat.
+"""Measure preprocessing choices on near-duplicates, in process: recall@1/@5 of re-shot copies
+(off-centre crop, rescale, relight, JPEG) of catalog images against the catalog, for the exported
+embedder under several preprocessing variants, each with its catalog side for the catalog (and its
+catalog views, when it has some) and its query side for the queries. The exported variant is the one
+to beat; shopper photos are `lookalike eval`'s job.
 
     .venv/bin/python loadtest/eval_preprocessing.py --catalog data/sample_catalog --queries 200
 """
@@ -19,10 +21,11 @@ import numpy as np
 from PIL import Image
 
 from lookalike.embedding import OnnxEmbedder
-from lookalike.preprocessing import ImageError, Preprocessor
+from lookalike.preprocessing import ImageError, Preprocessor, decode
 from lookalike.repository import Repository
 from lookalike.sample_data import encode, perturb
 from lookalike.search import Product, ProductIndex
+from lookalike.views import view_images
 
 
 def flatten(data: bytes) -> Image.Image:
@@ -44,14 +47,12 @@ def main() -> None:
     repo = Repository(args.model_repository)
     exported = repo.preprocessing()
     base = dataclasses.replace(exported.for_side("catalog"), catalog_views=[])
-    # The catalog is embedded with each variant's catalog side and the queries with its query side;
-    # the other variants use one setting on both sides. Catalog views are not embedded here.
     variants = {
-        "exported (catalog " + exported.resize_mode + ", query " + exported.for_side("query").resize_mode + ")":
-            dataclasses.replace(exported, catalog_views=[]),
-        "letterbox, grey pad": dataclasses.replace(base, resize_mode="letterbox", pad_rgb=(124, 116, 104)),
-        "resize 256 + centre crop 224": dataclasses.replace(base, resize_mode="crop", resize_size=256),
-        "bicubic": dataclasses.replace(base, interpolation="bicubic"),
+        "exported (letterbox catalog + views, crop queries)"
+        if exported.catalog_views else "exported": exported,
+        "exported without catalog views": dataclasses.replace(exported, catalog_views=[]),
+        "letterbox both sides, no views": base,
+        "resize 256 + centre crop 224 both sides, no views": dataclasses.replace(base, resize_mode="crop", resize_size=256),
     }
     embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
     with open(args.catalog / "catalog.csv") as handle:
@@ -70,20 +71,22 @@ def main() -> None:
     for name, config in variants.items():
         pre = Preprocessor(config.for_side("catalog"))
         query_pre = Preprocessor(config.for_side("query"))
-        ids, vectors = [], []
+        views = config.views()
+        ids, blocks = [], []
         for pid, blob in data.items():
             try:
-                vectors.append(embedder(pre(blob)[None])[0])
+                images = [blob, *view_images(decode(blob, pre.config, pre.limits), views)] if views else [blob]
+                blocks.append(embedder(pre.batch(images)))
                 ids.append(pid)
             except ImageError:
                 continue
-        index = ProductIndex.build([Product(i) for i in ids], np.stack(vectors))
+        index = ProductIndex.build([Product(i) for i in ids], np.concatenate(blocks), vectors=[len(b) for b in blocks])
         qids = [q for q in queries if q in set(ids)]
         found, _ = index.search(embedder(query_pre.batch([queries[q] for q in qids])), 5)
         r1 = float(np.mean([f[0] == q for f, q in zip(found, qids)]))
         r5 = float(np.mean([q in f for f, q in zip(found, qids)]))
         results[name] = {"recall@1": r1, "recall@5": r5, "queries": len(qids), "catalog": len(ids)}
-        print(f"{name:<32} recall@1 {r1:.3f}  recall@5 {r5:.3f}  ({len(qids)} queries, {len(ids)} products)")
+        print(f"{name:<52} recall@1 {r1:.3f}  recall@5 {r5:.3f}  ({len(qids)} queries, {len(ids)} products)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 

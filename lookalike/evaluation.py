@@ -201,10 +201,16 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
     by_id = {item.product_id: item for item in good}
     categories = {item.product_id: item.category for item in good}
 
+    queries: list[Query] = read_queries(options.queries_csv) if options.queries_csv is not None else []
+    for query in queries:  # a photo of a product the server cannot have indexed is a miss with a reason
+        if not query.error and query.product_id not in by_id:
+            query.error = f"product id {query.product_id!r} is not among the catalog's indexed products"
+    wanted = {query.product_id for query in queries}
+
     rng = random.Random(options.seed)
     per_category: dict[str, list[str]] = defaultdict(list)
     for item in good:
-        if item.category:
+        if item.category and item.product_id not in wanted:  # real photos' products stay indexed
             per_category[item.category].append(item.product_id)
     left_out: set[str] = set()
     for category, ids in sorted(per_category.items()):
@@ -232,10 +238,7 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
         if item.product_id in simulate_ids:
             packshots[item.product_id] = image
 
-    queries: list[Query] = []
     background_info: dict[str, Any] = {}
-    if options.queries_csv is not None:
-        queries += read_queries(options.queries_csv)
     if options.simulate > 0:
         backgrounds = background_photos()
         kept, dropped = exclude_lookalikes(backgrounds, signatures)

@@ -211,8 +211,9 @@ class ShopperSimulator:
             raise ValueError("no background photos: install mate-backgrounds, or pass photos")
         self.backgrounds = list(backgrounds)
 
-    def _background(self, size: tuple[int, int], rng: random.Random) -> tuple[str, Image.Image]:
-        name, photo = rng.choice(self.backgrounds)
+    def _background(self, size: tuple[int, int], rng: random.Random) -> tuple[int, Image.Image]:
+        which = rng.randrange(len(self.backgrounds))
+        _, photo = self.backgrounds[which]
         w, h = size
         aspect = w / h
         pw, ph = photo.size
@@ -226,13 +227,13 @@ class ShopperSimulator:
         region = region.resize(size, Image.Resampling.BILINEAR)
         if rng.random() < 0.6:  # the background out of focus
             region = region.filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 6.0)))
-        return name, region
+        return which, region
 
     def photo(self, product: Image.Image, frame: str, size: tuple[int, int], rng: random.Random,
               scale: str, rotation: str, occlusion: str) -> tuple[Image.Image, tuple[int, int, int, int], dict]:
         """The product placed in a photo of `size`; returns the photo, the product's box and parameters."""
         params: dict[str, float] = {}
-        name, canvas_rgb = self._background(size, rng)
+        background, canvas_rgb = self._background(size, rng)
         canvas = canvas_rgb.convert("RGBA")
         W, H = size
         lo, hi = ROTATIONS[rotation]
@@ -261,7 +262,7 @@ class ShopperSimulator:
         elif occlusion == "sticker":
             params["covered"] = _sticker(canvas, product_box, rng)
         params.update(angle=angle, tilt=tilt, extent=max(pw / W, ph / H))
-        params["background"] = self.backgrounds.index(next(b for b in self.backgrounds if b[0] == name))
+        params["background"] = background
         return canvas.convert("RGB"), product_box, params
 
     def __call__(self, packshot: Image.Image, seed: int, *, frame: str | None = None, scale: str | None = None,
@@ -359,14 +360,3 @@ def _camera(image: Image.Image, rng: random.Random, *, screenshot: bool) -> Imag
         array = np.asarray(image, dtype=np.float32) + noise
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
     return image
-
-
-def simulate_many(packshots: Sequence[tuple[str, Image.Image]], per_product: int, simulator: ShopperSimulator,
-                  seed: int = 0) -> list[tuple[str, ShopperPhoto]]:
-    """`per_product` photos of each (product_id, packshot), seeded by (seed, position, n)."""
-    out = []
-    for i, (product_id, packshot) in enumerate(packshots):
-        for n in range(per_product):
-            out.append((product_id, simulator(packshot, seed=(seed * 1_000_003 + i) * 97 + n)))
-    return out
-

@@ -43,8 +43,9 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
     product_id, image = first[0], first[1]
     (queries / "good.jpg").write_bytes((catalog / image).read_bytes())
     (queries / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (queries / "stranger.jpg").write_bytes((catalog / image).read_bytes())
     (queries / "q.csv").write_text(f"image,product_id\ngood.jpg,{product_id}\nmissing.jpg,{product_id}\n"
-                                   f"corrupt.jpg,{product_id}\n")
+                                   f"corrupt.jpg,{product_id}\nstranger.jpg,not-in-the-catalog\n")
     out = tmp_path / "eval"
     before = server.index_report.products
     code = main(["eval", str(catalog / "catalog.csv"), "--queries", str(queries / "q.csv"), "--simulate", "1",
@@ -55,20 +56,22 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
     served = report["served"]
     left_out = report["products"]["left_out"]
     assert left_out and report["products"]["indexed"] == report["products"]["embedded"] - len(left_out)
-    # 3 real photos (2 of them unusable) + 6 simulated ones: every one counted
-    assert served["overall"]["queries"] == 9
-    assert served["by_source"]["photo"]["queries"] == 3
+    # 4 real photos (3 of them unusable) + 6 simulated ones: every one counted
+    assert served["overall"]["queries"] == 10
+    assert served["by_source"]["photo"]["queries"] == 4
     failed = {f["query"].split("/")[-1].split(" ")[-1]: f["error"] for f in served["failed"]}
-    assert set(failed) == {"missing.jpg", "corrupt.jpg"}
+    assert set(failed) == {"missing.jpg", "corrupt.jpg", "stranger.jpg"}
     assert "cannot read" in failed["missing.jpg"] and "InvalidRequestError" in failed["corrupt.jpg"]
-    assert served["overall"]["recall@10"] is not None and served["overall"]["recall@10"] <= 7 / 9
+    assert "not among the catalog" in failed["stranger.jpg"]
+    assert product_id not in left_out  # a real photo's product is never left out of the index
+    assert served["overall"]["recall@10"] is not None and served["overall"]["recall@10"] <= 7 / 10
     assert set(served["breakdown"]) == {"frame", "scale", "occlusion", "rotation"}
     assert served["category_relevance_left_out"]["queries"] == len(left_out)
-    assert report["colour_histogram_baseline"]["overall"]["queries"] == 9
-    assert report["timing"]["latency_ms_concurrency_1"]["samples"] == 7
+    assert report["colour_histogram_baseline"]["overall"]["queries"] == 10
+    assert report["timing"]["latency_ms_concurrency_1"]["samples"] == 8
     assert report["backgrounds"]["used"]
     markdown = (out / "eval.md").read_text()
-    assert "| served `visual_search` | 9 |" in markdown and "**By frame**" in markdown
+    assert "| served `visual_search` | 10 |" in markdown and "**By frame**" in markdown
     assert "missing.jpg" in markdown
     assert (out / "failures.html").read_text().count("<section>") >= 2
     # afterwards the server serves the whole catalog again
