@@ -36,7 +36,7 @@ A5 = [{"scale": 0.6, "background": [128, 128, 128]},
 A8 = A5 + [{"scale": 0.4, "background": [128, 128, 128]},
            {"scale": 0.6, "background": [128, 128, 128], "rotate": 20.0},
            {"scale": 0.6, "background": [128, 128, 128], "rotate": -20.0}]
-A9 = [dict(view) for view in DEFAULT_CATALOG_VIEWS]  # A8 + the packshot framed as queries frame it
+A9 = [dict(view) for view in DEFAULT_CATALOG_VIEWS]  # A8 + the packshot exactly as queries are framed
 # name -> (pooling, query-side overrides of the catalog settings, catalog views)
 CANDIDATES: dict[str, tuple[str, dict, list]] = {
     "before: average pooling, letterbox queries": ("avg", {}, []),

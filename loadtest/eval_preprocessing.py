@@ -21,11 +21,10 @@ import numpy as np
 from PIL import Image
 
 from lookalike.embedding import OnnxEmbedder
-from lookalike.preprocessing import ImageError, Preprocessor, decode
+from lookalike.preprocessing import ImageError, Preprocessor
 from lookalike.repository import Repository
 from lookalike.sample_data import encode, perturb
 from lookalike.search import Product, ProductIndex
-from lookalike.views import view_images
 
 
 def flatten(data: bytes) -> Image.Image:
@@ -71,11 +70,10 @@ def main() -> None:
     for name, config in variants.items():
         pre = Preprocessor(config.for_side("catalog"))
         query_pre = Preprocessor(config.for_side("query"))
-        views = config.views()
         ids, blocks = [], []
         for pid, blob in data.items():
             try:
-                images = [blob, *view_images(decode(blob, pre.config, pre.limits), views)] if views else [blob]
+                images = [blob, *config.render_views(blob, pre.limits)]
                 blocks.append(embedder(pre.batch(images)))
                 ids.append(pid)
             except ImageError:

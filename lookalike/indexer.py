@@ -19,11 +19,10 @@ import numpy as np
 from lookalike_client import InvalidRequestError, LookalikeClient
 
 from .catalog import CatalogItem, Problem, read_catalog
-from .preprocessing import ImageError, ImageLimits, PreprocessConfig, decode
+from .preprocessing import ImageError, ImageLimits, PreprocessConfig
 from .publishing import clean_stale_staging, publish_index
 from .repository import Repository
 from .search import Product, ProductIndex
-from .views import CatalogView, view_images
 
 
 @dataclass
@@ -46,14 +45,13 @@ def _read(item: CatalogItem, max_bytes: int) -> bytes | Problem:
         return Problem(item.where, f"cannot read {item.image}: {exc.strerror or exc}")
 
 
-def _with_views(data: bytes, views: Sequence[CatalogView], config: PreprocessConfig | None,
-                limits: ImageLimits) -> list[bytes]:
+def _with_views(data: bytes, config: PreprocessConfig | None, limits: ImageLimits) -> list[bytes]:
     """The packshot's bytes, then its catalog views rendered here (the server embeds them all). A
     packshot that does not decode here is sent alone: the server refuses it with its own reason."""
-    if not views or config is None:
+    if config is None or not config.catalog_views:
         return [data]
     try:
-        return [data, *view_images(decode(data, config, limits), views)]
+        return [data, *config.render_views(data, limits)]
     except ImageError:
         return [data]
 
@@ -66,12 +64,11 @@ def embed_items(
     concurrency: int = 4,
     progress: bool = True,
     max_bytes: int = ImageLimits().max_bytes,
-    views: Sequence[CatalogView] = (),
     config: PreprocessConfig | None = None,
 ) -> tuple[list[CatalogItem], list[np.ndarray], list[Problem]]:
-    """Returns the items that embedded, each one's [1 + len(views), D] embeddings (its packshot, then
-    its catalog views, rendered with the catalog-side `config`), and the problems of the rest. Files
-    over `max_bytes` (the server's limit) are reported without being read."""
+    """Returns the items that embedded, each one's [1 + views, D] embeddings (its packshot, then the
+    catalog views of the preprocessing `config`, none without one), and the problems of the rest.
+    Files over `max_bytes` (the server's limit) are reported without being read."""
     limits = ImageLimits(max_bytes=max_bytes)
     groups = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
@@ -84,7 +81,7 @@ def embed_items(
         out: list[tuple[CatalogItem, np.ndarray | Problem]] = [
             (item, d) for item, d in zip(group, data) if isinstance(d, Problem)
         ]
-        readable = [(item, _with_views(d, views, config, limits)) for item, d in zip(group, data) if isinstance(d, bytes)]
+        readable = [(item, _with_views(d, config, limits)) for item, d in zip(group, data) if isinstance(d, bytes)]
         if not readable:
             return out
         try:
@@ -140,10 +137,9 @@ def index_catalog(
     clean_stale_staging(repository, log=lambda m: print(f"lookalike index: {m}", file=sys.stderr))
     items, problems = read_catalog(catalog)
     client.wait_until_ready(timeout_s=120.0, model="embed_image")
-    config = repository.preprocessing().for_side("catalog")
     good, vectors, embed_problems = embed_items(
         client, items, batch_size=batch_size, concurrency=concurrency, progress=progress,
-        max_bytes=repository.image_limits().max_bytes, views=config.views(), config=config,
+        max_bytes=repository.image_limits().max_bytes, config=repository.preprocessing(),
     )
     problems += embed_problems
     index = build_index(good, vectors, manifest, factory=factory)

@@ -24,7 +24,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
-from .views import CatalogView
+from .views import CatalogView, view_images
 
 # A truncated file is an error, never a silently half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -154,6 +154,18 @@ class PreprocessConfig:
 
     def views(self) -> list[CatalogView]:
         return [CatalogView.from_dict(view) for view in self.catalog_views]
+
+    def render_views(self, data: bytes, limits: "ImageLimits") -> list[bytes]:
+        """PNG bytes of the catalog views of one packshot (`catalog_views`), each to be embedded with
+        the catalog-side settings like the packshot itself. Raises ImageError if it does not decode."""
+        views = self.views()
+        if not views:
+            return []
+        catalog, query = self.for_side("catalog"), self.for_side("query")
+        framed = None
+        if any(view.as_query for view in views):  # decoded as preprocess_query would, pixel for pixel
+            framed = resize(decode(data, query, limits), query)
+        return view_images(decode(data, catalog, limits), views, framed)
 
     def for_side(self, side: str) -> "PreprocessConfig":
         """The settings of one side: "catalog" (the top-level settings) or "query" (with `query` applied)."""

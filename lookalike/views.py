@@ -21,8 +21,8 @@ CANVAS = 448  # side of a rendered view; the catalog-side preprocessing then res
 
 # The offline default embedder's views (README "Search quality"): the product at 60 % on grey, dark
 # and white, at 40 % on grey, tilted 20 degrees either way large on white and at 60 % on grey, and
-# the packshot as the query side's resize-256/crop-224 frames it (224 / 256 = 0.875), which keeps
-# packshots and close re-shots of them, sent as queries, finding themselves. Ten vectors per product.
+# the packshot exactly as the query side frames a photo, which keeps packshots and close re-shots of
+# them, sent as queries, finding themselves. Ten vectors per product.
 DEFAULT_CATALOG_VIEWS: tuple[dict[str, Any], ...] = (
     {"scale": 0.6, "background": [128, 128, 128]},
     {"scale": 0.6, "background": [40, 40, 40]},
@@ -32,28 +32,25 @@ DEFAULT_CATALOG_VIEWS: tuple[dict[str, Any], ...] = (
     {"scale": 0.4, "background": [128, 128, 128]},
     {"scale": 0.6, "background": [128, 128, 128], "rotate": 20.0},
     {"scale": 0.6, "background": [128, 128, 128], "rotate": -20.0},
-    {"centre_crop": 0.875},
+    {"as_query": True},
 )
 
 
 @dataclass(frozen=True)
 class CatalogView:
     """The cut-out product at `scale` of the canvas, rotated by `rotate` degrees, on `background`; or,
-    with `centre_crop`, the packshot's own centre square of that share of its shorter side (how
-    centre-cropped queries frame it, so that a packshot or a close re-shot of it sent as a query meets
-    itself)."""
+    with `as_query`, the packshot's pixels exactly as the query side of the preprocessing frames a
+    photo (a centre crop by default), so that a packshot or a close re-shot of it, sent as a query,
+    meets itself."""
 
     scale: float = 1.0  # the product's longer side as a share of the canvas side
     background: tuple[int, int, int] = (255, 255, 255)
     rotate: float = 0.0  # degrees, counter-clockwise
-    centre_crop: float | None = None
+    as_query: bool = False
 
     def __post_init__(self) -> None:
-        if self.centre_crop is not None:
-            if not 0.1 <= self.centre_crop <= 1.0:
-                raise ValueError(f"catalog view centre_crop must be in 0.1..1, got {self.centre_crop}")
-            if (self.scale, self.background, self.rotate) != (1.0, (255, 255, 255), 0.0):
-                raise ValueError("a centre_crop catalog view takes no scale, background or rotate")
+        if self.as_query and (self.scale, self.background, self.rotate) != (1.0, (255, 255, 255), 0.0):
+            raise ValueError("an as_query catalog view takes no scale, background or rotate")
         if not 0.05 <= self.scale <= 1.0:
             raise ValueError(f"catalog view scale must be in 0.05..1, got {self.scale}")
         if len(self.background) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in self.background):
@@ -63,7 +60,7 @@ class CatalogView:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CatalogView":
-        unknown = set(data) - {"scale", "background", "rotate", "centre_crop"}
+        unknown = set(data) - {"scale", "background", "rotate", "as_query"}
         if unknown:
             raise ValueError(f"unknown catalog view keys: {sorted(unknown)}")
         values = dict(data)
@@ -112,26 +109,22 @@ def render(product: Image.Image, view: CatalogView, size: int = CANVAS) -> Image
     return canvas.convert("RGB")
 
 
-def view_images(packshot: Image.Image, views: Sequence[CatalogView], max_side: int = 1024) -> list[bytes]:
+def view_images(packshot: Image.Image, views: Sequence[CatalogView], as_query: Image.Image | None = None,
+                max_side: int = 1024) -> list[bytes]:
     """PNG bytes of each view of a decoded packshot (upright RGB, transparency over white is fine: a
-    white packshot background is cut away either way)."""
+    white packshot background is cut away either way). `as_query` is the packshot as the query side
+    framed it (lookalike.preprocessing.resize), needed when a view is `as_query`."""
     if not views:
         return []
     image = packshot.copy()
     image.thumbnail((max_side, max_side))
-    product = cutout(image) if any(view.centre_crop is None for view in views) else image
+    product = cutout(image) if any(not view.as_query for view in views) else image
     out = []
     for view in views:
+        if view.as_query and as_query is None:
+            raise ValueError("an as_query view needs the packshot as the query side frames it")
+        picture = as_query if view.as_query else render(product, view)
         buffer = io.BytesIO()
-        picture = centre_square(image, view.centre_crop) if view.centre_crop is not None else render(product, view)
-        picture.save(buffer, format="PNG", compress_level=1)
+        picture.save(buffer, format="PNG", compress_level=1)  # type: ignore[union-attr]
         out.append(buffer.getvalue())
     return out
-
-
-def centre_square(image: Image.Image, share: float) -> Image.Image:
-    """The centre square of `share` of the shorter side, as torchvision's CenterCrop places it."""
-    w, h = image.size
-    side = max(1, round(min(w, h) * share))
-    left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))
-    return image.crop((left, top, left + side, top + side))

@@ -48,7 +48,7 @@ def test_catalog_image_finds_itself(client, catalog, server):
     for row in rows:
         matches = client.search(catalog / row["image"], top_k=5)
         assert matches[0].product_id == row["product_id"], (row, matches[:2])
-        assert matches[0].score > 0.99
+        assert matches[0].score > 0.9999  # it meets its own as_query catalog view
         assert [m.rank for m in matches] == [1, 2, 3, 4, 5]
         assert all(a.score >= b.score for a, b in zip(matches, matches[1:]))
 

@@ -58,15 +58,20 @@ def test_each_product_gets_its_packshot_then_its_views_and_a_bad_file_costs_only
     import numpy as np
     import pytest
 
-    from lookalike.views import CatalogView
     from tests.conftest import encode
 
+    from lookalike.preprocessing import Preprocessor
     from tests.conftest import REPOSITORY
 
     if not (REPOSITORY / "embedder" / "manifest.json").exists():
         pytest.skip("no exported embedder: run `make export` (make test does)")
+    import dataclasses
+
+    from lookalike.repository import Repository
+
     client = InProcess()
-    views = [CatalogView(0.6, (128, 128, 128)), CatalogView(0.9, (255, 255, 255), 20.0)]
+    config = dataclasses.replace(Repository(REPOSITORY).preprocessing(),
+                                 catalog_views=[{"scale": 0.6, "background": [128, 128, 128]}, {"as_query": True}])
     items = []
     for i, (_, photo) in enumerate(photos[:5]):
         path = tmp_path / f"p{i}.png"
@@ -75,7 +80,7 @@ def test_each_product_gets_its_packshot_then_its_views_and_a_bad_file_costs_only
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     items.insert(2, CatalogItem("bad", tmp_path / "bad.png", "", "catalog.csv:9"))
     good, vectors, problems = embed_items(client, items, batch_size=4, concurrency=1, progress=False,
-                                          views=views, config=client.config)
+                                          config=config)
     assert [item.product_id for item in good] == ["p0", "p1", "p2", "p3", "p4"]
     assert all(block.shape == (3, client.embedder.dim) for block in vectors)
     assert max(client.requests) <= 4  # requests never exceed the batch size, views included
@@ -84,3 +89,5 @@ def test_each_product_gets_its_packshot_then_its_views_and_a_bad_file_costs_only
     first = client.embedder(client.pre.batch([items[0].image.read_bytes()]))[0]
     np.testing.assert_allclose(vectors[0][0], first, atol=1e-5)  # the packshot itself comes first
     assert float(vectors[0][0] @ vectors[0][1]) < 0.99  # a view is another picture of it
+    query = client.embedder(Preprocessor(config.for_side("query")).batch([items[0].image.read_bytes()]))[0]
+    assert float(vectors[0][2] @ query) > 0.9999  # the as_query view is what a query of it gets

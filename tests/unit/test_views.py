@@ -23,33 +23,31 @@ def test_view_data_is_validated():
         with pytest.raises(ValueError, match=message):
             CatalogView.from_dict(bad)
     assert [CatalogView.from_dict(v) for v in DEFAULT_CATALOG_VIEWS]
-    assert CatalogView.from_dict({"centre_crop": 0.875}) == CatalogView(centre_crop=0.875)
-    with pytest.raises(ValueError, match="centre_crop"):
-        CatalogView.from_dict({"centre_crop": 0.875, "scale": 0.5})
-    with pytest.raises(ValueError, match="centre_crop"):
-        CatalogView.from_dict({"centre_crop": 1.5})
+    assert CatalogView.from_dict({"as_query": True}) == CatalogView(as_query=True)
+    with pytest.raises(ValueError, match="as_query"):
+        CatalogView.from_dict({"as_query": True, "scale": 0.5})
 
 
-def test_centre_crop_view_is_the_packshot_as_a_centre_cropped_query_frames_it():
-    """resize-256/centre-crop-224 of a query sees the centre 224/256 of the shorter side."""
-    from lookalike.preprocessing import PreprocessConfig, Preprocessor
+def test_as_query_view_is_the_packshot_exactly_as_preprocess_query_frames_it():
+    """Indexed with the catalog side, the as_query view gives the very pixels a query of the same
+    packshot gets: the packshot sent as a query meets itself with cosine 1."""
+    from lookalike.preprocessing import ImageLimits, PreprocessConfig, Preprocessor
 
-    from PIL import ImageFilter
-
-    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
-    image = noise.filter(ImageFilter.GaussianBlur(6))  # photo-like: smooth at the scale of a pixel
-    (data,) = view_images(image, [CatalogView(centre_crop=0.875)])
-    with Image.open(io.BytesIO(data)) as square:
-        assert square.size == (262, 262)  # round(300 * 0.875)
-        catalog = PreprocessConfig(height=224, width=224, resize_mode="letterbox", interpolation="bilinear",
-                                   mean=(0.5,) * 3, std=(0.5,) * 3)
-        as_indexed = Preprocessor(catalog).normalise(square.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
-    query = PreprocessConfig(height=224, width=224, resize_mode="crop", resize_size=256, interpolation="bilinear",
-                             mean=(0.5,) * 3, std=(0.5,) * 3)
-    from lookalike.preprocessing import resize
-
-    as_queried = Preprocessor(query).normalise(resize(image, query))
-    assert np.abs(as_indexed - as_queried).mean() < 0.05  # the same picture, resampled in another order
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    packshot = buffer.getvalue()
+    config = PreprocessConfig(height=224, width=224, resize_mode="letterbox", interpolation="bilinear",
+                              mean=(0.5,) * 3, std=(0.5,) * 3, query={"resize_mode": "crop", "resize_size": 256},
+                              catalog_views=[{"scale": 0.6, "background": [128, 128, 128]}, {"as_query": True}])
+    grey, framed = config.render_views(packshot, ImageLimits())
+    with Image.open(io.BytesIO(grey)) as view:
+        assert view.size == (CANVAS, CANVAS)
+    indexed = Preprocessor(config.for_side("catalog"))(framed)
+    queried = Preprocessor(config.for_side("query"))(packshot)
+    np.testing.assert_array_equal(indexed, queried)
+    with pytest.raises(ValueError, match="as_query"):
+        view_images(image, [CatalogView(as_query=True)])
 
 
 def test_render_places_the_product_at_its_scale_on_the_background():
@@ -70,12 +68,13 @@ def test_render_places_the_product_at_its_scale_on_the_background():
 
 def test_view_images_are_pngs_one_per_view():
     views = [CatalogView.from_dict(v) for v in DEFAULT_CATALOG_VIEWS]
-    images = view_images(packshot(), views)
+    framed = packshot().resize((224, 224))
+    images = view_images(packshot(), views, framed)
     assert len(images) == len(views)
     for view, data in zip(views, images):
         with Image.open(io.BytesIO(data)) as image:
             assert image.format == "PNG"
-            assert image.size == ((CANVAS, CANVAS) if view.centre_crop is None else (175, 175))  # 200 * 0.875
+            assert image.size == ((224, 224) if view.as_query else (CANVAS, CANVAS))
     assert view_images(packshot(), []) == []
 
 
