@@ -258,13 +258,14 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
     manifest = repository.manifest()
     eval_version = publish_index(repository, build_index(indexed, indexed_vectors, manifest), client)
 
-    log(f"searching {len(queries)} queries through visual_search, one at a time")
-    outcomes = [_search(client, query, options.top_k) for query in queries]
-    loadable = [q.data for q in queries if q.data is not None and not q.error] * max(1, options.load_repeat)
-    throughput = _throughput(client, loadable, options.concurrency, options.top_k) if options.concurrency > 0 else None
-
-    log(f"restoring the index of the whole catalog ({len(good)} products)")
-    full_version = publish_index(repository, build_index(good, vectors, manifest), client)
+    try:
+        log(f"searching {len(queries)} queries through visual_search, one at a time")
+        outcomes = [_search(client, query, options.top_k) for query in queries]
+        loadable = [q.data for q in queries if q.data is not None and not q.error] * max(1, options.load_repeat)
+        throughput = _throughput(client, loadable, options.concurrency, options.top_k) if options.concurrency > 0 else None
+    finally:  # whatever happened, the server is left with the whole catalog
+        log(f"restoring the index of the whole catalog ({len(good)} products)")
+        full_version = publish_index(repository, build_index(good, vectors, manifest), client)
 
     # the colour-histogram baseline on the same queries and the same indexed products
     hist_index = ProductIndex.build([Product(i) for i in hist_ids], np.stack(hist_vectors)) if hist_vectors else None
