@@ -196,7 +196,7 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
     log(f"embedding {len(items)} catalog images through embed_image")
     catalog_side = config.for_side("catalog")
     good, vectors, embed_problems = embed_items(client, items, progress=False, max_bytes=limits.max_bytes,
-                                                config=config)
+                                                config=config, limits=limits)
     problems += embed_problems
     by_id = {item.product_id: item for item in good}
     categories = {item.product_id: item.category for item in good}

@@ -65,11 +65,13 @@ def embed_items(
     progress: bool = True,
     max_bytes: int = ImageLimits().max_bytes,
     config: PreprocessConfig | None = None,
+    limits: ImageLimits | None = None,
 ) -> tuple[list[CatalogItem], list[np.ndarray], list[Problem]]:
     """Returns the items that embedded, each one's [1 + views, D] embeddings (its packshot, then the
     catalog views of the preprocessing `config`, none without one), and the problems of the rest.
-    Files over `max_bytes` (the server's limit) are reported without being read."""
-    limits = ImageLimits(max_bytes=max_bytes)
+    Files over `max_bytes` (the server's limit) are reported without being read; `limits` (the
+    server's) bound the local decode that renders the views."""
+    limits = limits or ImageLimits(max_bytes=max_bytes)
     groups = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
     def embed_all(images: list[bytes]) -> np.ndarray:
@@ -137,9 +139,10 @@ def index_catalog(
     clean_stale_staging(repository, log=lambda m: print(f"lookalike index: {m}", file=sys.stderr))
     items, problems = read_catalog(catalog)
     client.wait_until_ready(timeout_s=120.0, model="embed_image")
+    limits = repository.image_limits()
     good, vectors, embed_problems = embed_items(
         client, items, batch_size=batch_size, concurrency=concurrency, progress=progress,
-        max_bytes=repository.image_limits().max_bytes, config=repository.preprocessing(),
+        max_bytes=limits.max_bytes, config=repository.preprocessing(), limits=limits,
     )
     problems += embed_problems
     index = build_index(good, vectors, manifest, factory=factory)
