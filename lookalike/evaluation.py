@@ -15,7 +15,6 @@ refuses is a miss, listed with its reason; it is never dropped from the counts.
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -24,7 +23,6 @@ import random
 import statistics
 import sys
 import time
-import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from .catalog import CatalogItem, read_catalog
 from .indexer import build_index, embed_items
 from .preprocessing import ImageError, ImageLimits, decode
 from .publishing import publish_index
+from .report import figure, thumbnail_uri
 from .repository import Repository
 from .search import Product, ProductIndex
 from .shopper import DIMENSIONS, ShopperSimulator, background_photos, exclude_lookalikes, signature
@@ -150,22 +149,6 @@ def _packshot(item: CatalogItem, limits: ImageLimits, config) -> Image.Image | N
         return None
     image.thumbnail((PACKSHOT_MAX_SIDE, PACKSHOT_MAX_SIDE))
     return image
-
-
-def _jpeg_thumbnail(data: bytes | Image.Image | None, size: int = 150) -> str | None:
-    if data is None:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-            image = image.convert("RGB")
-            image.thumbnail((size, size))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80)
-    except Exception:  # a thumbnail is a nicety: never fail the report for it
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @dataclass
@@ -425,19 +408,15 @@ def render_failures_html(report: dict, limit: int) -> str:
     def product(pid: str) -> str | None:
         if pid not in thumbs:
             item = by_id.get(pid)
-            thumbs[pid] = _jpeg_thumbnail(item.image.read_bytes()) if item else None
+            thumbs[pid] = thumbnail_uri(item.image, 150) if item else None
         return thumbs[pid]
-
-    def figure(uri: str | None, caption: str, cls: str = "") -> str:
-        img = f'<img src="{uri}" alt="">' if uri else '<div class="missing">no image</div>'
-        return f'<figure class="{cls}">{img}<figcaption>{caption}</figcaption></figure>'
 
     rows = []
     for o in outcomes[:limit]:
         q = o.query
         rank = o.rank()
         tags = ", ".join(f"{k} {v}" for k, v in q.tags.items())
-        head = figure(_jpeg_thumbnail(q.data), f"<b>query</b> {html.escape(q.name)}<br>{html.escape(tags)}", "query")
+        head = figure(thumbnail_uri(q.data, 150), f"<b>query</b> {html.escape(q.name)}<br>{html.escape(tags)}", "query")
         want = figure(product(q.product_id), f"<b>wanted</b> {html.escape(q.product_id)}<br>"
                       + (f"rank {rank}" if rank else "not in top results"), "wanted")
         error = o.error or q.error

@@ -13,11 +13,13 @@ from PIL import Image
 from .search import Product
 
 
-def thumbnail_uri(path: str | Path | None, size: int = 160) -> str | None:
-    if not path:
+def thumbnail_uri(source: str | Path | bytes | None, size: int = 160) -> str | None:
+    """A JPEG data URI of an image file or encoded bytes (first frame, transparency over white), or
+    None when it cannot be read: a thumbnail never fails a page."""
+    if not source:
         return None
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.seek(0)
             image = image.convert("RGBA")
             canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -26,21 +28,22 @@ def thumbnail_uri(path: str | Path | None, size: int = 160) -> str | None:
             canvas.thumbnail((size, size))
             buffer = io.BytesIO()
             canvas.save(buffer, format="JPEG", quality=85)
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _figure(uri: str | None, caption: str) -> str:
+def figure(uri: str | None, caption: str, cls: str = "") -> str:
     img = f'<img src="{uri}" alt="">' if uri else '<div class="missing">no image</div>'
-    return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
+    attribute = f' class="{cls}"' if cls else ""
+    return f"<figure{attribute}>{img}<figcaption>{caption}</figcaption></figure>"
 
 
 def render(queries: Sequence[tuple[str, Sequence[tuple[int, str, float]] | str]], products: dict[str, Product]) -> str:
     """queries: (query image path, [(rank, product id, score)] or an error message)."""
     sections = []
     for query, results in queries:
-        head = _figure(thumbnail_uri(query), f"<b>query</b><br>{html.escape(Path(query).name)}")
+        head = figure(thumbnail_uri(query), f"<b>query</b><br>{html.escape(Path(query).name)}")
         if isinstance(results, str):
             body = f'<p class="error">{html.escape(results)}</p>'
         else:
@@ -50,7 +53,7 @@ def render(queries: Sequence[tuple[str, Sequence[tuple[int, str, float]] | str]]
                 caption = f"#{rank} {html.escape(product_id)}<br>{score:.3f}"
                 if product and product.category:
                     caption += f" · {html.escape(product.category)}"
-                cells.append(_figure(thumbnail_uri(product.image if product else None), caption))
+                cells.append(figure(thumbnail_uri(product.image if product else None), caption))
             body = "".join(cells) or "<p>no results (empty catalog?)</p>"
         sections.append(f'<section><div class="query">{head}</div><div class="results">{body}</div></section>')
     return f"""<!doctype html>

@@ -63,3 +63,17 @@ def test_read_queries_keeps_unreadable_rows_as_failures(tmp_path):
     (tmp_path / "bad.csv").write_text("file,id\nx,y\n")
     with pytest.raises(ValueError, match="image,product_id"):
         read_queries(tmp_path / "bad.csv")
+
+
+def test_thumbnails_from_bytes_or_files_never_fail_the_page(tmp_path):
+    from lookalike.report import figure, thumbnail_uri
+
+    buffer = io.BytesIO()
+    Image.new("RGBA", (300, 100), (255, 0, 0, 128)).save(buffer, format="PNG")
+    (tmp_path / "a.png").write_bytes(buffer.getvalue())
+    for source in (buffer.getvalue(), tmp_path / "a.png"):
+        uri = thumbnail_uri(source, 150)
+        assert uri is not None and uri.startswith("data:image/jpeg;base64,")
+    assert thumbnail_uri(b"not an image") is None and thumbnail_uri(tmp_path / "missing.png") is None
+    assert thumbnail_uri(None) is None
+    assert figure(None, "x", "query") == '<figure class="query"><div class="missing">no image</div><figcaption>x</figcaption></figure>'
