@@ -62,7 +62,7 @@ def query_image(catalog: Path) -> bytes:
     return next(iter(sorted((catalog / "images").glob("*/*.png")))).read_bytes()
 
 
-@pytest.mark.parametrize("model", ["preprocess", "embedder", "product_search"])
+@pytest.mark.parametrize("model", ["preprocess", "preprocess_query", "embedder", "product_search"])
 def test_a_killed_model_process_is_replaced_and_readiness_tells_the_truth(serve, catalog, model):
     run = kill_and_recover(serve, model, [query_image(catalog)])
     print(f"\n{model}: /ready 503 after {run['detected_s']:.2f} s, 200 again after {run['ready_s']:.2f} s; "
