@@ -10,6 +10,7 @@ from .errors import (
     ServerError,
     ServerUnavailableError,
 )
+from .waiting import wait_for
 
 __all__ = [
     "LookalikeClient",
@@ -22,5 +23,6 @@ __all__ = [
     "RequestTimeoutError",
     "ServerError",
     "ServerUnavailableError",
+    "wait_for",
 ]
 __version__ = "0.1.0"

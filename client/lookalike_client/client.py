@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Sequence, Union
+from typing import IO, Any, Sequence, Union, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from . import contract as c
-from .errors import InvalidRequestError, ServerUnavailableError, translate
+from .errors import InvalidRequestError, translate
+from .waiting import wait_for
 
 ImageLike = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", IO[bytes]]
 
@@ -44,13 +45,15 @@ def read_image_bytes(image: ImageLike) -> bytes:
     raise TypeError(f"expected bytes, a path or a binary file, got {type(image).__name__}")
 
 
-def check_top_k(top_k: int) -> int:
-    if not isinstance(top_k, (int, np.integer)) or not c.MIN_TOP_K <= int(top_k) <= c.MAX_TOP_K:
+def check_top_k(top_k: object) -> int:
+    """`top_k` as an int, if it is an integer (not a bool) in MIN_TOP_K..MAX_TOP_K; else InvalidRequestError."""
+    value = int(cast(int, top_k)) if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) else None
+    if value is None or not c.MIN_TOP_K <= value <= c.MAX_TOP_K:
         raise InvalidRequestError(f"top_k must be an integer in {c.MIN_TOP_K}..{c.MAX_TOP_K}, got {top_k!r}")
-    return int(top_k)
+    return value
 
 
-def image_batch(images: Sequence[bytes]) -> np.ndarray:
+def image_batch(images: Sequence[bytes]) -> npt.NDArray[np.object_]:
     """The [N, 1] object array that carries N encoded images in one request."""
     batch = np.empty((len(images), 1), dtype=np.object_)
     for i, data in enumerate(images):
@@ -58,13 +61,15 @@ def image_batch(images: Sequence[bytes]) -> np.ndarray:
     return batch
 
 
-def decode_ids(raw: np.ndarray) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v) for v in raw.reshape(-1)]
+def decode_ids(raw: npt.NDArray[Any]) -> list[str]:
+    values: list[object] = raw.reshape(-1).tolist()
+    return [v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v) for v in values]
 
 
-def matches(ids: np.ndarray, scores: np.ndarray) -> list[Match]:
+def matches(ids: npt.NDArray[Any], scores: npt.NDArray[Any]) -> list[Match]:
     """One result row -> Matches, best first, without the padding (`contract.NO_PRODUCT_ID`)."""
-    found = [(pid, score) for pid, score in zip(decode_ids(ids), scores) if pid != c.NO_PRODUCT_ID]
+    row_scores: list[float] = [float(v) for v in scores.reshape(-1).tolist()]
+    found = [(pid, score) for pid, score in zip(decode_ids(ids), row_scores) if pid != c.NO_PRODUCT_ID]
     return [Match(rank + 1, pid, float(score)) for rank, (pid, score) in enumerate(found)]
 
 
@@ -99,22 +104,22 @@ class LookalikeClient:
     @property
     def _module(self) -> Any:
         if self.protocol == "grpc":
-            import tritonclient.grpc as module
+            import tritonclient.grpc as module  # pyright: ignore[reportMissingTypeStubs]
         else:
-            import tritonclient.http as module
+            import tritonclient.http as module  # pyright: ignore[reportMissingTypeStubs]
         return module
 
     def _client(self) -> Any:
         if self.protocol == "grpc":
             with self._lock:
                 if self._grpc is None:
-                    import tritonclient.grpc as grpcclient
+                    import tritonclient.grpc as grpcclient  # pyright: ignore[reportMissingTypeStubs]
 
                     self._grpc = grpcclient.InferenceServerClient(self.url)
                 return self._grpc
         client = getattr(self._local, "http", None)
         if client is None:
-            import tritonclient.http as httpclient
+            import tritonclient.http as httpclient  # pyright: ignore[reportMissingTypeStubs]
 
             client = httpclient.InferenceServerClient(
                 self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
@@ -149,9 +154,9 @@ class LookalikeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> Any:
+    def _infer(self, model: str, inputs: dict[str, npt.NDArray[Any]], outputs: Sequence[str]) -> Any:
         module = self._module
-        infer_inputs = []
+        infer_inputs: list[Any] = []
         for name, array in inputs.items():
             tensor = module.InferInput(name, list(array.shape), c.DATATYPES[name])
             if self.protocol == "http":
@@ -177,11 +182,8 @@ class LookalikeClient:
             return False
 
     def wait_until_ready(self, timeout_s: float = 120.0, model: str = c.VISUAL_SEARCH_MODEL) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.is_ready(model):
-            if time.monotonic() > deadline:
-                raise ServerUnavailableError(f"{model} not ready at {self.url} after {timeout_s:.0f} s")
-            time.sleep(0.25)
+        """Returns once the server and `model` are ready; ServerUnavailableError after `timeout_s`."""
+        wait_for(lambda: self.is_ready(model), timeout_s, what=f"{model} at {self.url}")
 
     # -- inference -------------------------------------------------------------------------------
     def search(self, image: ImageLike, top_k: int = c.DEFAULT_TOP_K) -> list[Match]:
@@ -204,7 +206,7 @@ class LookalikeClient:
         scores = result.as_numpy(c.SCORES).reshape(len(data), -1)
         return [matches(row_ids, row_scores) for row_ids, row_scores in zip(ids, scores)]
 
-    def embed(self, images: Sequence[ImageLike]) -> np.ndarray:
+    def embed(self, images: Sequence[ImageLike]) -> npt.NDArray[np.float32]:
         """[N, D] float32 L2-normalised embeddings of N images, in one request."""
         if not images:
             raise ValueError("embed needs at least one image")
@@ -219,7 +221,7 @@ class LookalikeClient:
             metadata = self._client().get_model_metadata(c.SEARCH_MODEL, **self._timeout_kwargs())
         except Exception as exc:
             raise translate(exc) from exc
-        versions = metadata["versions"] if isinstance(metadata, dict) else metadata.versions
+        versions = cast("list[str]", metadata["versions"] if isinstance(metadata, dict) else metadata.versions)
         return sorted(int(v) for v in versions)
 
     # -- model control ---------------------------------------------------------------------------

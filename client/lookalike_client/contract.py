@@ -40,7 +40,6 @@ DATATYPES = {
 DEFAULT_TOP_K = 10
 MIN_TOP_K = 1
 MAX_TOP_K = 1000
-MAX_IMAGE_BYTES = 20 * 1024 * 1024  # default cap on encoded bytes per image
 MAX_BATCH_SIZE = 64  # max_batch_size of every model in the repository
 
 # Header that carries the admin key for the restricted model-control APIs (see `lookalike serve`).

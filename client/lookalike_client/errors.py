@@ -6,9 +6,22 @@ the underlying tritonclient exception as `__cause__`.
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+# Triton prefixes the error of an ensemble's step with the ensemble's name.
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+
 
 class LookalikeError(Exception):
-    """Base class of every error the client raises."""
+    """Base class of every error the client raises. `status` is the server's status code as
+    tritonclient gives it ("StatusCode.INVALID_ARGUMENT" over gRPC, "400" over HTTP; None when no
+    answer came), `detail` the server's reason without Triton's "in ensemble 'X', " prefix."""
+
+    def __init__(self, message: str = "", *, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = _ENSEMBLE_PREFIX.sub("", message)
 
 
 class InvalidRequestError(LookalikeError):
@@ -60,8 +73,9 @@ def translate(exc: BaseException) -> LookalikeError:
     """Wraps a tritonclient / transport exception in the matching `LookalikeError`."""
     if isinstance(exc, LookalikeError):
         return exc
-    status = exc.status() if hasattr(exc, "status") else None
-    message = exc.message() if hasattr(exc, "message") else str(exc)
+    raw: Any = exc  # tritonclient's InferenceServerException has status() and message()
+    status = raw.status() if hasattr(raw, "status") else None
+    message = raw.message() if hasattr(raw, "message") else str(exc)
     if status is None:
         text = str(message).lower()
         if "timed out" in text or "timeout" in text or "deadline" in text:
@@ -72,6 +86,6 @@ def translate(exc: BaseException) -> LookalikeError:
         cls = error_class_for_status(status)
     if "is restricted, expecting header" in str(message):
         cls = PermissionDeniedError  # Triton answers a restricted gRPC protocol with UNAVAILABLE
-    err = cls(str(message) if message else type(exc).__name__)
+    err = cls(str(message) if message else type(exc).__name__, status=None if status is None else str(status))
     err.__cause__ = exc
     return err
