@@ -52,7 +52,8 @@ class _LitePooled(nn.Module):
         self.pooling = pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.net.extract_features(x)
+        extract: Callable[[torch.Tensor], torch.Tensor] = getattr(self.net, "extract_features")  # noqa: B009 - an EfficientNet's method, untyped
+        features = extract(x)
         if self.pooling == "avg":
             return features.mean(dim=(2, 3))
         return features.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
@@ -82,8 +83,8 @@ def _torchvision_preprocessing(weights_enum) -> PreprocessConfig:
         resize_mode="crop",
         resize_size=int(t.resize_size[0]),
         interpolation=t.interpolation.value,
-        mean=tuple(float(v) for v in t.mean),
-        std=tuple(float(v) for v in t.std),
+        mean=(float(t.mean[0]), float(t.mean[1]), float(t.mean[2])),
+        std=(float(t.std[0]), float(t.std[1]), float(t.std[2])),
         notes={"source": f"torchvision {weights_enum} transforms()"},
     )
 
@@ -123,26 +124,19 @@ def _vit_b_16(weights: str | None) -> nn.Module:
     return net.eval()
 
 
+def _torchvision_backbone(name: str, dim: int, weights_enum, build: Callable[[str | None], nn.Module],
+                          **kwargs) -> "Backbone":
+    return Backbone(name=name, dim=dim, preprocessing=_torchvision_preprocessing(weights_enum), build=build,
+                    weights_source=f"torchvision {weights_enum} (BSD-3-Clause code; ImageNet weights)", **kwargs)
+
+
 def _torchvision_entries() -> dict[str, "Backbone"]:
     from torchvision.models import ResNet50_Weights, ViT_B_16_Weights
 
     return {
-        "resnet50": Backbone(
-            name="resnet50",
-            dim=2048,
-            preprocessing=_torchvision_preprocessing(ResNet50_Weights.DEFAULT),
-            build=_resnet50,
-            weights_source=f"torchvision {ResNet50_Weights.DEFAULT} (BSD-3-Clause code; ImageNet weights)",
-        ),
-        "vit_b_16": Backbone(
-            name="vit_b_16",
-            dim=768,
-            preprocessing=_torchvision_preprocessing(ViT_B_16_Weights.DEFAULT),
-            build=_vit_b_16,
-            weights_source=f"torchvision {ViT_B_16_Weights.DEFAULT} (BSD-3-Clause code; ImageNet weights)",
-            keep_fp32_norms=True,
-            pooling="token",
-        ),
+        "resnet50": _torchvision_backbone("resnet50", 2048, ResNet50_Weights.DEFAULT, _resnet50),
+        "vit_b_16": _torchvision_backbone("vit_b_16", 768, ViT_B_16_Weights.DEFAULT, _vit_b_16,
+                                          keep_fp32_norms=True, pooling="token"),
     }
 
 
@@ -270,7 +264,7 @@ def _timm(tag: str, weights: str | None, **kwargs) -> nn.Module:
     # function, and the traced ONNX graph has a constant scale instead of per-layer shape arithmetic.
     for module in net.modules():
         if hasattr(module, "fused_attn"):
-            setattr(module, "fused_attn", False)
+            setattr(module, "fused_attn", False)  # noqa: B010 - nn.Module's typed __setattr__ takes tensors and modules
     return net.eval()
 
 
@@ -368,11 +362,14 @@ BACKBONES: dict[str, Backbone] = {
 
 BACKBONES.update(_torchvision_entries())
 BACKBONES.update(_timm_entries())
-MODEL_NAMES = tuple(BACKBONES)
+
+
+class UnknownBackboneError(ValueError):
+    pass
 
 
 def get_backbone(name: str) -> Backbone:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise SystemExit(f"unknown model {name!r}; choose one of {', '.join(BACKBONES)}") from None
+        raise UnknownBackboneError(f"unknown model {name!r}; choose one of {', '.join(BACKBONES)}") from None

@@ -18,16 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lookalike.images import encode
 from lookalike.preprocessing import Preprocessor
-from lookalike.sample_data import encode, real_photos
+from lookalike.sample_data import real_photos
 
 from .backbones import BACKBONES
 from .onnx_export import Embedder
+from .parity import row_cosines
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    a, b = a.float(), b.float()
-    return torch.nn.functional.cosine_similarity(a, b, dim=1).cpu().numpy()
+    return row_cosines(a.float().cpu().numpy(), b.float().cpu().numpy())
 
 
 def throughput(fn, batch: torch.Tensor, repeats: int = 20) -> float:

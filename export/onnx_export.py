@@ -8,7 +8,6 @@ nothing is written.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -22,25 +21,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from lookalike.artifacts import EMBEDDER_VERSION, ONNX_FILE, PLAN_FILE, PREPROCESSING_FILE, EmbedderManifest, fingerprint, utc_now
 from lookalike.embedding import OnnxEmbedder
+from lookalike.model_configs import write_embedder_configs
 from lookalike.preprocessing import Preprocessor
-from lookalike.repository import (
-    MANIFEST_FILE,
-    ONNX_FILE,
-    PLAN_FILE,
-    PREPROCESSING_FILE,
-    Repository,
-    fingerprint,
-    write_embedder_configs,
-)
+from lookalike.repository import Repository
 from lookalike_client import contract as c
 
 from .backbones import Backbone
+from .parity import ParityError, compare, gate
 
 OPSET = 17
 # The Python-backend adapter of the embedder, as committed in this checkout's model repository.
-ADAPTER_SOURCE = Path(__file__).resolve().parents[1] / "model_repository" / c.EMBEDDER_MODEL / "1" / "model.py"
-MIN_ONNX_COSINE = 0.9999
+ADAPTER_SOURCE = Path(__file__).resolve().parents[1] / "model_repository" / c.EMBEDDER_MODEL / EMBEDDER_VERSION / "model.py"
 
 
 class ExportError(RuntimeError):
@@ -90,19 +83,18 @@ def export_onnx(module: nn.Module, path: Path, height: int, width: int, dim: int
 
 
 def parity(module: nn.Module, onnx_path: Path, pixels: np.ndarray) -> dict:
-    """torch vs ONNX Runtime on the same pixels, in one batch and one by one."""
+    """torch vs ONNX Runtime on the same pixels, in one batch and one by one: the worse of the two."""
     embedder = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])
     with torch.no_grad():
         reference = module(torch.from_numpy(pixels)).numpy()
     batched = embedder(pixels)
     single = np.concatenate([embedder(pixels[i : i + 1]) for i in range(len(pixels))])
-    cos_batched = np.sum(reference * batched, axis=1)
-    cos_single = np.sum(reference * single, axis=1)
+    both = [compare(reference, batched), compare(reference, single)]
     return {
         "images": int(len(pixels)),
-        "max_abs_diff": float(max(np.abs(reference - batched).max(), np.abs(reference - single).max())),
-        "mean_cosine": float(min(cos_batched.mean(), cos_single.mean())),
-        "min_cosine": float(min(cos_batched.min(), cos_single.min())),
+        "max_abs_diff": max(r["max_abs_diff"] for r in both),
+        "mean_cosine": min(r["mean_cosine"] for r in both),
+        "min_cosine": min(r["min_cosine"] for r in both),
         "norm_max_dev": float(np.abs(np.linalg.norm(batched, axis=1) - 1).max()),
         "dim": int(batched.shape[1]),
     }
@@ -118,7 +110,7 @@ def export_embedder(
     fmt: str = "onnx",
     precision: str = "fp32",
     calibration_images: Sequence[bytes] = (),
-) -> dict:
+) -> EmbedderManifest:
     """Writes `repository/embedder/` for `backbone`; returns the manifest. Raises ExportError when a
     check fails, leaving any existing embedder untouched. fmt "tensorrt" also builds `1/model.plan`
     from the checked ONNX file (needs TensorRT and a CUDA GPU)."""
@@ -143,25 +135,25 @@ def export_embedder(
         report = parity(module, onnx_path, pixels)
         if report["dim"] != backbone.dim:
             raise ExportError(f"{backbone.name}: embedding dim {report['dim']}, expected {backbone.dim}")
-        if not report["mean_cosine"] >= MIN_ONNX_COSINE:
-            raise ExportError(
-                f"{backbone.name}: ONNX parity failed, mean cosine {report['mean_cosine']:.6f} < {MIN_ONNX_COSINE}"
-            )
+        try:
+            report = gate(report, "fp32", f"{backbone.name}: the ONNX export")
+        except ParityError as exc:
+            raise ExportError(str(exc)) from None
         engine = None
         if fmt == "tensorrt":
             engine = _build_tensorrt(backbone, onnx_path, staging / PLAN_FILE, pixels, precision, max_batch_size,
                                      calibration_images)
         # Checks passed: publish. The model files land first, the manifest last.
-        (embedder_dir / "1").mkdir(exist_ok=True)
-        adapter = embedder_dir / "1" / "model.py"
+        repo.onnx_file.parent.mkdir(exist_ok=True)
+        adapter = repo.onnx_file.parent / "model.py"
         if not adapter.exists() and ADAPTER_SOURCE.exists():  # a repository other than this checkout's
             shutil.copy2(ADAPTER_SOURCE, adapter)
         pre.save(embedder_dir / PREPROCESSING_FILE)
-        os.replace(onnx_path, embedder_dir / "1" / ONNX_FILE)
+        os.replace(onnx_path, repo.onnx_file)
         if engine is not None:
-            os.replace(staging / PLAN_FILE, embedder_dir / "1" / PLAN_FILE)
-        elif (embedder_dir / "1" / PLAN_FILE).exists():
-            (embedder_dir / "1" / PLAN_FILE).unlink()  # built from another ONNX file: stale
+            os.replace(staging / PLAN_FILE, repo.plan_file)
+        elif repo.plan_file.exists():
+            repo.plan_file.unlink()  # built from another ONNX file: stale
         write_embedder_configs(
             embedder_dir, height=pre.height, width=pre.width, dim=backbone.dim, max_batch_size=max_batch_size,
             tensorrt=engine is not None,
@@ -169,30 +161,30 @@ def export_embedder(
         import onnx
         import onnxruntime
 
-        manifest = {
-            "model": backbone.name,
-            "pooling": backbone.pooling,
-            "format": "onnx",
-            "weights": "random" if weights is None else ("DEFAULT" if weights == "DEFAULT" else str(weights)),
-            "weights_source": backbone.weights_source if weights == "DEFAULT" else ("random init" if weights is None else str(weights)),
-            "random_weights": weights is None,
-            "dim": backbone.dim,
-            "input": [3, pre.height, pre.width],
-            "max_batch_size": max_batch_size,
-            "opset": OPSET,
-            "fingerprint": fingerprint(embedder_dir),
-            "parity_onnx_vs_torch": report,
-            "tensorrt_engine": engine,
-            "export_seconds": round(time.perf_counter() - started, 1),
-            "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": {
+        manifest = EmbedderManifest(
+            model=backbone.name,
+            pooling=backbone.pooling,
+            format="onnx",
+            weights="random" if weights is None else str(weights),
+            weights_source=backbone.weights_source if weights == "DEFAULT" else ("random init" if weights is None else str(weights)),
+            random_weights=weights is None,
+            dim=backbone.dim,
+            input=(3, pre.height, pre.width),
+            max_batch_size=max_batch_size,
+            opset=OPSET,
+            fingerprint=fingerprint(embedder_dir),
+            parity_onnx_vs_torch=report,
+            tensorrt_engine=engine,
+            export_seconds=round(time.perf_counter() - started, 1),
+            exported=utc_now(),
+            versions={
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
                 "onnxruntime": onnxruntime.__version__,
                 "python": platform.python_version(),
             },
-        }
-        (embedder_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        )
+        manifest.save(repo.manifest_file)
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -25,7 +25,8 @@ import torch
 
 from lookalike_client import contract as c
 
-MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
+from .parity import MIN_COSINE, ParityError, compare, gate
+
 # Layer types kept in FP32 in reduced-precision engines of transformer models.
 FP32_LAYER_TYPES = (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE)
 
@@ -173,16 +174,11 @@ def run_engine(plan_path: Path, pixels: np.ndarray) -> np.ndarray:
 
 
 def cosine_gate(reference: np.ndarray, candidate: np.ndarray, precision: str) -> dict:
-    ref = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-    got = candidate / np.linalg.norm(candidate, axis=1, keepdims=True)
-    cosine = np.sum(ref * got, axis=1)
-    report = {"images": int(len(cosine)), "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),
-              "max_abs_diff": float(np.abs(reference - candidate).max()), "threshold": MIN_COSINE[precision]}
-    if not report["mean_cosine"] >= MIN_COSINE[precision]:
-        raise EngineBuildError(
-            f"{precision} engine fails parity: mean cosine {report['mean_cosine']:.5f} < {MIN_COSINE[precision]} vs ONNX"
-        )
-    return report
+    """The engine's outputs against ONNX Runtime's on the same pixels, gated at MIN_COSINE[precision]."""
+    try:
+        return gate(compare(reference, candidate), precision, f"the {precision} engine (vs ONNX)")
+    except ParityError as exc:
+        raise EngineBuildError(str(exc)) from None
 
 
 def batches(pixels: Sequence[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -70,7 +69,7 @@ def run_in_process(repo, images: list[bytes], batch: int, requests: int, top_k: 
     from lookalike.search import ProductIndex
 
     preprocessor = Preprocessor(repo.preprocessing().for_side("query"))  # as visual_search's preprocess_query
-    embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
+    embedder = OnnxEmbedder(repo.onnx_file)
     index = ProductIndex.load(repo.latest_index_dir())
 
     def pipeline(chunk: list[bytes]):
@@ -102,7 +101,8 @@ def main() -> int:
 
     from lookalike.indexer import index_catalog
     from lookalike.repository import copy_repository
-    from lookalike.server import ServerOptions, TritonServer, free_port
+    from lookalike.serve import lookalike_server
+    from lookalike.server import ServerOptions, free_port
     from lookalike_client import LookalikeClient
 
     queries = sorted((args.catalog / "queries").iterdir())
@@ -118,8 +118,8 @@ def main() -> int:
                                 metrics_port=free_port())
         results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                      "python": platform.python_version()},
-                         "embedder": repo.manifest()["model"], "query_images": len(images), "top_k": args.top_k}
-        with TritonServer(options, log_file=work / "tritonserver.log") as server:
+                         "embedder": repo.manifest().model, "query_images": len(images), "top_k": args.top_k}
+        with lookalike_server(options, log_file=work / "tritonserver.log") as server:
             with LookalikeClient(options.grpc_url) as client:
                 report = index_catalog(args.catalog / "catalog.csv", repo, client, progress=False)
             results["catalog_products"] = report.products
@@ -137,10 +137,12 @@ def main() -> int:
 
     one = rows["in process, 1 at a time"]
     batched = rows[f"in process, batches of {args.concurrency}"]
+    grpc_rate = rows[f"server grpc, {args.concurrency} concurrent"]["images_per_s"]
+    http_rate = rows[f"server http, {args.concurrency} concurrent"]["images_per_s"]
     results["ratios"] = {
         "grpc_single_latency_vs_in_process": rows["server grpc, 1 at a time"]["p50_ms"] / one["p50_ms"],
-        "grpc_concurrent_throughput_vs_in_process_batched": rows[f"server grpc, {args.concurrency} concurrent"]["images_per_s"] / batched["images_per_s"],
-        "http_concurrent_throughput_vs_grpc": rows[f"server http, {args.concurrency} concurrent"]["images_per_s"] / rows[f"server grpc, {args.concurrency} concurrent"]["images_per_s"],
+        "grpc_concurrent_throughput_vs_in_process_batched": grpc_rate / batched["images_per_s"],
+        "http_concurrent_throughput_vs_grpc": http_rate / grpc_rate,
     }
     print(f"\nvisual_search, {results['embedder']}, {results['catalog_products']} products, top_k {args.top_k}, "
           f"{len(images)} query photos, {os.cpu_count()} CPU cores")

@@ -63,9 +63,11 @@ def main() -> int:
     args = parser.parse_args()
 
     from lookalike.evaluation import EvalOptions, run_eval, write_reports
+    from lookalike.images import encode
     from lookalike.repository import copy_repository
-    from lookalike.sample_data import encode, real_photos
-    from lookalike.server import ServerOptions, TritonServer, free_port
+    from lookalike.sample_data import real_photos
+    from lookalike.serve import lookalike_server
+    from lookalike.server import ServerOptions, free_port
     from lookalike_client import LookalikeClient
     from lookalike_export.backbones import _efficientnet_lite0, get_backbone
     from lookalike_export.onnx_export import export_embedder
@@ -90,7 +92,7 @@ def main() -> int:
             export_embedder(backbone, repo_dir, parity_images)
             options = ServerOptions(model_repository=repo_dir, http_port=free_port(), grpc_port=free_port(),
                                     metrics_port=free_port())
-            with TritonServer(options, log_file=Path(work) / "tritonserver.log") as server:
+            with lookalike_server(options, log_file=Path(work) / "tritonserver.log") as server:
                 server.wait_ready()
                 with LookalikeClient(options.grpc_url, timeout_s=120) as client:
                     report = run_eval(EvalOptions(catalog=args.catalog, simulate=args.simulate, sample=args.sample,

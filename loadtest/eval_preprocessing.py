@@ -21,18 +21,16 @@ import numpy as np
 from PIL import Image
 
 from lookalike.embedding import OnnxEmbedder
+from lookalike.images import encode, over_background
 from lookalike.preprocessing import ImageError, Preprocessor
 from lookalike.repository import Repository
-from lookalike.sample_data import encode, perturb
+from lookalike.sample_data import perturb
 from lookalike.search import Product, ProductIndex
 
 
 def flatten(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:
-        rgba = image.convert("RGBA")
-    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    canvas.alpha_composite(rgba)
-    return canvas.convert("RGB")
+        return over_background(image)
 
 
 def main() -> None:
@@ -53,7 +51,7 @@ def main() -> None:
         "letterbox both sides, no views": base,
         "resize 256 + centre crop 224 both sides, no views": dataclasses.replace(base, resize_mode="crop", resize_size=256),
     }
-    embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
+    embedder = OnnxEmbedder(repo.onnx_file)
     with open(args.catalog / "catalog.csv") as handle:
         rows = list(csv.DictReader(handle))
     data = {r["product_id"]: (args.catalog / r["image"]).read_bytes() for r in rows}

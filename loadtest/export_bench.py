@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.embedding import OnnxEmbedder
+from lookalike.images import encode
 from lookalike.preprocessing import Preprocessor
-from lookalike.sample_data import encode, real_photos
+from lookalike.repository import Repository
+from lookalike.sample_data import real_photos
 from lookalike_export.backbones import BACKBONES
 from lookalike_export.onnx_export import export_embedder
 
@@ -42,10 +44,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             weights = "DEFAULT" if name == "efficientnet_lite0" else None
             manifest = export_embedder(backbone, Path(tmp), images, weights=weights)
-            onnx_path = Path(tmp) / "embedder" / "1" / "model.onnx"
+            onnx_path = Repository(Path(tmp)).onnx_file
             embedder = OnnxEmbedder(onnx_path)
             pixels = Preprocessor(backbone.preprocessing).batch(images)
-            parity = manifest["parity_onnx_vs_torch"]
+            parity = manifest.parity_onnx_vs_torch
             rows.append({
                 "model": name, "dim": backbone.dim, "weights": "ImageNet" if weights else "random",
                 "onnx_mb": round(onnx_path.stat().st_size / 1e6, 1),

@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lookalike.repository import Repository, copy_repository
-from lookalike.server import free_port
-from lookalike_client import LookalikeClient
+from lookalike.server import ServerOptions, free_port
+from lookalike_client import LookalikeClient, ServerUnavailableError, wait_for
+from lookalike_client import contract as c
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOKALIKE = os.path.join(os.path.dirname(sys.executable), "lookalike")
-MODELS = ("preprocess", "embedder", "product_search")
+MODELS = (c.PREPROCESS_MODEL, c.EMBEDDER_MODEL, c.SEARCH_MODEL)
 
 
 @dataclass
@@ -44,26 +45,29 @@ class Serve:
     """`lookalike serve` in a subprocess, on the given ports, logging to `log`."""
 
     repo: Repository
-    ports: dict
+    options: ServerOptions
     log: Path
     process: subprocess.Popen | None = None
 
     @classmethod
     def fresh(cls, workdir: Path, source: Path = ROOT / "model_repository") -> "Serve":
         repo = copy_repository(source, workdir / "model_repository")
-        return cls(repo, {name: free_port() for name in ("http", "grpc", "metrics", "health")}, workdir / "serve.log")
+        options = ServerOptions(model_repository=repo.root, http_port=free_port(), grpc_port=free_port(),
+                                metrics_port=free_port(), health_port=free_port())
+        return cls(repo, options, workdir / "serve.log")
 
     @property
     def grpc(self) -> str:
-        return f"127.0.0.1:{self.ports['grpc']}"
+        return self.options.grpc_url
 
     @property
     def http(self) -> str:
-        return f"127.0.0.1:{self.ports['http']}"
+        return self.options.http_url
 
     def health(self, path: str = "/ready") -> tuple[int, dict]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['health']}{path}", timeout=5) as response:
+            with urllib.request.urlopen(f"http://{self.options.client_host}:{self.options.health_port}{path}",
+                                        timeout=5) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
@@ -71,9 +75,9 @@ class Serve:
             return 0, {"error": str(exc)}
 
     def start(self, wait: bool = True) -> "Serve":
-        args = [LOOKALIKE, "serve", "--model-repository", str(self.repo.root)]
-        for name in ("http", "grpc", "metrics", "health"):
-            args += [f"--{name}-port", str(self.ports[name])]
+        o = self.options
+        args = [LOOKALIKE, "serve", "--model-repository", str(self.repo.root), "--http-port", str(o.http_port),
+                "--grpc-port", str(o.grpc_port), "--metrics-port", str(o.metrics_port), "--health-port", str(o.health_port)]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
         if wait:
@@ -81,15 +85,18 @@ class Serve:
         return self
 
     def wait_ready(self, timeout_s: float = 180) -> float:
-        assert self.process is not None
-        started = time.monotonic()
-        while self.health()[0] != 200:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"lookalike serve exited with {self.process.returncode}:\n{self.text()[-3000:]}")
-            if time.monotonic() - started > timeout_s:
-                raise RuntimeError(f"not ready after {timeout_s} s:\n{self.text()[-3000:]}")
-            time.sleep(0.05)
-        return time.monotonic() - started
+        """Seconds until the health endpoint's /ready says 200."""
+        process = self.process
+        assert process is not None
+
+        def exited() -> str | None:
+            return None if process.poll() is None else f"lookalike serve exited with {process.returncode}"
+
+        try:
+            return wait_for(lambda: self.health()[0] == 200, timeout_s, what="lookalike serve", interval_s=0.05,
+                            abort=exited)
+        except ServerUnavailableError as exc:
+            raise RuntimeError(f"{exc}:\n{self.text()[-3000:]}") from None
 
     def stop(self) -> int:
         assert self.process is not None

@@ -1,4 +1,9 @@
-"""The `lookalike` command: serve | export | index | query | eval | sample-catalog."""
+"""The `lookalike` command: serve | export | index | query | eval | sample-catalog.
+
+Every subcommand is a thin layer over a `lookalike` module, except `export`, which this CLI dispatches
+to the export package (`lookalike_export.cli`, torch imported only when it runs): that dispatch is the
+one import from `lookalike` into `lookalike_export`, which itself builds on `lookalike`.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ def _add_url(parser: argparse.ArgumentParser, protocol: bool = False) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import ServerError, ServerOptions, serve_forever
+    from .serve import serve_forever
+    from .server import LaunchError, ServerOptions
 
     options = ServerOptions(
         model_repository=args.model_repository, host=args.host, http_port=args.http_port,
@@ -47,49 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         return serve_forever(options)
-    except (ServerError, FileNotFoundError) as exc:
+    except (LaunchError, FileNotFoundError, ValueError) as exc:
         print(f"lookalike serve: {exc}", file=sys.stderr)
         return 1
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from lookalike_export.backbones import get_backbone
-        from lookalike_export.onnx_export import ExportError, export_embedder
-    except ImportError as exc:
-        print(f"lookalike export needs the export extra (torch): {exc}", file=sys.stderr)
-        return 1
-    from .sample_data import encode, real_photos
-
-    backbone = get_backbone(args.model)
-    images = [encode(image) for _, image in list(real_photos())[: args.parity_images]]
-    weights = None if args.random_weights else args.weights
-    calibration: list[bytes] = []
-    if args.calibration is not None:
-        from .catalog import read_catalog
-
-        items, _ = read_catalog(args.calibration)
-        calibration = [item.image.read_bytes() for item in items[: args.calibration_images]]
-    try:
-        manifest = export_embedder(backbone, args.model_repository, images, weights=weights,
-                                   max_batch_size=args.max_batch, fmt=args.format, precision=args.precision,
-                                   calibration_images=calibration)
-    except (ExportError, RuntimeError) as exc:
-        print(f"lookalike export: {exc}", file=sys.stderr)
-        return 1
-    p = manifest["parity_onnx_vs_torch"]
-    print(f"exported {backbone.name} ({manifest['weights_source']}) -> {Path(args.model_repository) / c.EMBEDDER_MODEL}\n"
-          f"  dim {manifest['dim']}, input {manifest['input']}, fingerprint {manifest['fingerprint']}\n"
-          f"  parity ONNX Runtime vs torch on {p['images']} real images: mean cosine {p['mean_cosine']:.7f}, "
-          f"max abs diff {p['max_abs_diff']:.2e}")
-    engine = manifest.get("tensorrt_engine")
-    if engine:
-        e = engine["parity_vs_onnx"]
-        print(f"  TensorRT {engine['tensorrt']} {engine['precision']} engine on {engine['gpu']} (sm {engine['compute_capability']}): "
-              f"mean cosine vs ONNX {e['mean_cosine']:.6f} (gate {e['threshold']})")
-    if manifest["random_weights"]:
-        print("  WARNING: random weights (for testing the export machinery only)")
-    return 0
 
 
 def _client(args: argparse.Namespace):
@@ -188,13 +154,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample_catalog(args: argparse.Namespace) -> int:
     from .sample_data import build_sample_catalog
 
-    summary = build_sample_catalog(args.out, per_category=args.per_category)
+    try:
+        summary = build_sample_catalog(args.out, per_category=args.per_category)
+    except FileNotFoundError as exc:
+        print(f"lookalike sample-catalog: {exc}", file=sys.stderr)
+        return 1
     print(f"sample catalog: {summary['products']} products in {summary['categories']} categories, "
           f"{summary['queries']} query photos not in the catalog -> {summary['path']}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lookalike_export import cli as export_cli  # the dispatch to the export package (see above)
+
     parser = argparse.ArgumentParser(prog="lookalike", description="similar-product image search on Triton")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -216,20 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("export", help="export an embedder to ONNX into the model repository")
     _add_repository(p)
-    p.add_argument("--model", default="efficientnet_lite0",
-                   help="efficientnet_lite0 (weights packaged, works offline), resnet50, vit_b_16, dinov2_vits14, clip_vit_b16")
-    p.add_argument("--weights", default="DEFAULT",
-                   help="DEFAULT (Lite0: the packaged weights; the others: torchvision's or the HF hub's, downloaded) "
-                        "or a state_dict file (.pth, .safetensors) for offline use")
-    p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="TensorRT engine precision")
-    p.add_argument("--calibration", type=Path, default=None, help="catalog (CSV or folder) whose images calibrate INT8")
-    p.add_argument("--calibration-images", type=int, default=512)
-    p.add_argument("--random-weights", action="store_true",
-                   help="random init: only to test the export machinery; the manifest records it")
-    p.add_argument("--max-batch", type=int, default=c.MAX_BATCH_SIZE)
-    p.add_argument("--parity-images", type=int, default=8, help="real images for the torch/ONNX parity check")
-    p.set_defaults(func=cmd_export)
+    export_cli.add_arguments(p)
+    p.set_defaults(func=export_cli.run)
 
     p = sub.add_parser("index", help="embed a catalog through the server and serve it as a new index version")
     p.add_argument("catalog", type=Path, help="CSV product_id,image[,category] or a folder of category folders")

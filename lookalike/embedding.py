@@ -36,4 +36,4 @@ class OnnxEmbedder:
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        return self.session.run([c.EMBEDDING], {c.PIXELS: pixels})[0]
+        return np.asarray(self.session.run([c.EMBEDDING], {c.PIXELS: pixels})[0])

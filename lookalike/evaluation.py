@@ -196,7 +196,7 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
         if item.category and item.product_id not in wanted:  # real photos' products stay indexed
             per_category[item.category].append(item.product_id)
     left_out: set[str] = set()
-    for category, ids in sorted(per_category.items()):
+    for _category, ids in sorted(per_category.items()):
         if len(ids) >= 5 and options.leave_out > 0:
             left_out.update(rng.sample(sorted(ids), min(options.leave_out, len(ids) - 4)))
     indexed = [item for item in good if item.product_id not in left_out]
@@ -271,8 +271,8 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
                      "embedded": len(good), "indexed": len(indexed), "left_out": sorted(left_out),
                      "skipped": [str(p) for p in problems]},
         "index_versions": {"evaluation": eval_version, "restored_full_catalog": full_version},
-        "embedder": {k: manifest.get(k) for k in ("model", "pooling", "weights_source", "random_weights", "dim", "input",
-                                                  "fingerprint")},
+        "embedder": {k: v for k, v in manifest.to_dict().items()
+                     if k in ("model", "pooling", "weights_source", "random_weights", "dim", "input", "fingerprint")},
         "catalog_views": catalog_side.catalog_views,
         "preprocessing": {"catalog": _settings(config.for_side("catalog")), "query": _settings(config.for_side("query"))},
         "options": {"simulate": options.simulate, "sample": options.sample, "leave_out": options.leave_out,

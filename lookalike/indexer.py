@@ -18,6 +18,7 @@ import numpy as np
 
 from lookalike_client import InvalidRequestError, LookalikeClient
 
+from .artifacts import EmbedderManifest
 from .catalog import CatalogItem, Problem, read_catalog
 from .preprocessing import ImageError, ImageLimits, PreprocessConfig
 from .publishing import clean_stale_staging, publish_index
@@ -97,8 +98,7 @@ def embed_items(
                 try:
                     out.append((item, embed_all(images)))
                 except InvalidRequestError as exc:
-                    message = str(exc).split("in ensemble 'embed_image', ", 1)[-1]
-                    out.append((item, Problem(item.where, f"{item.image.name}: {message}")))
+                    out.append((item, Problem(item.where, f"{item.image.name}: {exc.detail}")))
         return out
 
     bar = None
@@ -150,11 +150,11 @@ def index_catalog(
     return IndexReport(version, len(good), problems, time.perf_counter() - started)
 
 
-def build_index(items: Sequence[CatalogItem], vectors: Sequence[np.ndarray], manifest: dict, *,
+def build_index(items: Sequence[CatalogItem], vectors: Sequence[np.ndarray], manifest: EmbedderManifest, *,
                 factory: str = "Flat") -> ProductIndex:
     """The index of `items`, each with its vectors (packshot, then catalog views), for the embedder
     of `manifest`."""
-    dim = int(manifest["dim"])
+    dim = manifest.dim
     for block in vectors:
         if block.shape[1] != dim:
             raise RuntimeError(f"server returned {block.shape[1]}-d embeddings, the embedder manifest says {dim}")
@@ -163,6 +163,6 @@ def build_index(items: Sequence[CatalogItem], vectors: Sequence[np.ndarray], man
         np.concatenate(vectors) if len(vectors) else np.zeros((0, dim), np.float32),
         dim=dim,
         factory=factory,
-        embedder_fingerprint=manifest["fingerprint"],
+        embedder_fingerprint=manifest.fingerprint,
         vectors=[len(block) for block in vectors],
     )

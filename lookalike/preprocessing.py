@@ -24,6 +24,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
+from .images import over_background
 from .views import CatalogView, view_images
 
 # A truncated file is an error, never a silently half-grey image.
@@ -303,15 +304,8 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
             array = array / 257.0
         image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
         mode = "L"
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    if mode == "RGB":
-        return image
-    return image.convert("RGB")  # L, 1, P, CMYK (Pillow inverts Adobe CMYK JPEGs), YCbCr, LAB, HSV
+    # L, 1, P, CMYK (Pillow inverts Adobe CMYK JPEGs), YCbCr, LAB, HSV: convert; alpha: over the background
+    return over_background(image, background)
 
 
 def _premature_end(exc: ValueError) -> str | None:

@@ -1,4 +1,5 @@
-"""Request-level rules shared by the Triton models, kept here so they are tested without Triton.
+"""The plain Python under the `product_search` model: loading a served index version, checking each
+request, and searching the requests of a dynamic batch, tested without Triton.
 
 A dynamic batch holds requests from different clients. Everything here keeps them apart: each
 request is checked on its own (a bad one gets its own error), and no request's rows, size or TOP_K
@@ -8,13 +9,16 @@ can change what another request gets back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from lookalike_client import contract as c
 
-from .search import ProductIndex
+from .adapter import Inputs, Log, Outcome, Outputs, required, run_together
+from .artifacts import EmbedderManifest
+from .search import ProductIndex, set_threads
 
 # How far an embedding's L2 norm may be from 1. The embedders normalise in the graph (FP32 and FP16
 # engines land within 1e-3); anything further off was not made by our embedder, and its inner
@@ -101,3 +105,56 @@ def _rectangular(ids: list[list[str]], scores: list[np.ndarray]) -> SearchResult
         out_ids[r, : len(row_ids)] = [pid.encode("utf-8") for pid in row_ids]
         out_scores[r, : len(row_scores)] = row_scores
     return SearchResult(out_ids, out_scores)
+
+
+class IndexMismatchError(RuntimeError):
+    """An index version built with another embedder than the one served: it must not load."""
+
+
+def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> SearchRequest:
+    """One request's EMBEDDING and optional TOP_K, checked (ValueError -> INVALID_ARG)."""
+    embeddings = check_embeddings(required(inputs, c.EMBEDDING), dim, norm_tolerance)
+    return SearchRequest(embeddings, resolve_top_k(inputs.get(c.TOP_K), len(embeddings)))
+
+
+def outputs(result: SearchResult) -> Outputs:
+    return {c.PRODUCT_IDS: result.product_ids, c.SCORES: result.scores}
+
+
+class ProductSearch:
+    """One served index version: what `product_search`'s model.py holds per instance."""
+
+    def __init__(self, index: ProductIndex, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> None:
+        self.index = index
+        self.norm_tolerance = norm_tolerance
+
+    @classmethod
+    def load(cls, model_dir: Path, version: str, params: Mapping[str, str], *, instance_kind: str = "CPU",
+             device_id: int = 0) -> "ProductSearch":
+        """The index in `model_dir/version`, with the model config's `params`. Refuses (IndexMismatchError)
+        an index built with another embedder than the manifest's `embedder_manifest` names."""
+        set_threads(int(params.get("faiss_threads", "0")))
+        use_gpu = params.get("faiss_device", "auto") in ("auto", "gpu") and instance_kind != "CPU"
+        index = ProductIndex.load(Path(model_dir) / version, use_gpu=use_gpu, gpu_device=device_id)
+        expected = EmbedderManifest.load((Path(model_dir) / params["embedder_manifest"]).resolve()).fingerprint
+        if index.fingerprint != expected:
+            raise IndexMismatchError(
+                f"index version {version} was built with embedder {index.fingerprint or '?'}, "
+                f"but the embedder is {expected}: run `lookalike index` again"
+            )
+        return cls(index, float(params.get("embedding_norm_tolerance", DEFAULT_NORM_TOLERANCE)))
+
+    def __call__(self, requests: Sequence[Inputs], log: Log | None = None) -> list[Outcome]:
+        """The outcomes of one dynamic batch's requests, in order."""
+        return run_together(
+            requests,
+            parse=lambda inputs: parse_request(inputs, self.index.dim, self.norm_tolerance),
+            compute=lambda searches: [outputs(r) for r in search_requests(self.index, searches)],
+            what="search", log=log,
+        )
+
+
+def instance_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Where Triton's `initialize` args put this instance: kind ("CPU"/"GPU") and device id."""
+    return {"instance_kind": str(args.get("model_instance_kind", "CPU")),
+            "device_id": int(args.get("model_instance_device_id", 0))}

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ import numpy as np
 from lookalike_client import LookalikeClient, LookalikeError
 from lookalike_client import contract as c
 
-from .repository import STAGING_OWNER_FILE, Repository
+from .repository import STAGING_OWNER_FILE, STAGING_PREFIX, Repository
 from .search import CorruptIndexError, ProductIndex, check_index_dir
 
 Log = Callable[[str], None]
@@ -47,15 +48,55 @@ def version_problem(directory: Path, fingerprint: str) -> str | None:
         meta = check_index_dir(directory)
     except CorruptIndexError as exc:
         return str(exc)
-    built_with = meta.get("embedder_fingerprint")
+    built_with = meta.embedder_fingerprint
     if built_with != fingerprint:
         return f"built with embedder {built_with or '?'}, but the embedder is {fingerprint}"
-    if "files" not in meta:  # written before sizes and hashes were recorded: parse it instead
+    if meta.files is None:  # written before sizes and hashes were recorded: parse it instead
         try:
             ProductIndex.load(directory)
         except (CorruptIndexError, ValueError) as exc:
             return str(exc)
     return None
+
+
+def next_version(repository: Repository) -> int:
+    """One more than any version ever written here, set-aside ones included, so that a number never
+    names two different indexes."""
+    used = repository.index_versions()
+    if repository.rejected_dir.is_dir():
+        used += [int(p.name.split("-")[0]) for p in repository.rejected_dir.iterdir() if p.name.split("-")[0].isdigit()]
+    return max(used, default=0) + 1
+
+
+def write_index_version(repository: Repository, save: Callable[[Path], None]) -> int:
+    """Creates the next version directory of `product_search` atomically: `save(path)` writes the
+    index into a staging directory, the model code is copied beside it, and one rename publishes it,
+    so Triton never sees a half-written version. Returns the new version number. The staging
+    directory names its owner (host, pid), so that one left by a killed writer can be told from one
+    being written (`clean_stale_staging`)."""
+    version = next_version(repository)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=repository.search_dir))
+    owner = staging / STAGING_OWNER_FILE
+    try:
+        owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+        save(staging)
+        shutil.copy2(repository.search_dir / "model.py", staging / "model.py")
+        owner.unlink()
+        os.chmod(staging, 0o755)
+        os.rename(staging, repository.search_dir / str(version))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return version
+
+
+def prune_index_versions(repository: Repository, keep: int = 2) -> list[int]:
+    """Deletes all but the newest `keep` index versions (Triton serves only the newest)."""
+    versions = repository.index_versions()
+    removed = versions[:-keep] if keep > 0 else versions
+    for version in removed:
+        shutil.rmtree(repository.search_dir / str(version), ignore_errors=True)
+    return removed
 
 
 def set_aside(repository: Repository, version: int, reason: str) -> Path:
@@ -108,9 +149,28 @@ def write_empty_index(repository: Repository) -> int:
     """Publishes an empty index version for the current embedder, so that `visual_search` can load
     before the first `lookalike index`."""
     manifest = repository.manifest()
-    index = ProductIndex.build([], np.zeros((0, manifest["dim"]), np.float32), dim=int(manifest["dim"]),
-                               embedder_fingerprint=manifest["fingerprint"])
-    return repository.write_index_version(index.save)
+    index = ProductIndex.build([], np.zeros((0, manifest.dim), np.float32), dim=manifest.dim,
+                               embedder_fingerprint=manifest.fingerprint)
+    return write_index_version(repository, index.save)
+
+
+def refresh_model_code(repository: Repository, log: Log = print) -> list[int]:
+    """Gives every index version the model code of this lookalike (product_search/model.py), so that
+    versions published by an older release load with today's code; the index files are untouched.
+    Returns the versions updated."""
+    source = (repository.search_dir / "model.py").read_bytes()
+    updated = []
+    for version in repository.index_versions():
+        target = repository.search_dir / str(version) / "model.py"
+        if not target.is_file() or target.read_bytes() == source:
+            continue
+        staged = target.with_name(f".model.py.{os.getpid()}")
+        staged.write_bytes(source)
+        os.replace(staged, target)
+        updated.append(version)
+    if updated:
+        log(f"updated the model code of index version(s) {', '.join(map(str, updated))} to this release's")
+    return updated
 
 
 def ensure_servable_index(repository: Repository, log: Log = print) -> int:
@@ -118,9 +178,11 @@ def ensure_servable_index(repository: Repository, log: Log = print) -> int:
     its number. Newer versions that cannot be served are set aside (and named in the log), so the
     server starts on the newest good one instead of failing to start. With no good version at all
     (none yet, or only indexes of another embedder) an empty index is published, so the server comes
-    up and can be indexed; embedding spaces are never mixed."""
+    up and can be indexed; embedding spaces are never mixed. Versions written by an older release get
+    this release's model code (`refresh_model_code`)."""
     clean_stale_staging(repository, log)
-    fingerprint = repository.manifest()["fingerprint"]
+    refresh_model_code(repository, log)
+    fingerprint = repository.manifest().fingerprint
     skipped: list[tuple[int, str]] = []
     for version in reversed(repository.index_versions()):
         problem = version_problem(repository.search_dir / str(version), fingerprint)
@@ -143,7 +205,7 @@ def publish_index(repository: Repository, index: ProductIndex, client: Lookalike
     """Writes `index` as the next version, has the running server load it and prunes old versions.
     If the server does not load it (refused, no admin key, unreachable), the version is set aside
     before the error is raised, so that a restart cannot serve what the server never accepted."""
-    version = repository.write_index_version(index.save)
+    version = write_index_version(repository, index.save)
     try:
         client.reload_index()
     except LookalikeError as exc:
@@ -152,7 +214,7 @@ def publish_index(repository: Repository, index: ProductIndex, client: Lookalike
             where = set_aside(repository, version, f"the server did not load index version {version}: {why}")
             raise PublishError(f"the server did not load index version {version} ({why}); it was set aside in "
                                f"{where}, where no restart serves it") from exc
-    repository.prune_index_versions(keep=keep_versions)
+    prune_index_versions(repository, keep=keep_versions)
     return version
 
 

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from .images import over_background
 from .search import Product
 
 
@@ -21,10 +22,7 @@ def thumbnail_uri(source: str | Path | bytes | None, size: int = 160) -> str | N
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.seek(0)
-            image = image.convert("RGBA")
-            canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            canvas.alpha_composite(image)
-            canvas = canvas.convert("RGB")
+            canvas = over_background(image)
             canvas.thumbnail((size, size))
             buffer = io.BytesIO()
             canvas.save(buffer, format="JPEG", quality=85)

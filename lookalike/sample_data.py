@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import random
 import shutil
 from pathlib import Path
@@ -65,12 +64,6 @@ def real_photos() -> Iterator[tuple[str, Image.Image]]:
                 yield f"mpl_{Path(file).stem.lower()}", image.convert("RGB")
 
 
-def encode(image: Image.Image, fmt: str = "JPEG", **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
 def perturb(image: Image.Image, seed: int) -> Image.Image:
     """A plausible re-shot of the same product: off-centre crop, rescale, light change."""
     rng = random.Random(seed)
@@ -100,7 +93,7 @@ def build_sample_catalog(out: Path, per_category: int = 45, holdout: int = 3, se
         out/queries.csv           query,category,source_product (what a good answer looks like)
     """
     if not CLIPART_ROOT.is_dir():
-        raise SystemExit(
+        raise FileNotFoundError(
             f"{CLIPART_ROOT} is missing: install Debian's openclipart-png (make setup does: apt-get install openclipart-png)"
         )
     rng = random.Random(seed)

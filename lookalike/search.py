@@ -1,23 +1,18 @@
 """The product index: FAISS over L2-normalised embeddings, searched by inner product (= cosine).
 
 FAISS positions are int64 and stay inside this module; callers see the catalog's own product ids.
-An index is a directory, written once and never modified:
-
-    index.faiss      the FAISS index (written with faiss.write_index)
-    products.json    ids, categories, image paths and how many vectors each product has, in FAISS
-                     order (a product's vectors are consecutive: its packshot, then its catalog views)
-    index.json       dim, count, factory, embedder fingerprint, creation time, and the size and
-                     sha256 of the two files above (written last, so it vouches for them)
+An index is a directory, written once and never modified (file names and metadata schema in
+`lookalike.artifacts`): index.faiss (faiss.write_index), products.json (ids, categories, image paths
+and how many vectors each product has, in FAISS order: a product's vectors are consecutive, its
+packshot, then its catalog views) and index.json (`IndexMeta`, written last, vouching for the others).
 
 `product_search` serves one such directory per Triton model version (see `lookalike.repository`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,11 +20,9 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-log = logging.getLogger(__name__)
+from .artifacts import INDEX_FILE, META_FILE, PRODUCTS_FILE, ArtifactError, IndexMeta, file_digest
 
-INDEX_FILE = "index.faiss"
-PRODUCTS_FILE = "products.json"
-META_FILE = "index.json"
+log = logging.getLogger(__name__)
 
 
 class CorruptIndexError(ValueError):
@@ -44,7 +37,7 @@ class Product:
 
 
 class ProductIndex:
-    def __init__(self, index: faiss.Index, products: Sequence[Product], meta: dict,
+    def __init__(self, index: faiss.Index, products: Sequence[Product], meta: IndexMeta,
                  vectors: Sequence[int] | None = None) -> None:
         counts = np.ones(len(products), dtype=np.int64) if vectors is None else np.asarray(vectors, dtype=np.int64)
         if len(counts) != len(products) or (len(counts) and counts.min() < 1):
@@ -57,7 +50,7 @@ class ProductIndex:
         self._ids = np.array([p.product_id for p in self.products], dtype=object)
         self._owner = np.repeat(np.arange(len(products)), counts)  # FAISS position -> product position
         self._max_vectors = int(counts.max()) if len(counts) else 1
-        self.meta = dict(meta)
+        self.meta = meta
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -66,7 +59,7 @@ class ProductIndex:
 
     @property
     def fingerprint(self) -> str:
-        return str(self.meta.get("embedder_fingerprint", ""))
+        return self.meta.embedder_fingerprint
 
     def __len__(self) -> int:
         return len(self.products)
@@ -105,15 +98,8 @@ class ProductIndex:
             index.train(embeddings)
         if len(products):
             index.add(embeddings)
-        meta = {
-            "dim": d,
-            "count": len(products),
-            "vectors": rows,
-            "factory": factory,
-            "metric": "inner_product",
-            "embedder_fingerprint": embedder_fingerprint,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        meta = IndexMeta.new(dim=d, count=len(products), vectors=rows, factory=factory,
+                             embedder_fingerprint=embedder_fingerprint)
         return cls(index, products, meta, vectors)
 
     # -- persistence -----------------------------------------------------------------------------
@@ -128,8 +114,7 @@ class ProductIndex:
             "vectors": self.vectors.tolist(),
         }
         (directory / PRODUCTS_FILE).write_text(json.dumps(products))
-        meta = {**self.meta, "files": {name: _file_digest(directory / name) for name in (INDEX_FILE, PRODUCTS_FILE)}}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        self.meta.sealed(directory).save(directory)
 
     @classmethod
     def load(cls, directory: str | Path, *, use_gpu: bool = False, gpu_device: int = 0) -> "ProductIndex":
@@ -148,9 +133,9 @@ class ProductIndex:
             loaded = cls(index, products, meta, vectors)
         except ValueError as exc:
             raise CorruptIndexError(f"{INDEX_FILE} and {PRODUCTS_FILE} disagree: {exc}") from None
-        if len(loaded) != meta.get("count", len(loaded)) or loaded.dim != meta.get("dim", loaded.dim):
+        if len(loaded) != meta.count or loaded.dim != meta.dim:
             raise CorruptIndexError(f"{INDEX_FILE} holds {len(loaded)} x {loaded.dim}, {META_FILE} says "
-                                    f"{meta.get('count')} x {meta.get('dim')}")
+                                    f"{meta.count} x {meta.dim}")
         return loaded
 
     # -- search ----------------------------------------------------------------------------------
@@ -160,7 +145,7 @@ class ProductIndex:
 
         Rows are independent: an approximate index that finds fewer than k neighbours for one row
         (FAISS marks the gaps with position -1) returns fewer items for that row only, never fewer
-        for the others. Callers must refuse non-finite queries first (`lookalike.serving`): FAISS
+        for the others. Callers must refuse non-finite queries first (`lookalike.product_search`): FAISS
         ranks NaN scores arbitrarily."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -207,42 +192,27 @@ def _load_columns(directory: str | Path) -> tuple[list[Product], list[int]]:
     return [Product(pid, cat, img) for pid, cat, img in zip(ids, categories, images)], vectors
 
 
-def _file_digest(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def check_index_dir(directory: str | Path) -> dict:
+def check_index_dir(directory: str | Path) -> IndexMeta:
     """Returns the metadata of an index directory whose files are whole and unaltered; raises
     CorruptIndexError naming the first problem. The sizes and hashes come from index.json (indexes
     written before they were recorded are checked when FAISS and JSON parse them in `load`)."""
     directory = Path(directory)
     try:
-        meta = json.loads((directory / META_FILE).read_text())
-    except FileNotFoundError:
-        raise CorruptIndexError(f"no {META_FILE}") from None
-    except (OSError, ValueError) as exc:
-        raise CorruptIndexError(f"{META_FILE}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("dim"), int) or not isinstance(meta.get("count"), int):
-        raise CorruptIndexError(f"{META_FILE}: not index metadata (no integer dim and count)")
-    files = meta.get("files", {})
-    if not isinstance(files, dict):
-        raise CorruptIndexError(f"{META_FILE}: 'files' is not a table of files")
+        meta = IndexMeta.load(directory)
+    except ArtifactError as exc:
+        raise CorruptIndexError(str(exc).replace(f" ({directory / META_FILE})", "")) from None
     for name in (INDEX_FILE, PRODUCTS_FILE):
         path = directory / name
         if not path.is_file():
             raise CorruptIndexError(f"no {name}")
-        recorded = files.get(name)
-        if not isinstance(recorded, dict):
+        recorded = (meta.files or {}).get(name)
+        if recorded is None:
             continue
         size, want = path.stat().st_size, recorded.get("bytes")
         if size != want:
             raise CorruptIndexError(f"{name}: {size:,} bytes, but {META_FILE} recorded "
                                     + (f"{want:,}" if isinstance(want, int) else repr(want)))
-        if _file_digest(path)["sha256"] != recorded.get("sha256"):
+        if file_digest(path)["sha256"] != recorded.get("sha256"):
             raise CorruptIndexError(f"{name}: its content changed since it was written (sha256 mismatch)")
     return meta
 
@@ -254,7 +224,8 @@ def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
         return index
     resources = faiss.StandardGpuResources()
     gpu_index = faiss.index_cpu_to_gpu(resources, device, index)
-    gpu_index.referenced_resources = resources  # keep the resources alive with the index
+    # Keep the resources alive with the index (FAISS's own idiom; the SWIG class declares no such attribute).
+    gpu_index.referenced_resources = resources  # pyright: ignore[reportAttributeAccessIssue]
     log.info("FAISS index on GPU %d", device)
     return gpu_index
 

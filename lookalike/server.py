@@ -1,8 +1,9 @@
-"""`lookalike serve`: run tritonserver as a managed child process.
+"""Launching tritonserver as a child process, and nothing else (the `lookalike serve` command around it
+is `lookalike.serve`; what must be on disk before a start is the `prepare` hook's business).
 
 Finds the binary (--tritonserver, else `tritonserver` on PATH, else the one inside the nvidia-pytriton
 wheel with its Python-backend stub set up for this interpreter), builds its command line from
-`ServerOptions`, waits until `visual_search` is ready, forwards SIGINT/SIGTERM, and dies with its parent
+`ServerOptions`, waits until `visual_search` is ready, and makes the child die with its parent
 (PR_SET_PDEATHSIG), so no orphaned server is left behind.
 """
 
@@ -18,29 +19,24 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import threading
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, Callable
 
+from lookalike_client import ServerUnavailableError, wait_for
 from lookalike_client import contract as c
 
-from .publishing import ensure_servable_index
-from .repository import Repository
 from .stubs import kill_stubs_of
-
-if TYPE_CHECKING:
-    from .supervisor import SupervisorOptions
 
 # APIs that change or expose server state: restricted to holders of the admin key when the server is
 # reachable beyond loopback (whoever reaches the port could otherwise unload the models).
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 
 
-class ServerError(RuntimeError):
-    pass
+class LaunchError(RuntimeError):
+    """tritonserver cannot be started, or did not get ready (not the client's `ServerError`, which is
+    a server's answer to a request)."""
 
 
 @dataclass
@@ -112,7 +108,7 @@ def _prepare_wheel_backends(root: Path) -> Path:
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     stub = root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
-        raise ServerError(f"the nvidia-pytriton wheel has no Python-backend stub for Python {version}")
+        raise LaunchError(f"the nvidia-pytriton wheel has no Python-backend stub for Python {version}")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lookalike"
     target = cache / f"backends-py{version}-{hashlib.sha256(str(root).encode()).hexdigest()[:10]}"
     if (target / "python" / "triton_python_backend_stub").exists():
@@ -134,14 +130,14 @@ def find_tritonserver(explicit: str | None = None) -> Binary:
     if explicit:
         path = Path(explicit)
         if not path.exists():
-            raise ServerError(f"--tritonserver {explicit} does not exist")
+            raise LaunchError(f"--tritonserver {explicit} does not exist")
         return Binary(path, {}, None)
     on_path = shutil.which("tritonserver")
     if on_path:
         return Binary(Path(on_path), {}, None)
     root = _pytriton_root()
     if root is None:
-        raise ServerError("no tritonserver: pass --tritonserver, put one on PATH, or install nvidia-pytriton (make setup)")
+        raise LaunchError("no tritonserver: pass --tritonserver, put one on PATH, or install nvidia-pytriton (make setup)")
     binary = root / "tritonserver" / "bin" / "tritonserver"
     libs = root.parent / "nvidia_pytriton.libs"
     ld = os.pathsep.join(p for p in (str(libs), os.environ.get("LD_LIBRARY_PATH", "")) if p)
@@ -177,7 +173,7 @@ def build_command(options: ServerOptions, binary: Binary) -> list[str]:
     if options.restricted:
         key = options.effective_admin_key
         if not key:
-            raise ServerError(
+            raise LaunchError(
                 f"--host {options.host} is reachable beyond loopback: set {c.ADMIN_KEY_ENV} to a secret so that "
                 f"model control ({', '.join(RESTRICTED_APIS)}) needs it"
             )
@@ -224,21 +220,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class TritonServer:
-    """A tritonserver child process. Use as a context manager, or start()/stop()."""
+    """A tritonserver child process. Use as a context manager, or start()/stop(). `prepare` runs before
+    every start (the first one and a supervisor's restarts): `lookalike.serve.lookalike_server` makes
+    the model repository servable there."""
 
-    def __init__(self, options: ServerOptions, log_file: Path | None = None) -> None:
+    def __init__(self, options: ServerOptions, log_file: Path | None = None,
+                 prepare: Callable[[], None] | None = None) -> None:
         self.options = options
         self.log_file = log_file
-        self.process: subprocess.Popen | None = None
-        self._log_handle = None
+        self.prepare = prepare
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_handle: IO[bytes] | None = None
 
     def start(self) -> "TritonServer":
         opts = self.options
         for name, port in (("http", opts.http_port), ("grpc", opts.grpc_port), ("metrics", opts.metrics_port)):
             if not port_is_free(opts.host, port):
-                raise ServerError(f"{name} port {opts.host}:{port} is in use (another server running?)")
-        repository = Repository(Path(opts.model_repository))
-        ensure_servable_index(repository, log=lambda m: print(f"lookalike: {m}", file=sys.stderr, flush=True))
+                raise LaunchError(f"{name} port {opts.host}:{port} is in use (another server running?)")
+        if self.prepare is not None:
+            self.prepare()
         binary = find_tritonserver(opts.tritonserver)
         command = build_command(opts, binary)
         env = {**os.environ, **binary.env}
@@ -261,15 +261,15 @@ class TritonServer:
             return False
 
     def wait_ready(self, timeout_s: float = 300.0, model: str = c.VISUAL_SEARCH_MODEL) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.ready(model):
+        def exited() -> str | None:
             if self.process is not None and self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} before {model} was ready"
-                                  + (f"; see {self.log_file}" if self.log_file else ""))
-            if time.monotonic() > deadline:
-                raise ServerError(f"{model} not ready after {timeout_s:.0f} s"
-                                  + (f"; see {self.log_file}" if self.log_file else ""))
-            time.sleep(0.25)
+                return f"tritonserver exited with code {self.process.returncode} before {model} was ready"
+            return None
+
+        try:
+            wait_for(lambda: self.ready(model), timeout_s, what=model, abort=exited)
+        except ServerUnavailableError as exc:
+            raise LaunchError(f"{exc}" + (f"; see {self.log_file}" if self.log_file else "")) from None
 
     def stop(self, timeout_s: float = 40.0) -> int:
         """SIGTERM, then SIGKILL after `timeout_s`; then no stub of this tritonserver is left running
@@ -304,77 +304,3 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def serve_forever(options: ServerOptions, supervision: "SupervisorOptions | None" = None) -> int:
-    """Foreground server for the CLI: the supervisor and its health endpoint, the ready banner,
-    signal forwarding, and the exit code (0 after SIGINT/SIGTERM)."""
-    from .supervisor import HealthServer, Supervisor, SupervisorGaveUp
-
-    def log(message: object) -> None:
-        print(f"lookalike: {message}", file=sys.stderr, flush=True)
-
-    server = TritonServer(options)
-    stop = threading.Event()
-    current: dict[str, Supervisor | None] = {"supervisor": None}
-    health = None
-    if options.health_port:
-        try:
-            health = HealthServer(lambda: current["supervisor"], options.host, options.health_port).start()
-        except OSError as exc:
-            log(f"health port {options.host}:{options.health_port}: {exc.strerror or exc} (another server running?)")
-            return 1
-
-    def forward(signum, _frame):
-        stop.set()
-        process = server.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    gave_up = False
-    try:
-        try:
-            server.start()
-            server.wait_ready()
-        except ServerError as exc:
-            if not stop.is_set():
-                log(exc)
-                server.stop()
-                return 1
-        if not stop.is_set():
-            print(
-                f"lookalike: {c.VISUAL_SEARCH_MODEL} is ready\n"
-                f"  gRPC     {options.grpc_url}\n"
-                f"  HTTP     http://{options.http_url}\n"
-                f"  metrics  http://{options.client_host}:{options.metrics_port}/metrics\n"
-                + (f"  health   http://{options.client_host}:{options.health_port}/ready\n" if health else "")
-                + f"  stop with Ctrl-C or: kill {os.getpid()}",
-                file=sys.stderr,
-                flush=True,
-            )
-            if options.effective_admin_key and not processes_hidden_from_other_users():
-                log("note: tritonserver 2.51 takes the admin key only on its command line, where local users who "
-                    "can list processes read it: run it in its own container or mount /proc with hidepid=2 "
-                    "(README, Reliability)")
-            current["supervisor"] = Supervisor(server, supervision, log=log)
-            try:
-                current["supervisor"].run(stop)
-            except SupervisorGaveUp:
-                gave_up = True
-        code = server.stop()
-        if stop.is_set() and code == 1:
-            supervisor = current["supervisor"]
-            replaced = supervisor.replaced_after_crash if supervisor is not None else 0
-            stuck = f"; {replaced} model(s) replaced after a crash, whose old instances tritonserver 2.51 may " \
-                    "never unload" if replaced else ""
-            log(f"tritonserver stopped at its exit timeout (--exit-timeout-secs=30: it waits for clients' open "
-                f"HTTP connections and for every model to unload{stuck}): treated as a clean stop")
-            code = 0
-    finally:
-        if health is not None:
-            health.close()
-    if gave_up:
-        return 1
-    return 0 if stop.is_set() and code in (0, -signal.SIGTERM) else code

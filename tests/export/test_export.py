@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lookalike.embedding import OnnxEmbedder
+from lookalike.images import encode
 from lookalike.preprocessing import Preprocessor
 from lookalike.repository import Repository, copy_repository
-from lookalike.sample_data import encode
 from lookalike_export.backbones import BACKBONES, get_backbone
 from lookalike_export.onnx_export import ExportError, export_embedder
 from tests.conftest import REPOSITORY, ROOT
@@ -43,17 +43,17 @@ def repo(request, tmp_path_factory, images):
 
 def test_onnx_export_passes_parity_and_records_it(repo):
     manifest = repo.manifest()
-    backbone = BACKBONES[manifest["model"]]
-    parity = manifest["parity_onnx_vs_torch"]
+    backbone = BACKBONES[manifest.model]
+    parity = manifest.parity_onnx_vs_torch
     assert parity["mean_cosine"] >= 0.9999 and parity["min_cosine"] >= 0.999
-    assert manifest["dim"] == backbone.dim and manifest["input"] == [3, 224, 224]
-    assert manifest["random_weights"] is (manifest["model"] != "efficientnet_lite0")
-    assert manifest["opset"] >= 17 and manifest["max_batch_size"] == 8
+    assert manifest.dim == backbone.dim and manifest.input == (3, 224, 224)
+    assert manifest.random_weights is (manifest.model != "efficientnet_lite0")
+    assert manifest.opset >= 17 and manifest.max_batch_size == 8
     assert repo.preprocessing() == backbone.preprocessing
     assert (repo.embedder_dir / "1" / "model.py").exists()  # the Python-backend adapter
     assert (repo.embedder_dir / "configs" / "onnxruntime.pbtxt").exists()
     assert not (repo.embedder_dir / "configs" / "tensorrt.pbtxt").exists()  # no engine was built
-    print(f"\n{manifest['model']}: ONNX {(repo.embedder_dir / '1' / 'model.onnx').stat().st_size / 1e6:.1f} MB, "
+    print(f"\n{manifest.model}: ONNX {repo.onnx_file.stat().st_size / 1e6:.1f} MB, "
           f"mean cosine {parity['mean_cosine']:.7f}, max abs diff {parity['max_abs_diff']:.2e}")
 
 
@@ -125,7 +125,7 @@ def test_tensorrt_engine_passes_its_gate(tmp_path, images, precision):
     calibration = images * 8 if precision == "int8" else ()
     manifest = export_embedder(get_backbone("efficientnet_lite0"), repo.root, images, fmt="tensorrt",
                                precision=precision, calibration_images=calibration)
-    engine = manifest["tensorrt_engine"]
+    engine = manifest.tensorrt_engine
     assert engine["parity_vs_onnx"]["mean_cosine"] >= engine["parity_vs_onnx"]["threshold"]
     assert (repo.embedder_dir / "1" / "model.plan").exists()
     assert (repo.embedder_dir / "configs" / "tensorrt.pbtxt").exists()

@@ -14,11 +14,12 @@ import timm  # noqa: E402
 from timm.data import create_transform  # noqa: E402
 
 from lookalike.embedding import OnnxEmbedder  # noqa: E402
+from lookalike.images import encode  # noqa: E402
 from lookalike.preprocessing import Preprocessor  # noqa: E402
 from lookalike.repository import Repository, copy_repository  # noqa: E402
-from lookalike.sample_data import encode  # noqa: E402
 from lookalike_export.backbones import BACKBONES, get_backbone  # noqa: E402
-from lookalike_export.onnx_export import MIN_ONNX_COSINE, export_embedder  # noqa: E402
+from lookalike_export.onnx_export import export_embedder  # noqa: E402
+from lookalike_export.parity import MIN_COSINE  # noqa: E402
 from tests.conftest import REPOSITORY  # noqa: E402
 
 # backbone -> (timm pretrained tag, embedding dim, input size)
@@ -46,13 +47,13 @@ def repo(request, tmp_path_factory, images) -> Repository:
 
 def test_export_passes_parity_with_the_right_dim(repo, images):
     manifest = repo.manifest()
-    name = manifest["model"]
+    name = manifest.model
     _, dim, size = TIMM[name]
-    parity = manifest["parity_onnx_vs_torch"]
-    assert manifest["random_weights"] is True and manifest["weights_source"] == "random init"
-    assert parity["mean_cosine"] >= MIN_ONNX_COSINE and parity["min_cosine"] >= 0.999
-    assert manifest["dim"] == parity["dim"] == BACKBONES[name].dim == dim
-    assert manifest["input"] == [3, size, size]
+    parity = manifest.parity_onnx_vs_torch
+    assert manifest.random_weights is True and manifest.weights_source == "random init"
+    assert parity["mean_cosine"] >= MIN_COSINE["fp32"] and parity["min_cosine"] >= 0.999
+    assert manifest.dim == parity["dim"] == BACKBONES[name].dim == dim
+    assert manifest.input == (3, size, size)
     assert repo.preprocessing() == BACKBONES[name].preprocessing
     # the ONNX file serves any batch up to the maximum, the embedding width pinned
     embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
@@ -63,7 +64,7 @@ def test_export_passes_parity_with_the_right_dim(repo, images):
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
     print(f"\n{name} (random weights): ONNX {(repo.embedder_dir / '1' / 'model.onnx').stat().st_size / 1e6:.1f} MB, "
           f"mean cosine {parity['mean_cosine']:.7f}, max abs diff {parity['max_abs_diff']:.2e}, "
-          f"{manifest['export_seconds']} s")
+          f"{manifest.export_seconds} s")
 
 
 @pytest.mark.parametrize("name", list(TIMM))

@@ -8,7 +8,8 @@ import pytest
 from lookalike.indexer import index_catalog
 from lookalike.repository import Repository, copy_repository
 from lookalike.sample_data import build_sample_catalog
-from lookalike.server import ServerOptions, TritonServer, free_port
+from lookalike.serve import lookalike_server
+from lookalike.server import ServerOptions, free_port
 from lookalike_client import LookalikeClient
 from tests.conftest import REPOSITORY
 
@@ -28,7 +29,7 @@ def server(tmp_path_factory, catalog):
     repo = copy_repository(REPOSITORY, root / "model_repository").root  # no index yet, like a fresh clone
     options = ServerOptions(model_repository=repo, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port())
-    triton = TritonServer(options, log_file=root / "tritonserver.log")
+    triton = lookalike_server(options, log_file=root / "tritonserver.log")
     with triton:
         with LookalikeClient(options.grpc_url) as client:
             report = index_catalog(catalog / "catalog.csv", Repository(repo), client, progress=False)

@@ -6,7 +6,8 @@ from PIL import Image
 
 from lookalike.publishing import write_empty_index
 from lookalike.repository import copy_repository
-from lookalike.server import ServerOptions, TritonServer, free_port
+from lookalike.serve import lookalike_server
+from lookalike.server import ServerOptions, free_port
 from lookalike_client import LookalikeClient, PermissionDeniedError
 from tests.conftest import REPOSITORY, encode
 
@@ -19,7 +20,7 @@ def test_model_control_needs_the_admin_key_inference_does_not(tmp_path):
     options = ServerOptions(model_repository=repo.root, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), restrict_admin=True, admin_key="k3y-for-tests")
     image = encode(Image.new("RGB", (32, 32), (10, 200, 10)), "PNG")
-    with TritonServer(options, log_file=tmp_path / "tritonserver.log"):
+    with lookalike_server(options, log_file=tmp_path / "tritonserver.log"):
         for protocol, url in (("grpc", options.grpc_url), ("http", options.http_url)):
             with LookalikeClient(url, protocol=protocol, admin_key="") as anonymous:
                 assert anonymous.search(image, top_k=3) == []  # inference is open (empty catalog)
@@ -46,7 +47,7 @@ def test_the_supervisor_repairs_with_the_admin_key_where_model_control_is_restri
     options = ServerOptions(model_repository=repo.root, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), restrict_admin=True, admin_key="k3y-for-tests")
     lines = []
-    with TritonServer(options, log_file=tmp_path / "tritonserver.log") as server:
+    with lookalike_server(options, log_file=tmp_path / "tritonserver.log") as server:
         supervisor = Supervisor(server, SupervisorOptions(interval_s=0.1), log=lines.append)
         supervisor.check()  # learn the stubs
         (victim,) = [p for s, p in supervisor.watch.current.items() if s.model == "product_search"]

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.recovery import Serve, kill_and_recover
 from lookalike.indexer import index_catalog
 from lookalike.publishing import PublishError
 from lookalike.repository import STAGING_OWNER_FILE, copy_repository
 from lookalike.search import ProductIndex
-from lookalike.server import ServerOptions, TritonServer, free_port
-from loadtest.recovery import Serve, kill_and_recover
+from lookalike.serve import lookalike_server
+from lookalike.server import ServerOptions, free_port
 from lookalike_client import LookalikeClient
 from tests.conftest import REPOSITORY
 
@@ -115,7 +116,7 @@ def test_restart_at_once_on_the_same_ports(tmp_path, catalog):
     for _ in range(3):  # "Connection: close" requests: the server closes, its side goes to TIME-WAIT
         urllib.request.urlopen(f"http://{s.http}/v2/health/ready", timeout=5).close()
     assert s.stop() == 0
-    assert time_wait_sockets(s.ports["http"]) > 0  # what made the old port check refuse for ~60 s
+    assert time_wait_sockets(s.options.http_port) > 0  # what made the old port check refuse for ~60 s
     s.start(wait=False)
     took = s.wait_ready(timeout_s=120)
     print(f"\nrestarted on the same ports: ready after {took:.1f} s")
@@ -125,9 +126,10 @@ def test_restart_at_once_on_the_same_ports(tmp_path, catalog):
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
-    for name, port in (("metrics", blocker.getsockname()[1]), ("grpc", s.ports["grpc"])):
-        ports = {n: free_port() for n in ("http", "grpc", "metrics", "health")} | {name: port}
-        other = Serve(s.repo, ports, tmp_path / f"other-{name}.log").start(wait=False)
+    for name, port in (("metrics", blocker.getsockname()[1]), ("grpc", s.options.grpc_port)):
+        ports = {f"{n}_port": free_port() for n in ("http", "grpc", "metrics", "health")} | {f"{name}_port": port}
+        options = ServerOptions(model_repository=s.repo.root, **ports)
+        other = Serve(s.repo, options, tmp_path / f"other-{name}.log").start(wait=False)
         assert other.process.wait(timeout=60) == 1
         assert f"{name} port 127.0.0.1:{port} is in use" in other.text(), other.text()[-2000:]
     blocker.close()
@@ -165,7 +167,7 @@ def test_an_index_the_server_refused_is_not_left_for_a_restart(tmp_path, catalog
     repo = copy_repository(REPOSITORY, tmp_path / "model_repository")
     options = ServerOptions(model_repository=repo.root, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), restrict_admin=True, admin_key="k3y-for-tests")
-    with TritonServer(options, log_file=tmp_path / "tritonserver.log"):
+    with lookalike_server(options, log_file=tmp_path / "tritonserver.log"):
         serving = repo.index_versions()
         with LookalikeClient(options.grpc_url, admin_key="") as anonymous:
             with pytest.raises(PublishError, match="did not load index version .*set aside"):

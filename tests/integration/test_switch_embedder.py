@@ -7,11 +7,14 @@ import csv
 import numpy as np
 import pytest
 
+from lookalike.images import encode
 from lookalike.indexer import index_catalog
+from lookalike.publishing import write_index_version
 from lookalike.repository import copy_repository
-from lookalike.sample_data import encode, real_photos
+from lookalike.sample_data import real_photos
 from lookalike.search import Product, ProductIndex
-from lookalike.server import ServerOptions, TritonServer, free_port
+from lookalike.serve import lookalike_server
+from lookalike.server import ServerOptions, free_port
 from lookalike_client import LookalikeClient
 from lookalike_export.backbones import get_backbone
 from lookalike_export.onnx_export import export_embedder
@@ -25,13 +28,13 @@ def test_new_embedder_serves_end_to_end_and_never_searches_an_old_index(tmp_path
     repo = copy_repository(REPOSITORY, tmp_path / "model_repository")
     old = repo.manifest()
     # An index built with the current (Lite0) embedder.
-    stale = ProductIndex.build([Product("OLD-1"), Product("OLD-2")], np.eye(2, old["dim"], dtype=np.float32),
-                               embedder_fingerprint=old["fingerprint"])
-    repo.write_index_version(stale.save)
+    stale = ProductIndex.build([Product("OLD-1"), Product("OLD-2")], np.eye(2, old.dim, dtype=np.float32),
+                               embedder_fingerprint=old.fingerprint)
+    write_index_version(repo, stale.save)
 
     photos = [(name, encode(image, "JPEG", quality=90)) for name, image in list(real_photos())[:12]]
     manifest = export_embedder(get_backbone(model), repo.root, [data for _, data in photos[:4]], weights=None)
-    assert manifest["fingerprint"] != old["fingerprint"] and manifest["random_weights"]
+    assert manifest.fingerprint != old.fingerprint and manifest.random_weights
 
     catalog = tmp_path / "catalog"
     catalog.mkdir()
@@ -44,11 +47,11 @@ def test_new_embedder_serves_end_to_end_and_never_searches_an_old_index(tmp_path
     options = ServerOptions(model_repository=repo.root, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port())
     log = tmp_path / "tritonserver.log"
-    with TritonServer(options, log_file=log):
+    with lookalike_server(options, log_file=log):
         with LookalikeClient(options.grpc_url, timeout_s=120) as client:
             # The Lite0 index was not served with the new embedder: an empty one was published instead.
             assert client.search(photos[0][1], top_k=5) == []
-            assert client.embed([photos[0][1]]).shape == (1, manifest["dim"])
+            assert client.embed([photos[0][1]]).shape == (1, manifest.dim)
             report = index_catalog(catalog / "catalog.csv", repo, client, progress=False)
             assert report.products == len(photos) and not report.problems
             for name, data in photos[:4]:

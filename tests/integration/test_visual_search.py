@@ -1,7 +1,6 @@
 """visual_search / embed_image on a real tritonserver, over gRPC and HTTP."""
 
 import csv
-import io
 import struct
 import threading
 import time
@@ -14,8 +13,10 @@ import pytest
 from PIL import Image
 
 from lookalike.embedding import OnnxEmbedder
+from lookalike.images import over_background
 from lookalike.indexer import index_catalog
 from lookalike.preprocessing import Preprocessor
+from lookalike.publishing import write_index_version
 from lookalike.repository import Repository
 from lookalike.sample_data import perturb
 from lookalike.search import ProductIndex
@@ -62,10 +63,7 @@ def test_perturbed_copies_find_their_original(server, catalog):
         def one(args):
             i, row = args
             with Image.open(catalog / row["image"]) as image:
-                image = image.convert("RGBA")
-                flat = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                flat.alpha_composite(image)
-                data = encode(perturb(flat.convert("RGB"), seed=i), "JPEG", quality=75)
+                data = encode(perturb(over_background(image), seed=i), "JPEG", quality=75)
             return row["product_id"], [m.product_id for m in client.search(data, top_k=5)]
 
         with ThreadPoolExecutor(8) as pool:
@@ -231,7 +229,7 @@ def test_index_from_another_embedder_is_refused_and_old_version_keeps_serving(se
     from lookalike.search import Product
 
     stale = ProductIndex.build([Product(f"X{i}") for i in range(3)], vectors, embedder_fingerprint="another-embedder")
-    version = repo.write_index_version(stale.save)
+    version = write_index_version(repo, stale.save)
     with LookalikeClient(server.options.grpc_url) as client:
         with pytest.raises(Exception, match="built with embedder another-embedder"):
             client.reload_index()

@@ -7,7 +7,13 @@ import pytest
 from PIL import Image
 
 from lookalike.evaluation import (
-    ColourHistogram, Outcome, Query, breakdown, category_precision, read_queries, retrieval_metrics,
+    ColourHistogram,
+    Outcome,
+    Query,
+    breakdown,
+    category_precision,
+    read_queries,
+    retrieval_metrics,
 )
 
 

@@ -146,7 +146,10 @@ def test_large_jpeg_draft_decoding_is_close_to_full_decode(photo):
 
 
 # -- errors ---------------------------------------------------------------------------------------
-def reason(data, limits=ImageLimits()):
+DEFAULT_LIMITS = ImageLimits()
+
+
+def reason(data, limits=DEFAULT_LIMITS):
     with pytest.raises(ImageError) as info:
         Preprocessor(LETTERBOX, limits)(data)
     return info.value.reason, str(info.value)

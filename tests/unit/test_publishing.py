@@ -10,8 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.publishing import (REASON_FILE, clean_stale_staging, ensure_servable_index, set_aside,
-                                  version_problem)
+from lookalike.artifacts import EmbedderManifest
+from lookalike.publishing import (
+    REASON_FILE,
+    clean_stale_staging,
+    ensure_servable_index,
+    refresh_model_code,
+    set_aside,
+    version_problem,
+    write_index_version,
+)
 from lookalike.repository import STAGING_OWNER_FILE, Repository
 from lookalike.search import CorruptIndexError, Product, ProductIndex
 
@@ -21,7 +29,7 @@ DIM = 8
 @pytest.fixture
 def repo(tmp_path) -> Repository:
     (tmp_path / "embedder").mkdir()
-    (tmp_path / "embedder" / "manifest.json").write_text(json.dumps({"fingerprint": "fp-now", "dim": DIM}))
+    EmbedderManifest(model="test", dim=DIM, input=(3, 32, 32), fingerprint="fp-now").save(tmp_path / "embedder" / "manifest.json")
     (tmp_path / "product_search").mkdir()
     (tmp_path / "product_search" / "model.py").write_text("# the product_search adapter\n")
     return Repository(tmp_path)
@@ -32,7 +40,7 @@ def write_index(repo: Repository, n: int = 5, fingerprint: str = "fp-now") -> in
     vectors = rng.standard_normal((n, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = ProductIndex.build([Product(f"p{i}") for i in range(n)], vectors, embedder_fingerprint=fingerprint)
-    return repo.write_index_version(index.save)
+    return write_index_version(repo, index.save)
 
 
 def truncate(path: Path) -> None:
@@ -154,3 +162,17 @@ def test_set_aside_keeps_a_bounded_number(repo):
         time.sleep(0.01)
     assert len(list(repo.rejected_dir.iterdir())) == 5
     assert repo.index_versions() == []
+
+
+def test_versions_written_by_an_older_release_get_this_releases_model_code(repo):
+    """An upgrade changes product_search/model.py; the index files of the versions stay as they were."""
+    first, second = write_index(repo), write_index(repo)
+    (repo.search_dir / str(first) / "model.py").write_text("from lookalike.serving import gone\n")
+    index_bytes = (repo.search_dir / str(first) / "index.faiss").read_bytes()
+    lines = []
+    assert ensure_servable_index(repo, log=lines.append) == second
+    for version in (first, second):
+        assert (repo.search_dir / str(version) / "model.py").read_text() == "# the product_search adapter\n"
+    assert (repo.search_dir / str(first) / "index.faiss").read_bytes() == index_bytes
+    assert any(f"index version(s) {first}" in line for line in lines), lines
+    assert refresh_model_code(repo, log=lines.append) == []  # nothing left to do

@@ -10,19 +10,18 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from lookalike.repository import Repository, render_embedder_config
+from lookalike import model_configs
+from lookalike.model_configs import embedder_config, parse, render_embedder_config
+from lookalike.publishing import prune_index_versions, write_index_version
+from lookalike.repository import Repository
 from lookalike_client import contract as c
 from tests.conftest import REPOSITORY
 
 TYPE = model_config_pb2.DataType
 
 
-def parse(text: str) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
-def load(model: str) -> model_config_pb2.ModelConfig:
-    return parse((REPOSITORY / model / "config.pbtxt").read_text())
+def load(model: str):
+    return model_configs.read(REPOSITORY / model / "config.pbtxt")
 
 
 def tensors(entries):
@@ -51,7 +50,7 @@ def test_query_and_catalog_preprocess_share_code_and_limits():
     """preprocess_query is preprocess with side "query": the same model code (a link) and limits."""
     query_dir, catalog_dir = REPOSITORY / c.PREPROCESS_QUERY_MODEL, REPOSITORY / c.PREPROCESS_MODEL
     assert (query_dir / "1" / "model.py").resolve() == (catalog_dir / "1" / "model.py").resolve()
-    params = {m: {k: v.string_value for k, v in load(m).parameters.items()} for m in (c.PREPROCESS_MODEL, c.PREPROCESS_QUERY_MODEL)}
+    params = {m: model_configs.parameters(load(m)) for m in (c.PREPROCESS_MODEL, c.PREPROCESS_QUERY_MODEL)}
     assert params[c.PREPROCESS_MODEL].pop("side") == "catalog" and params[c.PREPROCESS_QUERY_MODEL].pop("side") == "query"
     assert params[c.PREPROCESS_MODEL] == params[c.PREPROCESS_QUERY_MODEL]
 
@@ -72,33 +71,26 @@ def test_embedder_variants_parse_and_share_tensors(variant):
     if variant == "onnxruntime":
         assert config.default_model_filename == "model.onnx"
         assert not config.parameters  # nothing the onnxruntime backend would not understand
+    assert config == embedder_config(variant, height=224, width=224, dim=1280, max_batch_size=64)  # text round trip
 
 
-def test_exported_embedder_directory_serves_both_variants():
-    """The directory `lookalike export` wrote: config.pbtxt (Python+ORT) and configs/onnxruntime.pbtxt
-    (selected with --model-config-name=onnxruntime) both name the ONNX file's own tensors and dims."""
-    import onnx
-
-    repo = Repository(REPOSITORY)
-    if not repo.manifest_file.exists():
-        pytest.fail("no exported embedder: run `make export` first")
-    model = onnx.load(str(repo.embedder_dir / "1" / "model.onnx"), load_external_data=False)
-    graph_in = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    graph_out = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
-    manifest = repo.manifest()
-    assert graph_in == {c.PIXELS: ["batch", *manifest["input"]]}
-    assert graph_out == {c.EMBEDDING: ["batch", manifest["dim"]]}
-    for path in (repo.embedder_dir / "config.pbtxt", repo.embedder_dir / "configs" / "onnxruntime.pbtxt"):
-        config = parse(path.read_text())
-        assert list(config.input[0].dims) == manifest["input"] and config.input[0].name == c.PIXELS
-        assert list(config.output[0].dims) == [manifest["dim"]] and config.output[0].name == c.EMBEDDING
-    assert (repo.embedder_dir / "1" / "model.py").exists() and (repo.embedder_dir / "1" / "model.onnx").exists()
-    assert repo.preprocessing().height == manifest["input"][1]
+def test_generated_configs_fail_at_generation_not_at_load():
+    """Configs are ModelConfig messages: a field Triton's schema does not have fails when it is built."""
+    with pytest.raises((AttributeError, ValueError)):
+        model_configs.new_config(name="embedder", max_batch_szie=8)
+    config = embedder_config("python", height=224, width=224, dim=1280, max_batch_size=64)
+    with pytest.raises(TypeError):
+        config.max_batch_size = "64"
+    with pytest.raises(ValueError):
+        embedder_config("openvino", height=224, width=224, dim=1280, max_batch_size=64)
+    with pytest.raises(text_format.ParseError):
+        parse('name: "x" max_batch_sise: 8')
 
 
 def test_serving_path_does_not_import_torch():
     code = (
         "import sys; import lookalike.preprocessing, lookalike.search, lookalike.embedding, lookalike.server, "
+        "lookalike.serve, lookalike.adapter, lookalike.product_search, lookalike.model_configs, lookalike.artifacts, "
         "lookalike.indexer, lookalike.cli, lookalike_client; "
         "bad = [m for m in ('torch', 'torchvision', 'lookalike_export') if m in sys.modules]; "
         "assert not bad, bad"
@@ -117,11 +109,11 @@ def test_write_index_version_is_atomic_and_prunes(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        repo.write_index_version(failing)
+        write_index_version(repo, failing)
     assert repo.index_versions() == [] and list(search_dir.iterdir()) == [search_dir / "model.py"]
     for _ in range(3):
-        repo.write_index_version(lambda path: (path / "index.json").write_text("{}"))
+        write_index_version(repo, lambda path: (path / "index.json").write_text("{}"))
     assert repo.index_versions() == [1, 2, 3]
     assert (search_dir / "3" / "model.py").read_text() == "# adapter"
-    assert repo.prune_index_versions(keep=2) == [1]
+    assert prune_index_versions(repo, keep=2) == [1]
     assert repo.index_versions() == [2, 3]

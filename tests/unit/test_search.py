@@ -1,4 +1,4 @@
-"""lookalike.search and lookalike.serving: build, persist, search; ids stay strings; TOP_K and embedding
+"""lookalike.search and lookalike.product_search: build, persist, search; ids stay strings; TOP_K and embedding
 rules; requests of one batch never shape each other."""
 
 import re
@@ -6,9 +6,8 @@ import re
 import numpy as np
 import pytest
 
+from lookalike.product_search import PAD_PRODUCT_ID, PAD_SCORE, SearchRequest, check_embeddings, resolve_top_k, search_requests
 from lookalike.search import Product, ProductIndex
-from lookalike.serving import (PAD_PRODUCT_ID, PAD_SCORE, SearchRequest, check_embeddings, resolve_top_k,
-                               search_requests)
 
 
 def normalised(rng, n, d):
@@ -68,7 +67,7 @@ def test_save_load_round_trip(tmp_path, catalog):
 def test_approximate_factory_trains(catalog):
     products, vectors = catalog
     index = ProductIndex.build(products, vectors, factory="IVF4,Flat")
-    assert index.meta["factory"] == "IVF4,Flat" and len(index) == 50
+    assert index.meta.factory == "IVF4,Flat" and len(index) == 50
 
 
 def test_rejects_bad_input(catalog):
@@ -169,7 +168,7 @@ def test_a_product_scores_its_best_vector_and_appears_once(tmp_path):
     products = [Product(f"p{i}") for i in range(6)]
     vectors = normalised(rng, 6 * 3, 16)  # three vectors each, consecutive
     index = ProductIndex.build(products, vectors, vectors=[3] * 6)
-    assert len(index) == 6 and index.index.ntotal == 18 and index.meta["vectors"] == 18
+    assert len(index) == 6 and index.index.ntotal == 18 and index.meta.vectors == 18
     ids, scores = index.search(vectors, 4)
     for row, (found, got) in enumerate(zip(ids, scores)):
         assert found[0] == f"p{row // 3}" and got[0] == pytest.approx(1.0, abs=1e-5)  # each view finds its product

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.server import Binary, ServerError, ServerOptions, build_command, find_tritonserver
+from lookalike.server import Binary, LaunchError, ServerOptions, build_command, find_tritonserver
 
 BINARY = Binary(Path("/opt/tritonserver/bin/tritonserver"), {}, None)
 
@@ -23,7 +23,7 @@ def test_loopback_command(tmp_path):
 
 def test_beyond_loopback_needs_a_key(tmp_path, monkeypatch):
     monkeypatch.delenv("LOOKALIKE_ADMIN_KEY", raising=False)
-    with pytest.raises(ServerError, match="LOOKALIKE_ADMIN_KEY"):
+    with pytest.raises(LaunchError, match="LOOKALIKE_ADMIN_KEY"):
         build_command(ServerOptions(model_repository=tmp_path, host="0.0.0.0"), BINARY)
     monkeypatch.setenv("LOOKALIKE_ADMIN_KEY", "s3cret")
     args = build_command(ServerOptions(model_repository=tmp_path, host="0.0.0.0"), BINARY)

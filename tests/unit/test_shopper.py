@@ -6,8 +6,17 @@ import pytest
 from PIL import Image, ImageDraw
 
 from lookalike.shopper import (
-    DIMENSIONS, FRAMES, OCCLUSIONS, ROTATIONS, SCALES, ShopperSimulator, cutout, exclude_lookalikes,
-    rotation_bucket, scale_bucket, signature,
+    DIMENSIONS,
+    FRAMES,
+    OCCLUSIONS,
+    ROTATIONS,
+    SCALES,
+    ShopperSimulator,
+    cutout,
+    exclude_lookalikes,
+    rotation_bucket,
+    scale_bucket,
+    signature,
 )
 
 

@@ -3,39 +3,33 @@
 This variant exists because the tritonserver of the nvidia-pytriton wheel has only the Python
 backend. In the NGC tritonserver image the same directory is served by the `onnxruntime` backend
 (configs/onnxruntime.pbtxt, selected with --model-config-name=onnxruntime) and this file is unused.
-All requests of a dynamic batch run as one ONNX Runtime call.
+All requests of a dynamic batch run as one ONNX Runtime call (`lookalike.adapter`).
 """
 
-import json
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from lookalike.adapter import model_parameters, request_inputs, required, responses, rows_together, run_together
+from lookalike.artifacts import MANIFEST_FILE, EmbedderManifest
 from lookalike.embedding import OnnxEmbedder
 from lookalike_client import contract as c
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.embedder = OnnxEmbedder(version_dir / params["onnx_file"], intra_op_threads=int(params["intra_op_threads"]))
-        manifest = Path(args["model_repository"]) / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text()).get("random_weights"):
+        params = model_parameters(args)
+        model_dir = Path(args["model_repository"])
+        self.embedder = OnnxEmbedder(model_dir / args["model_version"] / params["onnx_file"],
+                                     intra_op_threads=int(params["intra_op_threads"]))
+        if (model_dir / MANIFEST_FILE).exists() and EmbedderManifest.load(model_dir / MANIFEST_FILE).random_weights:
             pb_utils.Logger.log_warn("embedder: serving RANDOM weights (exported for tests): results are meaningless")
 
     def execute(self, requests):
-        try:
-            batches = [pb_utils.get_input_tensor_by_name(r, c.PIXELS).as_numpy() for r in requests]
-            embeddings = self.embedder(np.concatenate(batches) if len(batches) > 1 else batches[0])
-        except Exception as exc:
-            error = pb_utils.TritonError(f"embedder failed: {exc}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        responses, start = [], 0
-        for batch in batches:
-            part = embeddings[start : start + len(batch)]
-            start += len(batch)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(c.EMBEDDING, part)]))
-        return responses
+        outcomes = run_together(
+            [request_inputs(pb_utils, r, [c.PIXELS]) for r in requests],
+            parse=lambda inputs: required(inputs, c.PIXELS),
+            compute=lambda batches: [{c.EMBEDDING: e} for e in rows_together(batches, self.embedder)],
+            what="embedder", log=pb_utils.Logger.log_error,
+        )
+        return responses(pb_utils, outcomes)

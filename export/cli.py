@@ -1,0 +1,67 @@
+"""`lookalike export`: the command line of this package. `lookalike.cli` dispatches the `export`
+subcommand here (the one edge from `lookalike` to `lookalike_export`); this module imports torch only
+when the command runs, so `lookalike --help` works without the export extra."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lookalike_client import contract as c
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="efficientnet_lite0",
+                   help="efficientnet_lite0 (weights packaged, works offline), resnet50, vit_b_16, dinov2_vits14, clip_vit_b16")
+    p.add_argument("--weights", default="DEFAULT",
+                   help="DEFAULT (Lite0: the packaged weights; the others: torchvision's or the HF hub's, downloaded) "
+                        "or a state_dict file (.pth, .safetensors) for offline use")
+    p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="TensorRT engine precision")
+    p.add_argument("--calibration", type=Path, default=None, help="catalog (CSV or folder) whose images calibrate INT8")
+    p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--random-weights", action="store_true",
+                   help="random init: only to test the export machinery; the manifest records it")
+    p.add_argument("--max-batch", type=int, default=c.MAX_BATCH_SIZE)
+    p.add_argument("--parity-images", type=int, default=8, help="real images for the torch/ONNX parity check")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from .backbones import get_backbone
+        from .onnx_export import ExportError, export_embedder
+    except ImportError as exc:
+        print(f"lookalike export needs the export extra (torch): {exc}", file=sys.stderr)
+        return 1
+    from lookalike.catalog import read_catalog
+    from lookalike.images import encode
+    from lookalike.sample_data import real_photos
+
+    try:
+        backbone = get_backbone(args.model)
+        images = [encode(image) for _, image in list(real_photos())[: args.parity_images]]
+        calibration: list[bytes] = []
+        if args.calibration is not None:
+            items, _ = read_catalog(args.calibration)
+            calibration = [item.image.read_bytes() for item in items[: args.calibration_images]]
+        manifest = export_embedder(backbone, args.model_repository, images,
+                                   weights=None if args.random_weights else args.weights,
+                                   max_batch_size=args.max_batch, fmt=args.format, precision=args.precision,
+                                   calibration_images=calibration)
+    except (ExportError, RuntimeError, ValueError, OSError) as exc:
+        print(f"lookalike export: {exc}", file=sys.stderr)
+        return 1
+    p = manifest.parity_onnx_vs_torch
+    print(f"exported {backbone.name} ({manifest.weights_source}) -> {Path(args.model_repository) / c.EMBEDDER_MODEL}\n"
+          f"  dim {manifest.dim}, input {list(manifest.input)}, fingerprint {manifest.fingerprint}\n"
+          f"  parity ONNX Runtime vs torch on {p['images']} real images: mean cosine {p['mean_cosine']:.7f}, "
+          f"max abs diff {p['max_abs_diff']:.2e}")
+    engine = manifest.tensorrt_engine
+    if engine:
+        e = engine["parity_vs_onnx"]
+        print(f"  TensorRT {engine['tensorrt']} {engine['precision']} engine on {engine['gpu']} (sm {engine['compute_capability']}): "
+              f"mean cosine vs ONNX {e['mean_cosine']:.6f} (gate {e['threshold']})")
+    if manifest.random_weights:
+        print("  WARNING: random weights (for testing the export machinery only)")
+    return 0

@@ -1,0 +1,108 @@
+"""`lookalike serve`: tritonserver (`lookalike.server`) over a model repository made servable before each
+start (`lookalike.publishing.ensure_servable_index`), kept serving by the supervisor, with its health
+endpoint, the ready banner, signal forwarding and the exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lookalike_client import contract as c
+
+from .publishing import ensure_servable_index
+from .repository import Repository
+from .server import LaunchError, ServerOptions, TritonServer, processes_hidden_from_other_users
+
+if TYPE_CHECKING:
+    from .supervisor import SupervisorOptions
+
+
+def log(message: object) -> None:
+    print(f"lookalike: {message}", file=sys.stderr, flush=True)
+
+
+def lookalike_server(options: ServerOptions, log_file: Path | None = None) -> TritonServer:
+    """tritonserver over `options.model_repository`, whose newest index version is made one it can
+    serve before every start (see `ensure_servable_index`)."""
+    repository = Repository(Path(options.model_repository))
+
+    def prepare() -> None:
+        ensure_servable_index(repository, log=log)
+
+    return TritonServer(options, log_file, prepare=prepare)
+
+
+def serve_forever(options: ServerOptions, supervision: "SupervisorOptions | None" = None) -> int:
+    """Foreground server for the CLI: the supervisor and its health endpoint, the ready banner,
+    signal forwarding, and the exit code (0 after SIGINT/SIGTERM)."""
+    from .supervisor import HealthServer, Supervisor, SupervisorGaveUp
+
+    server = lookalike_server(options)
+    stop = threading.Event()
+    current: dict[str, Supervisor | None] = {"supervisor": None}
+    health = None
+    if options.health_port:
+        try:
+            health = HealthServer(lambda: current["supervisor"], options.host, options.health_port).start()
+        except OSError as exc:
+            log(f"health port {options.host}:{options.health_port}: {exc.strerror or exc} (another server running?)")
+            return 1
+
+    def forward(signum, _frame):
+        stop.set()
+        process = server.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    gave_up = False
+    try:
+        try:
+            server.start()
+            server.wait_ready()
+        except LaunchError as exc:
+            if not stop.is_set():
+                log(exc)
+                server.stop()
+                return 1
+        if not stop.is_set():
+            print(
+                f"lookalike: {c.VISUAL_SEARCH_MODEL} is ready\n"
+                f"  gRPC     {options.grpc_url}\n"
+                f"  HTTP     http://{options.http_url}\n"
+                f"  metrics  http://{options.client_host}:{options.metrics_port}/metrics\n"
+                + (f"  health   http://{options.client_host}:{options.health_port}/ready\n" if health else "")
+                + f"  stop with Ctrl-C or: kill {os.getpid()}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if options.effective_admin_key and not processes_hidden_from_other_users():
+                log("note: tritonserver 2.51 takes the admin key only on its command line, where local users who "
+                    "can list processes read it: run it in its own container or mount /proc with hidepid=2 "
+                    "(README, Reliability)")
+            current["supervisor"] = Supervisor(server, supervision, log=log)
+            try:
+                current["supervisor"].run(stop)
+            except SupervisorGaveUp:
+                gave_up = True
+        code = server.stop()
+        if stop.is_set() and code == 1:
+            supervisor = current["supervisor"]
+            replaced = supervisor.replaced_after_crash if supervisor is not None else 0
+            stuck = f"; {replaced} model(s) replaced after a crash, whose old instances tritonserver 2.51 may " \
+                    "never unload" if replaced else ""
+            log(f"tritonserver stopped at its exit timeout (--exit-timeout-secs=30: it waits for clients' open "
+                f"HTTP connections and for every model to unload{stuck}): treated as a clean stop")
+            code = 0
+    finally:
+        if health is not None:
+            health.close()
+    if gave_up:
+        return 1
+    return 0 if stop.is_set() and code in (0, -signal.SIGTERM) else code
