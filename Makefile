@@ -21,7 +21,7 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?= fp16
 CALIBRATION ?=
 
-.PHONY: setup export catalog demo up serve stop test unit typecheck bench bench-export eval eval-candidates eval-preprocessing recovery engine image clean
+.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-export eval eval-candidates eval-preprocessing recovery engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
@@ -35,6 +35,8 @@ $(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scri
 	@# build; the stubs stay out of .venv (their dependencies would download TensorRT itself).
 	npm ci --no-audit --no-fund --silent
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --upgrade --target .typecheck $(TRT_STUBS)
+	@# pyright cannot follow setuptools' editable finder for the export/ -> lookalike_export mapping.
+	ln -sfn ../export .typecheck/lookalike_export
 	touch $@
 
 # --- artefacts (generated, not in git) ----------------------------------------------------------
@@ -81,12 +83,19 @@ stop:
 	@rm -f $(RUN)/server.pid
 
 # --- checks -------------------------------------------------------------------------------------
-test: $(EMBEDDER)
+# Lint and types, then the tiers: tests/unit (plain Python: no torch export, no exported embedder, no
+# tritonserver), tests/export (torch exports, the exported embedder), tests/integration (tritonserver).
+test: lint $(EMBEDDER)
 	$(BIN)/python -m pytest tests -v --durations=10
 
 unit: $(VENV)/.setup-done
 	$(BIN)/python -m pytest tests/unit -q
 
+lint: $(VENV)/.setup-done
+	$(BIN)/ruff check .
+	@$(MAKE) --no-print-directory typecheck
+
+# pyright over lookalike/, export/, client/ (strict), the models, loadtest/ and scripts/ (pyrightconfig.json)
 typecheck: $(VENV)/.setup-done
 	node_modules/.bin/pyright
 

@@ -1,4 +1,3 @@
-import io
 import sys
 from pathlib import Path
 
@@ -6,14 +5,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike import images
+
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
+    """Lossless by default in tests."""
+    return images.encode(image, fmt, **params)
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +33,16 @@ def photos():
 
 def pytest_report_header(config):
     return f"python {sys.version.split()[0]}, numpy {np.__version__}"
+
+
+TIERS = {"export": "export", "integration": "integration"}  # tests/<folder> -> marker
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers by folder: tests/unit needs neither torch exports nor the exported embedder nor tritonserver
+    (make unit); tests/export exports with torch or reads the exported embedder; tests/integration starts
+    tritonserver. Each folder's tests carry its marker, so `-m "not integration"` and the like work."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT).parts
+        if len(parts) > 1 and parts[1] in TIERS:
+            item.add_marker(TIERS[parts[1]])
