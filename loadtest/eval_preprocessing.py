@@ -30,7 +30,7 @@ from lookalike.search import Product, ProductIndex
 
 def flatten(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:
-        return over_background(image)
+        return over_background(image).copy()  # an RGB image comes back as itself: copy it before the file closes
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ def has_alpha(image: Image.Image) -> bool:
 
 
 def over_background(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
-    """`image` as RGB, its transparent pixels composited over `background`."""
+    """`image` as RGB, its transparent pixels composited over `background`. An RGB image without
+    transparency is returned as itself (no copy): copy it if it must outlive its file."""
     if not has_alpha(image):
         return image if image.mode == "RGB" else image.convert("RGB")
     rgba = image.convert("RGBA")
