@@ -21,7 +21,7 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?= fp16
 CALIBRATION ?=
 
-.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-export eval eval-candidates eval-preprocessing recovery engine image clean
+.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-index bench-export eval eval-candidates eval-preprocessing recovery engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
@@ -119,6 +119,10 @@ eval-preprocessing: $(EMBEDDER) $(CATALOG)/catalog.csv
 
 recovery: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/recovery.py --catalog $(CATALOG) --out results
+
+# Index types on synthetic catalog-like vectors at 1280-d: build, memory, disk, q/s, recall@10 vs exact.
+bench-index: $(VENV)/.setup-done
+	$(BIN)/python loadtest/bench_index.py --sizes 100000 --out results
 
 bench-export: $(VENV)/.setup-done
 	$(BIN)/python loadtest/export_bench.py --out results

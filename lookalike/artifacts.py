@@ -178,11 +178,15 @@ class IndexMeta:
     embedder_fingerprint: str = ""
     created: str = ""
     files: dict[str, dict[str, Any]] | None = None
+    # Search-time defaults of this version ({"efSearch": n} for HNSW, {"nprobe": n} for IVF); the
+    # product_search config parameters override them.
+    search: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def new(cls, *, dim: int, count: int, vectors: int, factory: str, embedder_fingerprint: str) -> "IndexMeta":
+    def new(cls, *, dim: int, count: int, vectors: int, factory: str, embedder_fingerprint: str,
+            search: dict[str, int] | None = None) -> "IndexMeta":
         return cls(dim=dim, count=count, vectors=vectors, factory=factory,
-                   embedder_fingerprint=embedder_fingerprint, created=utc_now())
+                   embedder_fingerprint=embedder_fingerprint, created=utc_now(), search=dict(search or {}))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "IndexMeta":
@@ -191,11 +195,14 @@ class IndexMeta:
         files = _check(data, what, "files", dict, optional=True)
         if files is not None and not all(isinstance(v, dict) for v in files.values()):
             raise ArtifactError(f"{what}: 'files' is not a table of files")
+        search = _check(data, what, "search", dict, optional=True) or {}
+        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in search.items()):
+            raise ArtifactError(f"{what}: 'search' must map parameter names to positive integers, got {search!r}")
         return cls(
             dim=dim, count=count, vectors=int(data.get("vectors", count)), factory=str(data.get("factory", "Flat")),
             metric=str(data.get("metric", "inner_product")),
             embedder_fingerprint=str(data.get("embedder_fingerprint") or ""), created=str(data.get("created", "")),
-            files=files,
+            files=files, search=dict(search),
         )
 
     def to_dict(self) -> dict[str, Any]:

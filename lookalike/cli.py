@@ -74,16 +74,21 @@ def cmd_index(args: argparse.Namespace) -> int:
     repository = Repository(args.model_repository)
     try:
         with _client(args) as client:
-            report = index_catalog(args.catalog, repository, client, factory=args.index_factory,
-                                   batch_size=args.batch_size, concurrency=args.concurrency,
-                                   progress=not args.quiet)
+            options = {"hnsw_m": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "m": args.m,
+                       "nprobe": args.nprobe}
+            report = index_catalog(args.catalog, repository, client, index=args.index, index_options=options,
+                                   factory=args.index_factory, batch_size=args.batch_size,
+                                   concurrency=args.concurrency, progress=not args.quiet)
     except (LookalikeError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"lookalike index: {exc}", file=sys.stderr)
         return 1
     for problem in report.problems:
         print(printable(f"skipped {problem}"), file=sys.stderr)
-    print(f"indexed {report.products} products ({len(report.problems)} rows skipped) in {report.seconds:.1f} s; "
-          f"{c.SEARCH_MODEL} now serves version {report.version}")
+    if report.index is not None:
+        search = "".join(f", {k} {v}" for k, v in report.index.search.items())
+        print(f"index: {report.index.kind} ({report.index.factory}{search}): {report.index.reason}")
+    print(f"indexed {report.products} products ({report.vectors} vectors, {len(report.problems)} rows skipped) in "
+          f"{report.seconds:.1f} s; {c.SEARCH_MODEL} now serves version {report.version}")
     return 0
 
 
@@ -195,7 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("catalog", type=Path, help="CSV product_id,image[,category] or a folder of category folders")
     _add_repository(p)
     _add_url(p)
-    p.add_argument("--index-factory", default="Flat", help="FAISS index factory string (inner product)")
+    p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf-pq"),
+                   help="FAISS index: exact (flat), graph (hnsw) or compressed (ivf-pq); auto picks by catalog size")
+    p.add_argument("--hnsw-m", type=int, default=None, help="hnsw: links per node (default 32)")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="hnsw: candidates explored per query (default 128; product_search's ef_search overrides)")
+    p.add_argument("--nlist", type=int, default=None, help="ivf-pq: k-means cells (default about 4 sqrt(vectors))")
+    p.add_argument("--m", type=int, default=None, help="ivf-pq: bytes per vector, a divisor of the dim (default dim/16)")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="ivf-pq: cells searched per query (default 32; product_search's nprobe overrides)")
+    p.add_argument("--index-factory", default=None, help="expert: a FAISS index_factory string (inner product), "
+                   "instead of --index")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--timeout", type=float, default=60.0)

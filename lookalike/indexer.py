@@ -20,6 +20,7 @@ from lookalike_client import InvalidRequestError, LookalikeClient
 
 from .artifacts import EmbedderManifest
 from .catalog import CatalogItem, Problem, read_catalog
+from .index_types import IndexChoice, choose
 from .preprocessing import ImageError, ImageLimits, PreprocessConfig
 from .publishing import clean_stale_staging, publish_index
 from .repository import Repository
@@ -32,6 +33,8 @@ class IndexReport:
     products: int
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
+    index: IndexChoice | None = None
+    vectors: int = 0
 
 
 def _read(item: CatalogItem, max_bytes: int) -> bytes | Problem:
@@ -126,12 +129,17 @@ def index_catalog(
     repository: Repository,
     client: LookalikeClient,
     *,
-    factory: str = "Flat",
+    index: str = "auto",
+    index_options: dict[str, int | None] | None = None,
+    factory: str | None = None,
     batch_size: int = 16,
     concurrency: int = 4,
     keep_versions: int = 2,
     progress: bool = True,
 ) -> IndexReport:
+    """Embeds the catalog through the server and publishes it. `index` (auto|flat|hnsw|ivf-pq) with
+    `index_options` (hnsw_m, ef_search, nlist, m, nprobe) picks the FAISS index (`lookalike.index_types`);
+    `factory`, a FAISS index_factory string, overrides it for experts."""
     import time
 
     started = time.perf_counter()
@@ -140,20 +148,29 @@ def index_catalog(
     items, problems = read_catalog(catalog)
     client.wait_until_ready(timeout_s=120.0, model="embed_image")
     limits = repository.image_limits()
+    config = repository.preprocessing()
+    if not factory:  # refuse impossible settings before hours of embedding, on the expected vector count
+        choose(index, len(items) * (1 + len(config.catalog_views)), manifest.dim, **(index_options or {}))
     good, vectors, embed_problems = embed_items(
         client, items, batch_size=batch_size, concurrency=concurrency, progress=progress,
-        max_bytes=limits.max_bytes, config=repository.preprocessing(), limits=limits,
+        max_bytes=limits.max_bytes, config=config, limits=limits,
     )
     problems += embed_problems
-    index = build_index(good, vectors, manifest, factory=factory)
-    version = publish_index(repository, index, client, keep_versions=keep_versions)
-    return IndexReport(version, len(good), problems, time.perf_counter() - started)
+    rows = sum(len(block) for block in vectors)
+    if factory:
+        choice = IndexChoice("custom", factory, "FAISS factory string given")
+    else:
+        choice = choose(index, rows, manifest.dim, **(index_options or {}))
+    built = build_index(good, vectors, manifest, choice=choice)
+    version = publish_index(repository, built, client, keep_versions=keep_versions)
+    return IndexReport(version, len(good), problems, time.perf_counter() - started, choice, rows)
 
 
 def build_index(items: Sequence[CatalogItem], vectors: Sequence[np.ndarray], manifest: EmbedderManifest, *,
-                factory: str = "Flat") -> ProductIndex:
+                choice: IndexChoice | None = None) -> ProductIndex:
     """The index of `items`, each with its vectors (packshot, then catalog views), for the embedder
-    of `manifest`."""
+    of `manifest`, of the kind `choice` (default: flat)."""
+    choice = choice or IndexChoice("flat", "Flat", "default")
     dim = manifest.dim
     for block in vectors:
         if block.shape[1] != dim:
@@ -162,7 +179,8 @@ def build_index(items: Sequence[CatalogItem], vectors: Sequence[np.ndarray], man
         [Product(item.product_id, item.category, str(item.image)) for item in items],
         np.concatenate(vectors) if len(vectors) else np.zeros((0, dim), np.float32),
         dim=dim,
-        factory=factory,
+        factory=choice.factory,
         embedder_fingerprint=manifest.fingerprint,
         vectors=[len(block) for block in vectors],
+        search=choice.search,
     )

@@ -136,6 +136,7 @@ class ProductSearch:
         set_threads(int(params.get("faiss_threads", "0")))
         use_gpu = params.get("faiss_device", "auto") in ("auto", "gpu") and instance_kind != "CPU"
         index = ProductIndex.load(Path(model_dir) / version, use_gpu=use_gpu, gpu_device=device_id)
+        index.set_search_params(ef_search=_optional_int(params, "ef_search"), nprobe=_optional_int(params, "nprobe"))
         expected = EmbedderManifest.load((Path(model_dir) / params["embedder_manifest"]).resolve()).fingerprint
         if index.fingerprint != expected:
             raise IndexMismatchError(
@@ -152,6 +153,17 @@ class ProductSearch:
             compute=lambda searches: [outputs(r) for r in search_requests(self.index, searches)],
             what="search", log=log,
         )
+
+
+def _optional_int(params: Mapping[str, str], name: str) -> int | None:
+    """A config parameter that may be left empty (the index version's own default then)."""
+    value = params.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"parameter {name} must be an integer or empty, got {value!r}") from None
 
 
 def instance_args(args: Mapping[str, Any]) -> dict[str, Any]:

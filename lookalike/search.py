@@ -51,6 +51,35 @@ class ProductIndex:
         self._owner = np.repeat(np.arange(len(products)), counts)  # FAISS position -> product position
         self._max_vectors = int(counts.max()) if len(counts) else 1
         self.meta = meta
+        self._inner = faiss.downcast_index(index)  # IndexHNSWFlat, IndexIVFPQ, ...: what search parameters apply
+        self.search_params: dict[str, int] = dict(meta.search)
+
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Overrides of the version's search-time defaults (product_search's config parameters)."""
+        for name, value in (("efSearch", ef_search), ("nprobe", nprobe)):
+            if value is not None:
+                if value < 1:
+                    raise ValueError(f"{name} must be >= 1, got {value}")
+                self.search_params[name] = int(value)
+
+    @property
+    def kind(self) -> str:
+        if isinstance(self._inner, faiss.IndexHNSW):
+            return "hnsw"
+        if isinstance(self._inner, faiss.IndexIVF):
+            return "ivf-pq" if isinstance(self._inner, faiss.IndexIVFPQ) else "ivf"
+        return "flat"
+
+    def _faiss_params(self, rows: int) -> faiss.SearchParameters | None:
+        """Per-call search parameters (the version's, else the FAISS index's own): HNSW explores at least as
+        many candidates as rows asked for."""
+        if isinstance(self._inner, faiss.IndexHNSW):
+            ef = self.search_params.get("efSearch", int(self._inner.hnsw.efSearch))
+            return faiss.SearchParametersHNSW(efSearch=max(ef, rows))  # pyright: ignore[reportAttributeAccessIssue] - SWIG
+        if isinstance(self._inner, faiss.IndexIVF):
+            nprobe = self.search_params.get("nprobe", int(self._inner.nprobe))
+            return faiss.SearchParametersIVF(nprobe=nprobe)  # pyright: ignore[reportCallIssue] - SWIG keyword
+        return None
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -75,6 +104,7 @@ class ProductIndex:
         factory: str = "Flat",
         embedder_fingerprint: str = "",
         vectors: Sequence[int] | None = None,
+        search: dict[str, int] | None = None,
     ) -> "ProductIndex":
         """Builds an inner-product index. `embeddings` [R, D] must be L2-normalised (the embedder's
         output is). `vectors[i]` is how many consecutive rows belong to product i (default one each:
@@ -99,7 +129,7 @@ class ProductIndex:
         if len(products):
             index.add(embeddings)
         meta = IndexMeta.new(dim=d, count=len(products), vectors=rows, factory=factory,
-                             embedder_fingerprint=embedder_fingerprint)
+                             embedder_fingerprint=embedder_fingerprint, search=search)
         return cls(index, products, meta, vectors)
 
     # -- persistence -----------------------------------------------------------------------------
@@ -154,14 +184,14 @@ class ProductIndex:
         if k_eff <= 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])], [np.zeros(0, np.float32) for _ in range(queries.shape[0])]
         if self._max_vectors == 1:
-            scores, positions = self.index.search(queries, k_eff)
+            scores, positions = self.index.search(queries, k_eff, params=self._faiss_params(k_eff))
             found = positions >= 0  # FAISS fills each row best first, gaps (-1) only at the end
             ids = [list(self._ids[row[keep]]) for row, keep in zip(positions, found)]
             return ids, [np.ascontiguousarray(row[keep], dtype=np.float32) for row, keep in zip(scores, found)]
         # Several vectors per product: a product scores its best vector. The k best products are
         # among the k * (most vectors of a product) best vectors, whatever their owners.
         rows = min(k_eff * self._max_vectors, self.index.ntotal)
-        scores, positions = self.index.search(queries, rows)
+        scores, positions = self.index.search(queries, rows, params=self._faiss_params(rows))
         all_ids, all_scores = [], []
         for row_scores, row_positions in zip(scores, positions):
             keep = row_positions >= 0

@@ -18,7 +18,9 @@ class TritonPythonModel:
     def initialize(self, args):
         self.search = ProductSearch.load(args["model_repository"], args["model_version"], model_parameters(args),
                                          **instance_args(args))
-        pb_utils.Logger.log_info(f"product_search: version {args['model_version']}, {len(self.search.index)} products")
+        index = self.search.index
+        pb_utils.Logger.log_info(f"product_search: version {args['model_version']}, {len(index)} products, "
+                                 f"{index.kind} index {index.meta.factory} {index.search_params}")
 
     def execute(self, requests):
         inputs = [request_inputs(pb_utils, r, [c.EMBEDDING, c.TOP_K]) for r in requests]

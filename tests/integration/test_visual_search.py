@@ -14,9 +14,10 @@ from PIL import Image
 
 from lookalike.embedding import OnnxEmbedder
 from lookalike.images import over_background
+from lookalike.index_types import choose
 from lookalike.indexer import index_catalog
 from lookalike.preprocessing import Preprocessor
-from lookalike.publishing import write_index_version
+from lookalike.publishing import publish_index, write_index_version
 from lookalike.repository import Repository
 from lookalike.sample_data import perturb
 from lookalike.search import ProductIndex
@@ -254,3 +255,46 @@ def test_plain_tritonclient_as_in_the_readme(server, catalog):
     ids = [x.decode() for x in result.as_numpy("PRODUCT_IDS")[0]]
     scores = result.as_numpy("SCORES")[0]
     assert ids[0] == row["product_id"] and scores[0] > 0.99 and len(ids) == 5
+
+
+def test_an_hnsw_version_is_served_like_a_flat_one(server, catalog):
+    """`--index hnsw`'s result, built here from the served vectors (no re-embedding), hot-swapped in,
+    finds catalog images; then the exact index is served again."""
+    repo = Repository(server.options.model_repository)
+    flat = ProductIndex.load(repo.latest_index_dir())
+    vectors = flat.index.reconstruct_n(0, flat.index.ntotal)
+
+    def rebuilt(choice):
+        return ProductIndex.build(flat.products, vectors, factory=choice.factory, search=choice.search,
+                                  embedder_fingerprint=flat.fingerprint, vectors=flat.vectors.tolist())
+
+    rows = sample(catalog_rows(catalog), 20, seed=3)
+    with LookalikeClient(server.options.grpc_url) as client:
+        version = publish_index(repo, rebuilt(choose("hnsw", len(vectors), flat.dim, hnsw_m=16)), client)
+        assert client.served_index_versions() == [version]
+        assert ProductIndex.load(repo.search_dir / str(version)).kind == "hnsw"
+        found = [client.search((catalog / r["image"]).read_bytes(), top_k=3)[0].product_id for r in rows]
+        assert found == [r["product_id"] for r in rows]
+        publish_index(repo, rebuilt(choose("flat", len(vectors), flat.dim)), client)
+    log = server.log_file.read_text(errors="replace")
+    assert f"product_search: version {version}, {len(flat)} products, hnsw index HNSW16 {{'efSearch': 128}}" in log
+
+
+def test_index_settings_that_cannot_work_are_refused_before_embedding(server, catalog):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tritonclient.grpc as grpcclient
+
+    def embedded() -> int:
+        stats = grpcclient.InferenceServerClient(server.options.grpc_url).get_inference_statistics("embed_image")
+        return sum(m.inference_count for m in stats.model_stats)
+
+    before = embedded()
+    lookalike = Path(sys.executable).parent / "lookalike"
+    out = subprocess.run([str(lookalike), "index", str(catalog / "catalog.csv"), "--index", "ivf-pq", "--quiet",
+                          "--url", server.options.grpc_url, "--model-repository", str(server.options.model_repository)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "ivf-pq needs training data" in out.stderr, out.stderr
+    assert embedded() == before  # refused before a single image was sent

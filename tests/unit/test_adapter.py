@@ -132,3 +132,11 @@ def test_product_search_refuses_an_index_of_another_embedder(served):
         model_dir.parent / "embedder" / "manifest.json")
     with pytest.raises(IndexMismatchError, match="built with embedder fp, but the embedder is other"):
         ProductSearch.load(model_dir, version, params)
+
+
+def test_search_time_parameters_come_from_the_config_without_a_rebuild(served):
+    model_dir, version, params, _ = served
+    search = ProductSearch.load(model_dir, version, {**params, "ef_search": "64", "nprobe": ""})
+    assert search.index.search_params == {"efSearch": 64}
+    with pytest.raises(ValueError, match="parameter nprobe must be an integer or empty, got 'many'"):
+        ProductSearch.load(model_dir, version, {**params, "nprobe": "many"})
