@@ -1,6 +1,8 @@
 """Reading a catalog: a CSV `product_id,image[,category]` or a folder with one subfolder per category.
 
-Rows that cannot be used are returned as `Problem`s (where, why) and never stop the others.
+A product may have several images: one row (or file) each, with the same product id; the index scores
+the product by its best image. Rows that cannot be used are returned as `Problem`s (where, why) and
+never stop the others.
 """
 
 from __future__ import annotations
@@ -39,13 +41,27 @@ def read_catalog(path: str | Path) -> tuple[list[CatalogItem], list[Problem]]:
 
 
 def _dedupe(items: list[CatalogItem], problems: list[Problem]) -> list[CatalogItem]:
+    """A product may have several images, one row each. A row that repeats one of its product's images,
+    or gives it another category than its first row, is reported and skipped."""
     first: dict[str, CatalogItem] = {}
+    images: dict[str, dict[Path, str]] = {}
     unique = []
     for item in items:
-        if item.product_id in first:
-            problems.append(Problem(item.where, f"duplicate product id {item.product_id!r} (first at {first[item.product_id].where})"))
-            continue
-        first[item.product_id] = item
+        known = first.get(item.product_id)
+        if known is not None:
+            seen = images[item.product_id]
+            if item.image in seen:
+                problems.append(Problem(item.where, f"duplicate row: product {item.product_id!r} already has image "
+                                                    f"{item.image.name} (at {seen[item.image]})"))
+                continue
+            if item.category != known.category:
+                problems.append(Problem(item.where, f"product {item.product_id!r} is in category {known.category!r} "
+                                                    f"(at {known.where}), this row says {item.category!r}"))
+                continue
+        else:
+            first[item.product_id] = item
+            images[item.product_id] = {}
+        images[item.product_id][item.image] = item.where
         unique.append(item)
     return unique
 

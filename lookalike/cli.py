@@ -80,14 +80,15 @@ def cmd_index(args: argparse.Namespace) -> int:
                                    factory=args.index_factory, batch_size=args.batch_size,
                                    concurrency=args.concurrency, progress=not args.quiet)
     except (LookalikeError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"lookalike index: {exc}", file=sys.stderr)
+        print(printable(f"lookalike index: {exc}"), file=sys.stderr)
         return 1
     for problem in report.problems:
         print(printable(f"skipped {problem}"), file=sys.stderr)
     if report.index is not None:
         search = "".join(f", {k} {v}" for k, v in report.index.search.items())
         print(f"index: {report.index.kind} ({report.index.factory}{search}): {report.index.reason}")
-    print(f"indexed {report.products} products ({report.vectors} vectors, {len(report.problems)} rows skipped) in "
+    print(f"indexed {report.products} products ({report.images} images, {report.vectors} vectors, "
+          f"{len(report.problems)} rows skipped) in "
           f"{report.seconds:.1f} s; {c.SEARCH_MODEL} now serves version {report.version}")
     return 0
 

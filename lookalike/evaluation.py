@@ -181,7 +181,9 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
     good, vectors, embed_problems = embed_items(client, items, progress=False, max_bytes=limits.max_bytes,
                                                 config=config, limits=limits)
     problems += embed_problems
-    by_id = {item.product_id: item for item in good}
+    by_id: dict[str, CatalogItem] = {}
+    for item in good:  # a product with several images: its first (as the index shows it)
+        by_id.setdefault(item.product_id, item)
     categories = {item.product_id: item.category for item in good}
 
     queries: list[Query] = read_queries(options.queries_csv) if options.queries_csv is not None else []
@@ -192,7 +194,7 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
 
     rng = random.Random(options.seed)
     per_category: dict[str, list[str]] = defaultdict(list)
-    for item in good:
+    for item in by_id.values():
         if item.category and item.product_id not in wanted:  # real photos' products stay indexed
             per_category[item.category].append(item.product_id)
     left_out: set[str] = set()
@@ -208,9 +210,11 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
     signatures, hist_ids, hist_vectors = [], [], []
     simulate_ids: list[str] = []
     if options.simulate > 0:
-        pool = sorted(item.product_id for item in indexed)
+        pool = sorted({item.product_id for item in indexed})
         simulate_ids = rng.sample(pool, min(options.sample, len(pool))) + sorted(left_out)
     for item in good:
+        if by_id[item.product_id] is not item:  # further images of a product: the simulator and the
+            continue  # baseline use its first, the server's index has them all
         image = _packshot(item, limits, catalog_side)
         if image is None:
             continue

@@ -27,6 +27,17 @@ from .repository import Repository
 from .search import Product, ProductIndex
 
 
+class EmptyCatalogError(ValueError):
+    """Not one row of the catalog could be indexed: nothing is published, the served version stays."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        shown = "; ".join(str(p) for p in problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        what = (f"no row of the catalog could be indexed ({len(problems)} problem(s): {shown})" if problems
+                else "the catalog lists no product")
+        super().__init__(f"{what}; nothing was published and the server keeps serving its current index")
+        self.problems = list(problems)
+
+
 @dataclass
 class IndexReport:
     version: int
@@ -35,6 +46,7 @@ class IndexReport:
     seconds: float = 0.0
     index: IndexChoice | None = None
     vectors: int = 0
+    images: int = 0  # catalog rows embedded (a product may have several)
 
 
 def _read(item: CatalogItem, max_bytes: int) -> bytes | Problem:
@@ -156,6 +168,8 @@ def index_catalog(
         max_bytes=limits.max_bytes, config=config, limits=limits,
     )
     problems += embed_problems
+    if not good:
+        raise EmptyCatalogError(problems)
     rows = sum(len(block) for block in vectors)
     if factory:
         choice = IndexChoice("custom", factory, "FAISS factory string given")
@@ -163,24 +177,32 @@ def index_catalog(
         choice = choose(index, rows, manifest.dim, **(index_options or {}))
     built = build_index(good, vectors, manifest, choice=choice)
     version = publish_index(repository, built, client, keep_versions=keep_versions)
-    return IndexReport(version, len(good), problems, time.perf_counter() - started, choice, rows)
+    return IndexReport(version, len(built), problems, time.perf_counter() - started, choice, rows, len(good))
 
 
 def build_index(items: Sequence[CatalogItem], vectors: Sequence[np.ndarray], manifest: EmbedderManifest, *,
                 choice: IndexChoice | None = None) -> ProductIndex:
-    """The index of `items`, each with its vectors (packshot, then catalog views), for the embedder
-    of `manifest`, of the kind `choice` (default: flat)."""
+    """The index of `items` (catalog rows), each with its vectors (packshot, then catalog views), for
+    the embedder of `manifest`, of the kind `choice` (default: flat). Rows of one product id become one
+    product whose vectors are all its images' (it scores its best vector), in the order the ids first
+    appear; its image for display is its first row's."""
     choice = choice or IndexChoice("flat", "Flat", "default")
     dim = manifest.dim
     for block in vectors:
         if block.shape[1] != dim:
             raise RuntimeError(f"server returned {block.shape[1]}-d embeddings, the embedder manifest says {dim}")
+    blocks: dict[str, list[np.ndarray]] = {}
+    products: dict[str, Product] = {}
+    for item, block in zip(items, vectors):
+        products.setdefault(item.product_id, Product(item.product_id, item.category, str(item.image)))
+        blocks.setdefault(item.product_id, []).append(block)
+    grouped = [np.concatenate(blocks[pid]) for pid in products]
     return ProductIndex.build(
-        [Product(item.product_id, item.category, str(item.image)) for item in items],
-        np.concatenate(vectors) if len(vectors) else np.zeros((0, dim), np.float32),
+        list(products.values()),
+        np.concatenate(grouped) if grouped else np.zeros((0, dim), np.float32),
         dim=dim,
         factory=choice.factory,
         embedder_fingerprint=manifest.fingerprint,
-        vectors=[len(block) for block in vectors],
+        vectors=[len(block) for block in grouped],
         search=choice.search,
     )

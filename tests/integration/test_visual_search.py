@@ -298,3 +298,38 @@ def test_index_settings_that_cannot_work_are_refused_before_embedding(server, ca
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "ivf-pq needs training data" in out.stderr, out.stderr
     assert embedded() == before  # refused before a single image was sent
+
+
+def test_a_product_with_several_images_is_found_by_each_and_listed_once(server, catalog, tmp_path):
+    """A CSV listing one product id on several rows: one product, scored by its best image."""
+    repo = Repository(server.options.model_repository)
+    full = ProductIndex.load(repo.latest_index_dir())
+    rows = sample(catalog_rows(catalog), 5, seed=7)
+    lines = ["product_id,image,category", f"MULTI,{catalog / rows[0]['image']},x", f"MULTI,{catalog / rows[1]['image']},x"]
+    lines += [f"{r['product_id']},{catalog / r['image']},y" for r in rows[2:]]
+    (tmp_path / "catalog.csv").write_text("\n".join(lines) + "\n")
+    with LookalikeClient(server.options.grpc_url) as client:
+        try:
+            report = index_catalog(tmp_path / "catalog.csv", repo, client, progress=False)
+            assert (report.products, report.images, report.problems) == (4, 5, [])
+            for row in rows[:2]:
+                ids = [m.product_id for m in client.search((catalog / row["image"]).read_bytes(), top_k=4)]
+                assert ids[0] == "MULTI" and ids.count("MULTI") == 1 and len(ids) == 4
+        finally:
+            publish_index(repo, full, client)  # the session's catalog again, for the other tests
+
+
+def test_a_catalog_whose_every_row_fails_leaves_the_served_version(server, catalog, tmp_path):
+    from lookalike.indexer import EmptyCatalogError
+
+    repo = Repository(server.options.model_repository)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    (tmp_path / "catalog.csv").write_text("product_id,image\nGONE,missing.png\nBROKEN,broken.png\n")
+    with LookalikeClient(server.options.grpc_url) as client:
+        serving = client.served_index_versions()
+        with pytest.raises(EmptyCatalogError, match=r"no row of the catalog could be indexed \(2 problem") as info:
+            index_catalog(tmp_path / "catalog.csv", repo, client, progress=False)
+        assert {p.where for p in info.value.problems} == {"catalog.csv:2", "catalog.csv:3"}
+        assert client.served_index_versions() == serving and repo.index_versions()[-1] == serving[-1]
+        row = catalog_rows(catalog)[0]
+        assert client.search((catalog / row["image"]).read_bytes(), top_k=1)[0].product_id == row["product_id"]

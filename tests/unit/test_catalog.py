@@ -25,18 +25,23 @@ def test_csv_with_bad_rows(tmp_path):
         ",img/a.png,shoes\n"          # empty id
         "D-4,img/missing.png,shoes\n"  # no such file
         "E-5\n"                        # too few fields
-        "A-1,img/b.png,shoes\n"        # duplicate id
+        "A-1,img/b.png,shoes\n"        # a second image of A-1
+        "A-1,img/a.png,shoes\n"        # A-1's first image again
+        "A-1,img/c.png,bags\n"         # another category than A-1's
         "\n"
     )
+    make_image(tmp_path / "img" / "c.png")
     items, problems = read_catalog(tmp_path / "catalog.csv")
-    assert [(i.product_id, i.category) for i in items] == [("A-1", "shoes"), ("C-3", "bags"), ("B-2", "")]
+    assert [(i.product_id, i.image.name, i.category) for i in items] == [
+        ("A-1", "a.png", "shoes"), ("C-3", "c.png", "bags"), ("B-2", "b.png", ""), ("A-1", "b.png", "shoes")]
     assert items[1].image == absolute
     reasons = {p.where: p.reason for p in problems}
     assert reasons == {
         "catalog.csv:5": "empty product id",
         "catalog.csv:6": f"image file not found: {tmp_path / 'img' / 'missing.png'}",
         "catalog.csv:7": "expected product_id,image[,category], got 1 fields",
-        "catalog.csv:8": "duplicate product id 'A-1' (first at catalog.csv:2)",
+        "catalog.csv:9": "duplicate row: product 'A-1' already has image a.png (at catalog.csv:2)",
+        "catalog.csv:10": "product 'A-1' is in category 'shoes' (at catalog.csv:2), this row says 'bags'",
     }
 
 
@@ -50,10 +55,10 @@ def test_csv_without_header(tmp_path):
 def test_folder_catalog(tmp_path):
     make_image(tmp_path / "shoes" / "S1.jpg")
     make_image(tmp_path / "bags" / "B1.png")
-    make_image(tmp_path / "bags" / "S1.png")  # same stem as a shoe: duplicate id
+    make_image(tmp_path / "bags" / "S1.png")  # same stem as a shoe: one id in two categories
     (tmp_path / "bags" / "notes.txt").write_text("hi")
     make_image(tmp_path / ".hidden" / "H.png")
     items, problems = read_catalog(tmp_path)
     # files are read in sorted order: bags/S1.png comes first, shoes/S1.jpg is the duplicate
     assert [(i.product_id, i.category) for i in items] == [("B1", "bags"), ("S1", "bags")]
-    assert sorted(p.reason.split(" (")[0] for p in problems) == ["duplicate product id 'S1'", "not an image file name"]
+    assert sorted(p.reason.split(" (")[0] for p in problems) == ["not an image file name", "product 'S1' is in category 'bags'"]

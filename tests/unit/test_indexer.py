@@ -25,3 +25,24 @@ def test_an_oversized_file_is_reported_without_being_read(tmp_path):
     assert problem.where == "catalog.csv:2"
     assert problem.reason == "huge.jpg: image too large: 314,572,800 bytes, the limit is 20,971,520 bytes"
     assert peak < 10 * 1024 * 1024  # the file was never read into memory
+
+
+def test_several_images_of_a_product_make_one_product_scored_by_its_best_image(tmp_path):
+    from pathlib import Path
+
+    import numpy as np
+
+    from lookalike.artifacts import EmbedderManifest
+    from lookalike.indexer import build_index
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((n, 16)).astype(np.float32) for n in (3, 3, 2)]
+    blocks = [b / np.linalg.norm(b, axis=1, keepdims=True) for b in blocks]
+    items = [CatalogItem("A", Path("a1.png"), "shoes", "c.csv:2"), CatalogItem("B", Path("b.png"), "bags", "c.csv:3"),
+             CatalogItem("A", Path("a2.png"), "shoes", "c.csv:4")]
+    manifest = EmbedderManifest(model="test", dim=16, input=(3, 8, 8), fingerprint="fp")
+    index = build_index(items, blocks, manifest)
+    assert [(p.product_id, p.image) for p in index.products] == [("A", "a1.png"), ("B", "b.png")]
+    assert index.vectors.tolist() == [5, 3] and index.meta.count == 2 and index.meta.vectors == 8
+    ids, scores = index.search(blocks[2][:1], 10)  # a view of A's second image
+    assert ids[0] == ["A", "B"] and scores[0][0] > 0.999  # A once, by its best vector
