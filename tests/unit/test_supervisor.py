@@ -68,6 +68,15 @@ def test_an_older_stub_never_replaces_a_newer_one():
     assert PRE1 not in watch.current
 
 
+def state_becomes(pid: int, state: str, within_s: float = 10.0) -> bool:
+    """Whether the process reaches `state` (the kernel applies a signal asynchronously; a loaded machine
+    may take more than a moment)."""
+    deadline = time.monotonic() + within_s
+    while read_state(pid) != state and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return read_state(pid) == state
+
+
 def test_proc_reading_on_real_processes(tmp_path):
     """A fake stub under a parent: python running a model.py, with the stub's name as its argv[0]."""
     model_file = tmp_path / "repo" / "preprocess" / "3" / "model.py"
@@ -87,11 +96,9 @@ def test_proc_reading_on_real_processes(tmp_path):
         child = found[0].pid
         assert read_state(child) in ("S", "R")
         os.kill(child, signal.SIGSTOP)
-        time.sleep(0.2)
-        assert read_state(child) == "T"
+        assert state_becomes(child, "T")
         os.kill(child, signal.SIGKILL)
-        time.sleep(0.2)
-        assert read_state(child) == "Z"  # its parent has not reaped it, as tritonserver does not
+        assert state_becomes(child, "Z")  # its parent has not reaped it, as tritonserver does not
         assert list_stubs(parent.pid) == []  # a zombie has no command line
     finally:
         parent.kill()
