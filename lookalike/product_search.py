@@ -18,7 +18,7 @@ from lookalike_client import contract as c
 
 from .adapter import Inputs, Log, Outcome, Outputs, required, run_together
 from .artifacts import EmbedderManifest
-from .search import ProductIndex, set_threads
+from .search import DEFAULT_GPU_TEMP_MEMORY, ProductIndex, set_threads
 
 # How far an embedding's L2 norm may be from 1. The embedders normalise in the graph (FP32 and FP16
 # engines land within 1e-3); anything further off was not made by our embedder, and its inner
@@ -134,8 +134,11 @@ class ProductSearch:
         """The index in `model_dir/version`, with the model config's `params`. Refuses (IndexMismatchError)
         an index built with another embedder than the manifest's `embedder_manifest` names."""
         set_threads(int(params.get("faiss_threads", "0")))
-        use_gpu = params.get("faiss_device", "auto") in ("auto", "gpu") and instance_kind != "CPU"
-        index = ProductIndex.load(Path(model_dir) / version, use_gpu=use_gpu, gpu_device=device_id)
+        device = params.get("device", params.get("faiss_device", "auto")).strip() or "auto"
+        temp_mb = _optional_int(params, "gpu_temp_memory_mb")
+        index = ProductIndex.load(Path(model_dir) / version, device=device,
+                                  gpu_device=device_id if instance_kind == "GPU" else 0,
+                                  gpu_temp_memory_bytes=(temp_mb << 20) if temp_mb is not None else DEFAULT_GPU_TEMP_MEMORY)
         index.set_search_params(ef_search=_optional_int(params, "ef_search"), nprobe=_optional_int(params, "nprobe"))
         expected = EmbedderManifest.load((Path(model_dir) / params["embedder_manifest"]).resolve()).fingerprint
         if index.fingerprint != expected:

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -23,6 +23,9 @@ import numpy as np
 from .artifacts import INDEX_FILE, META_FILE, PRODUCTS_FILE, ArtifactError, IndexMeta, file_digest
 
 log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "gpu")
+DEFAULT_GPU_TEMP_MEMORY = 256 << 20  # FAISS reserves about 512 MB of scratch per resources object by default
 
 
 class CorruptIndexError(ValueError):
@@ -52,7 +55,16 @@ class ProductIndex:
         self._max_vectors = int(counts.max()) if len(counts) else 1
         self.meta = meta
         self._inner = faiss.downcast_index(index)  # IndexHNSWFlat, IndexIVFPQ, ...: what search parameters apply
+        gpu: Any = faiss  # GpuIndex exists only in GPU builds
+        self.on_gpu = hasattr(gpu, "GpuIndex") and isinstance(index, gpu.GpuIndex)
         self.search_params: dict[str, int] = dict(meta.search)
+        self._apply_gpu_params()
+
+    def _apply_gpu_params(self) -> None:
+        """A GPU IVF index takes nprobe as a setting (per-call parameters are the CPU indexes')."""
+        if self.on_gpu and "nprobe" in self.search_params and hasattr(self.index, "nprobe"):
+            gpu: Any = faiss
+            gpu.GpuParameterSpace().set_index_parameter(self.index, "nprobe", self.search_params["nprobe"])
 
     def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Overrides of the version's search-time defaults (product_search's config parameters)."""
@@ -61,6 +73,11 @@ class ProductIndex:
                 if value < 1:
                     raise ValueError(f"{name} must be >= 1, got {value}")
                 self.search_params[name] = int(value)
+        self._apply_gpu_params()
+
+    @property
+    def device(self) -> str:
+        return "gpu" if self.on_gpu else "cpu"
 
     @property
     def kind(self) -> str:
@@ -147,9 +164,10 @@ class ProductIndex:
         self.meta.sealed(directory).save(directory)
 
     @classmethod
-    def load(cls, directory: str | Path, *, use_gpu: bool = False, gpu_device: int = 0) -> "ProductIndex":
+    def load(cls, directory: str | Path, *, device: str = "cpu", gpu_device: int = 0,
+             gpu_temp_memory_bytes: int = DEFAULT_GPU_TEMP_MEMORY) -> "ProductIndex":
         """Loads an index directory after `check_index_dir`, so a damaged file is refused with a reason
-        before FAISS parses it."""
+        before FAISS parses it; `device` auto|cpu|gpu (see `place`)."""
         directory = Path(directory)
         meta = check_index_dir(directory)
         products, vectors = _load_columns(directory)
@@ -157,8 +175,7 @@ class ProductIndex:
             index = faiss.read_index(str(directory / INDEX_FILE))
         except RuntimeError as exc:
             raise CorruptIndexError(f"{INDEX_FILE}: FAISS cannot read it: {str(exc).splitlines()[0]}") from None
-        if use_gpu:
-            index = to_gpu(index, gpu_device)
+        index = place(index, device, gpu_device=gpu_device, temp_memory_bytes=gpu_temp_memory_bytes)
         try:
             loaded = cls(index, products, meta, vectors)
         except ValueError as exc:
@@ -247,17 +264,54 @@ def check_index_dir(directory: str | Path) -> IndexMeta:
     return meta
 
 
-def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
-    """Moves an index to a GPU when this FAISS build has GPU support and a GPU is visible."""
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-        log.info("FAISS has no GPU here (build without CUDA or no visible GPU): searching on the CPU")
-        return index
-    resources = faiss.StandardGpuResources()
-    gpu_index = faiss.index_cpu_to_gpu(resources, device, index)
-    # Keep the resources alive with the index (FAISS's own idiom; the SWIG class declares no such attribute).
-    gpu_index.referenced_resources = resources  # pyright: ignore[reportAttributeAccessIssue]
-    log.info("FAISS index on GPU %d", device)
+class GpuUnavailableError(RuntimeError):
+    """device "gpu" where FAISS cannot put this index on a GPU: a load error that says why."""
+
+
+def gpu_unavailable() -> str | None:
+    """Why FAISS cannot use a GPU in this process, or None when it can."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return f"this FAISS build ({faiss.__version__}) has no GPU support (faiss-cpu; a GPU build is faiss-gpu)"
+    if faiss.get_num_gpus() < 1:
+        return "FAISS sees no GPU (none visible to this process: driver, CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+def to_gpu(index: faiss.Index, device: int = 0, temp_memory_bytes: int = DEFAULT_GPU_TEMP_MEMORY) -> faiss.Index | None:
+    """`index` copied to GPU `device` with a resources object of its own (one per model instance) whose
+    scratch memory is bounded; None for an index kind FAISS has no GPU version of (HNSW; CAGRA, its
+    GPU graph, needs a cuVS build and a rebuild, not a copy). Needs `gpu_unavailable()` to be None."""
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return None
+    gpu: Any = faiss  # the GPU classes exist only in GPU builds of the SWIG module
+    resources = gpu.StandardGpuResources()
+    resources.setTempMemory(int(temp_memory_bytes))
+    options = gpu.GpuClonerOptions()
+    options.useFloat16LookupTables = True  # IVF-PQ with many sub-quantisers: its tables must fit shared memory
+    gpu_index = gpu.index_cpu_to_gpu(resources, device, index, options)
+    gpu_index.referenced_resources = resources  # keep the resources alive with the index (FAISS's own idiom)
+    log.info("FAISS index on GPU %d (scratch memory %d MB)", device, temp_memory_bytes >> 20)
     return gpu_index
+
+
+def place(index: faiss.Index, device: str, *, gpu_device: int = 0,
+          temp_memory_bytes: int = DEFAULT_GPU_TEMP_MEMORY) -> faiss.Index:
+    """The index where `device` (auto|cpu|gpu) says: "gpu" raises GpuUnavailableError when it cannot be
+    done; "auto" uses the GPU when FAISS can, else stays on the CPU."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return index
+    reason = gpu_unavailable()
+    moved = to_gpu(index, gpu_device, temp_memory_bytes) if reason is None else None
+    if moved is not None:
+        return moved
+    if reason is None:
+        reason = f"FAISS has no GPU version of a {type(faiss.downcast_index(index)).__name__} (use flat or ivf-pq)"
+    if device == "gpu":
+        raise GpuUnavailableError(f"device gpu: {reason}")
+    log.info("device auto: searching on the CPU (%s)", reason)
+    return index
 
 
 def set_threads(count: int) -> None:

@@ -20,7 +20,7 @@ class TritonPythonModel:
                                          **instance_args(args))
         index = self.search.index
         pb_utils.Logger.log_info(f"product_search: version {args['model_version']}, {len(index)} products, "
-                                 f"{index.kind} index {index.meta.factory} {index.search_params}")
+                                 f"{index.kind} index {index.meta.factory} {index.search_params} on the {index.device}")
 
     def execute(self, requests):
         inputs = [request_inputs(pb_utils, r, [c.EMBEDDING, c.TOP_K]) for r in requests]

@@ -105,7 +105,7 @@ def served(tmp_path):
     vectors = np.eye(4, DIM, dtype=np.float32)
     index = ProductIndex.build([Product(f"p{i}") for i in range(4)], vectors, embedder_fingerprint="fp")
     version = write_index_version(Repository(tmp_path), index.save)
-    params = {"embedder_manifest": "../embedder/manifest.json", "faiss_threads": "1", "faiss_device": "auto",
+    params = {"embedder_manifest": "../embedder/manifest.json", "faiss_threads": "1", "device": "auto",
               "embedding_norm_tolerance": "0.01"}
     return tmp_path / "product_search", str(version), params, vectors
 
@@ -140,3 +140,18 @@ def test_search_time_parameters_come_from_the_config_without_a_rebuild(served):
     assert search.index.search_params == {"efSearch": 64}
     with pytest.raises(ValueError, match="parameter nprobe must be an integer or empty, got 'many'"):
         ProductSearch.load(model_dir, version, {**params, "nprobe": "many"})
+
+
+def test_device_auto_falls_back_to_the_cpu_and_gpu_says_why_it_cannot(served):
+    from lookalike.search import GpuUnavailableError, gpu_unavailable
+
+    model_dir, version, params, vectors = served
+    reason = gpu_unavailable()
+    if reason is None:
+        pytest.skip("FAISS can use a GPU here: the GPU path is tested in test_index_types")
+    assert ProductSearch.load(model_dir, version, {**params, "device": "auto"}).index.device == "cpu"
+    assert ProductSearch.load(model_dir, version, {**params, "device": "cpu"}).index.device == "cpu"
+    with pytest.raises(GpuUnavailableError, match=f"device gpu: {reason.split(' (')[0]}"):
+        ProductSearch.load(model_dir, version, {**params, "device": "gpu"})
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, gpu, got 'tpu'"):
+        ProductSearch.load(model_dir, version, {**params, "device": "tpu"})

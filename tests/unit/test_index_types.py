@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lookalike.index_types import AUTO_FLAT_MAX, AUTO_HNSW_MAX, choose, default_m, default_nlist
-from lookalike.search import Product, ProductIndex
+from lookalike.search import GpuUnavailableError, Product, ProductIndex, gpu_unavailable
 
 
 def test_auto_picks_by_vector_count_and_says_why():
@@ -80,3 +80,26 @@ def test_hnsw_with_several_vectors_per_product_returns_k_distinct_products():
     assert all(len(row) == 10 == len(set(row)) for row in ids)
     assert [row[0] for row in ids] == ["p0", "p0", "p0", "p0", "p1"]  # each view finds its product first
     assert all(np.all(np.diff(s) <= 1e-6) for s in scores)
+
+
+GPU_REASON = gpu_unavailable()
+
+
+@pytest.mark.skipif(GPU_REASON is not None, reason=f"no FAISS GPU here: {GPU_REASON}")
+@pytest.mark.parametrize("kind", ["flat", "ivf-pq", "hnsw"])
+def test_on_a_gpu_flat_and_ivf_pq_search_like_on_the_cpu_and_hnsw_is_refused(kind, tmp_path):
+    dim, n = 64, 12_000
+    vectors = clustered(n, dim, 50)
+    choice = choose(kind, n, dim, m=16)
+    ProductIndex.build([Product(f"p{i}") for i in range(n)], vectors, factory=choice.factory,
+                       search=choice.search).save(tmp_path)
+    cpu = ProductIndex.load(tmp_path, device="cpu")
+    if kind == "hnsw":
+        with pytest.raises(GpuUnavailableError, match="no GPU version of a IndexHNSWFlat"):
+            ProductIndex.load(tmp_path, device="gpu")
+        assert ProductIndex.load(tmp_path, device="auto").device == "cpu"
+        return
+    gpu = ProductIndex.load(tmp_path, device="gpu", gpu_temp_memory_bytes=64 << 20)
+    assert gpu.device == "gpu"
+    queries = clustered(50, dim, 50, seed=1)
+    assert recall_at_10(gpu, cpu, queries) >= 0.95
