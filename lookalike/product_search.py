@@ -136,6 +136,8 @@ class ProductSearch:
         set_threads(int(params.get("faiss_threads", "0")))
         device = params.get("device", params.get("faiss_device", "auto")).strip() or "auto"
         temp_mb = _optional_int(params, "gpu_temp_memory_mb")
+        if temp_mb is not None and temp_mb < 0:
+            raise ValueError(f"parameter gpu_temp_memory_mb must be >= 0, got {temp_mb}")
         index = ProductIndex.load(Path(model_dir) / version, device=device,
                                   gpu_device=device_id if instance_kind == "GPU" else 0,
                                   gpu_temp_memory_bytes=(temp_mb << 20) if temp_mb is not None else DEFAULT_GPU_TEMP_MEMORY)

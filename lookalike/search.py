@@ -81,11 +81,9 @@ class ProductIndex:
 
     @property
     def kind(self) -> str:
-        if isinstance(self._inner, faiss.IndexHNSW):
-            return "hnsw"
-        if isinstance(self._inner, faiss.IndexIVF):
-            return "ivf-pq" if isinstance(self._inner, faiss.IndexIVFPQ) else "ivf"
-        return "flat"
+        """flat, hnsw, ivf-pq or ivf, from the FAISS class (IndexIVFPQ and GpuIndexIVFPQ alike)."""
+        name = type(self._inner).__name__
+        return "hnsw" if "HNSW" in name else "ivf-pq" if "IVFPQ" in name else "ivf" if "IVF" in name else "flat"
 
     def _faiss_params(self, rows: int) -> faiss.SearchParameters | None:
         """Per-call search parameters (the version's, else the FAISS index's own): HNSW explores at least as

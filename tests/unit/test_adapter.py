@@ -155,3 +155,5 @@ def test_device_auto_falls_back_to_the_cpu_and_gpu_says_why_it_cannot(served):
         ProductSearch.load(model_dir, version, {**params, "device": "gpu"})
     with pytest.raises(ValueError, match="device must be one of auto, cpu, gpu, got 'tpu'"):
         ProductSearch.load(model_dir, version, {**params, "device": "tpu"})
+    with pytest.raises(ValueError, match="gpu_temp_memory_mb must be >= 0"):
+        ProductSearch.load(model_dir, version, {**params, "gpu_temp_memory_mb": "-1"})
