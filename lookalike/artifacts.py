@@ -33,6 +33,7 @@ PREPROCESSING_FILE = "preprocessing.json"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 PRODUCTS_FILE = "products.json"
+VECTORS_FILE = "vectors.npy"  # the catalog embeddings, float32 [vectors, dim], in FAISS order
 META_FILE = "index.json"
 
 

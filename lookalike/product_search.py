@@ -18,7 +18,7 @@ from lookalike_client import contract as c
 
 from .adapter import Inputs, Log, Outcome, Outputs, required, run_together
 from .artifacts import EmbedderManifest
-from .search import DEFAULT_GPU_TEMP_MEMORY, ProductIndex, set_threads
+from .search import DEFAULT_GPU_TEMP_MEMORY, NO_FILTER, Filter, ProductIndex, UnknownProductError, set_threads
 
 # How far an embedding's L2 norm may be from 1. The embedders normalise in the graph (FP32 and FP16
 # engines land within 1e-3); anything further off was not made by our embedder, and its inner
@@ -30,6 +30,9 @@ DEFAULT_NORM_TOLERANCE = 0.01
 # the lowest float32, which is finite (JSON-safe) and sorts last.
 PAD_PRODUCT_ID = c.NO_PRODUCT_ID.encode()
 PAD_SCORE = float(np.finfo(np.float32).min)
+
+
+INPUTS = (c.EMBEDDING, c.PRODUCT_ID, c.TOP_K, c.CATEGORY, c.EXCLUDE_IDS)
 
 
 def resolve_top_k(top_k: np.ndarray | None, rows: int) -> int:
@@ -66,10 +69,70 @@ def check_embeddings(embeddings: np.ndarray, dim: int, norm_tolerance: float = D
     return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
+def _strings(array: np.ndarray, name: str) -> list[list[str]]:
+    """A TYPE_STRING tensor [N, W] as N rows of str (utf-8); ValueError naming the tensor otherwise."""
+    if array.ndim == 1:
+        array = array.reshape(-1, 1)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be [N, W] strings, got shape {list(array.shape)}")
+    rows = []
+    for row in array.tolist():
+        values = []
+        for value in row:
+            if isinstance(value, (bytes, bytearray)):
+                try:
+                    value = bytes(value).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{name} must be utf-8 text") from None
+            elif not isinstance(value, str):
+                raise ValueError(f"{name} must be strings, got {type(value).__name__}")
+            values.append(value)
+        rows.append(values)
+    return rows
+
+
+def _per_row(values: list[list[str]], rows: int, name: str) -> list[list[str]]:
+    """One entry per query row: N rows as sent, or 1 row for all N."""
+    if len(values) == rows:
+        return values
+    if len(values) == 1:
+        return values * rows
+    raise ValueError(f"{name} has {len(values)} rows for {rows} queries (send one row per query, or one for all)")
+
+
+def parse_filters(inputs: Inputs, rows: int) -> tuple[Filter, ...]:
+    """The optional CATEGORY [N, 1] and EXCLUDE_IDS [N, E] of one request as one Filter per row (missing
+    or, through an ensemble, empty: no filter). "" is no category, and pads an EXCLUDE_IDS row."""
+    category, exclude = inputs.get(c.CATEGORY), inputs.get(c.EXCLUDE_IDS)
+    categories: list[str] = [""] * rows
+    excluded: list[frozenset[str]] = [frozenset()] * rows
+    if category is not None and category.size:
+        values = _per_row(_strings(category, c.CATEGORY), rows, c.CATEGORY)
+        if any(len(v) != 1 for v in values):
+            raise ValueError(f"{c.CATEGORY} holds one category per query, got {max(len(v) for v in values)}")
+        categories = [v[0] for v in values]
+    if exclude is not None and exclude.size:
+        values = _per_row(_strings(exclude, c.EXCLUDE_IDS), rows, c.EXCLUDE_IDS)
+        longest = max(len(v) for v in values)
+        if longest > c.MAX_EXCLUDE_IDS:
+            raise ValueError(f"{c.EXCLUDE_IDS} holds at most {c.MAX_EXCLUDE_IDS} ids per query, got {longest}")
+        excluded = [frozenset(pid for pid in v if pid) for v in values]
+    return tuple(Filter(cat or None, ex) for cat, ex in zip(categories, excluded))
+
+
 @dataclass(frozen=True)
 class SearchRequest:
-    embeddings: np.ndarray  # [N, D], already checked
+    embeddings: np.ndarray | None  # [N, D], already checked; or None for search by product id:
     k: int
+    filters: tuple[Filter, ...] = ()  # one per row (empty: none)
+    product_ids: tuple[str, ...] = ()  # similar_products: the catalog products to match
+
+    @property
+    def rows(self) -> int:
+        return len(self.embeddings) if self.embeddings is not None else len(self.product_ids)
+
+    def row_filters(self) -> list[Filter]:
+        return list(self.filters) if self.filters else [NO_FILTER] * self.rows
 
 
 @dataclass(frozen=True)
@@ -81,17 +144,23 @@ class SearchResult:
 def search_requests(index: ProductIndex, requests: Sequence[SearchRequest]) -> list[SearchResult]:
     """Searches the requests of one dynamic batch, one result per request, in order.
 
-    Requests with the same k share one FAISS call (the common case: every client sends the default);
-    different k are searched apart, because an approximate index (HNSW's efSearch grows with k) may
-    answer a row differently when asked for more neighbours. Within a request, a row with fewer hits
-    is padded with PAD_PRODUCT_ID / PAD_SCORE up to the request's longest row."""
+    Requests with the same k share one FAISS call per filter (the common case: every client sends the
+    default and no filter); different k are searched apart, because an approximate index (HNSW's efSearch
+    grows with k) may answer a row differently when asked for more neighbours. Requests by product id
+    are answered one by one. Within a request, a row with fewer hits is padded with PAD_PRODUCT_ID /
+    PAD_SCORE up to the request's longest row."""
     results: list[SearchResult | None] = [None] * len(requests)
-    for k in sorted({r.k for r in requests}):
-        members = [i for i, r in enumerate(requests) if r.k == k]
-        ids, scores = index.search(np.concatenate([requests[i].embeddings for i in members]), k)
+    for i, request in enumerate(requests):
+        if request.embeddings is None:
+            results[i] = _rectangular(*index.similar(request.product_ids, request.k, request.row_filters()))
+    by_vector = [i for i, r in enumerate(requests) if r.embeddings is not None]
+    for k in sorted({requests[i].k for i in by_vector}):
+        members = [i for i in by_vector if requests[i].k == k]
+        queries = np.concatenate([requests[i].embeddings for i in members])  # type: ignore[misc]
+        ids, scores = index.search(queries, k, [f for i in members for f in requests[i].row_filters()])
         start = 0
         for i in members:
-            count = len(requests[i].embeddings)
+            count = requests[i].rows
             results[i] = _rectangular(ids[start : start + count], scores[start : start + count])
             start += count
     return results  # type: ignore[return-value]
@@ -111,10 +180,29 @@ class IndexMismatchError(RuntimeError):
     """An index version built with another embedder than the one served: it must not load."""
 
 
-def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> SearchRequest:
-    """One request's EMBEDDING and optional TOP_K, checked (ValueError -> INVALID_ARG)."""
+def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERANCE,
+                  index: ProductIndex | None = None) -> SearchRequest:
+    """One request, checked (ValueError -> INVALID_ARG): EMBEDDING (visual_search) or PRODUCT_ID
+    (similar_products: ids that `index` holds), optional TOP_K, CATEGORY and EXCLUDE_IDS."""
+    embedding, product_id = inputs.get(c.EMBEDDING), inputs.get(c.PRODUCT_ID)
+    has_embedding, has_product = embedding is not None and embedding.size > 0, product_id is not None and product_id.size > 0
+    if has_embedding == has_product:
+        raise ValueError(f"send either {c.EMBEDDING} or {c.PRODUCT_ID}" + (", not both" if has_embedding else ""))
+    if has_product:
+        assert product_id is not None
+        rows = _strings(product_id, c.PRODUCT_ID)
+        if any(len(row) != 1 for row in rows):
+            raise ValueError(f"{c.PRODUCT_ID} holds one product id per query")
+        ids = tuple(row[0] for row in rows)
+        if index is not None:
+            for pid in ids:
+                if pid not in index:
+                    raise UnknownProductError(f"{c.UNKNOWN_PRODUCT} {pid!r}: not in the served index "
+                                              f"({len(index)} products)")
+        return SearchRequest(None, resolve_top_k(inputs.get(c.TOP_K), len(ids)), parse_filters(inputs, len(ids)), ids)
     embeddings = check_embeddings(required(inputs, c.EMBEDDING), dim, norm_tolerance)
-    return SearchRequest(embeddings, resolve_top_k(inputs.get(c.TOP_K), len(embeddings)))
+    return SearchRequest(embeddings, resolve_top_k(inputs.get(c.TOP_K), len(embeddings)),
+                         parse_filters(inputs, len(embeddings)))
 
 
 def outputs(result: SearchResult) -> Outputs:
@@ -154,7 +242,7 @@ class ProductSearch:
         """The outcomes of one dynamic batch's requests, in order."""
         return run_together(
             requests,
-            parse=lambda inputs: parse_request(inputs, self.index.dim, self.norm_tolerance),
+            parse=lambda inputs: parse_request(inputs, self.index.dim, self.norm_tolerance, self.index),
             compute=lambda searches: [outputs(r) for r in search_requests(self.index, searches)],
             what="search", log=log,
         )

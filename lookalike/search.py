@@ -15,46 +15,101 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import faiss
 import numpy as np
 
-from .artifacts import INDEX_FILE, META_FILE, PRODUCTS_FILE, ArtifactError, IndexMeta, file_digest
+from lookalike_client import contract as c
+
+from .artifacts import INDEX_FILE, META_FILE, PRODUCTS_FILE, VECTORS_FILE, ArtifactError, IndexMeta, file_digest
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_GPU_TEMP_MEMORY = 256 << 20  # FAISS reserves about 512 MB of scratch per resources object by default
 
+# Filtered search (`Filter`), measured by `make bench-index`: a filter that leaves at most this many
+# vectors is answered by an exact scan of just those vectors (an IDSelector over the flat vectors, or
+# every IVF cell): a few ms at 1280-d, and exact. Wider filters search the approximate index with the
+# IDSelector and its efSearch / nprobe raised by 1 / (share of vectors allowed), up to these caps; a row
+# that still comes back short of TOP_K is searched again by the exact scan, so a filtered query returns
+# TOP_K products whenever that many match.
+FILTER_SCAN_MAX_VECTORS = 20_000
+FILTER_MAX_EF_SEARCH = 2048
+# A compressed index (IVF-PQ) ranks by approximate scores: it fetches this many times the candidates
+# asked for, and the stored embeddings (memory-mapped) re-rank them exactly.
+RERANK_FACTOR = 4
+FILTERED_RERANK_FACTOR = 32  # a filtered query is often far from the category: its scores are close together
+STRATEGIES = ("auto", "selector", "scan")
+
 
 class CorruptIndexError(ValueError):
     """An index directory that cannot be served: a missing, truncated or altered file."""
+
+
+class UnknownProductError(ValueError):
+    """A product id that the served index does not hold (similar_products: INVALID_ARGUMENT naming it,
+    starting with `contract.UNKNOWN_PRODUCT`)."""
 
 
 @dataclass(frozen=True)
 class Product:
     product_id: str
     category: str = ""
-    image: str = ""
+    image: str = ""  # the product's first image, for display
+    # Where its vectors came from, one entry per image in FAISS order: (image path, sha256 of the file,
+    # vectors of that image). The embedding store of incremental updates (`lookalike.indexer`).
+    sources: tuple[tuple[str, str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Filter:
+    """What a query row may return: products of `category` only (None or "": any category), never the
+    ids in `exclude` (ids that the index does not hold are ignored)."""
+
+    category: str | None = None
+    exclude: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.category) or bool(self.exclude)
+
+
+NO_FILTER = Filter()
+Hits = tuple[list[str], np.ndarray]  # one row's product ids and scores, best first
 
 
 class ProductIndex:
     def __init__(self, index: faiss.Index, products: Sequence[Product], meta: IndexMeta,
-                 vectors: Sequence[int] | None = None) -> None:
+                 vectors: Sequence[int] | None = None, *, stored: np.ndarray | None = None,
+                 cpu_index: faiss.Index | None = None) -> None:
         counts = np.ones(len(products), dtype=np.int64) if vectors is None else np.asarray(vectors, dtype=np.int64)
         if len(counts) != len(products) or (len(counts) and counts.min() < 1):
             raise ValueError(f"need one vector count >= 1 per product ({len(counts)} counts, {len(products)} products)")
         if index.ntotal != int(counts.sum()):
             raise ValueError(f"index holds {index.ntotal} vectors but its {len(products)} products have {int(counts.sum())}")
+        if stored is not None and (stored.ndim != 2 or stored.shape[0] != index.ntotal or stored.shape[1] != index.d):
+            raise ValueError(f"stored embeddings {list(stored.shape)} do not match the index's {index.ntotal} x {index.d}")
         self.index = index
+        self.cpu_index = cpu_index if cpu_index is not None else index  # filters and scans run here (see below)
         self.products = list(products)
         self.vectors = counts
+        self.stored = stored  # the catalog embeddings (memory-mapped when loaded): search by product id
         self._ids = np.array([p.product_id for p in self.products], dtype=object)
+        self._position = {p.product_id: i for i, p in enumerate(self.products)}
         self._owner = np.repeat(np.arange(len(products)), counts)  # FAISS position -> product position
+        self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
         self._max_vectors = int(counts.max()) if len(counts) else 1
+        categories = np.array([p.category for p in self.products], dtype=object)
+        self._categories: dict[str, np.ndarray] = {}
+        if len(categories):
+            names, inverse = np.unique(categories.astype(str), return_inverse=True)
+            order = np.argsort(inverse, kind="stable")
+            bounds = np.searchsorted(inverse[order], np.arange(len(names) + 1))
+            self._categories = {str(name): order[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
         self.meta = meta
         self._inner = faiss.downcast_index(index)  # IndexHNSWFlat, IndexIVFPQ, ...: what search parameters apply
+        self._cpu_inner = faiss.downcast_index(self.cpu_index)
         gpu: Any = faiss  # GpuIndex exists only in GPU builds
         self.on_gpu = hasattr(gpu, "GpuIndex") and isinstance(index, gpu.GpuIndex)
         self.search_params: dict[str, int] = dict(meta.search)
@@ -85,16 +140,37 @@ class ProductIndex:
         name = type(self._inner).__name__
         return "hnsw" if "HNSW" in name else "ivf-pq" if "IVFPQ" in name else "ivf" if "IVF" in name else "flat"
 
-    def _faiss_params(self, rows: int) -> faiss.SearchParameters | None:
+    def _faiss_params(self, rows: int, selector: Any = None, share: float = 1.0,
+                      inner: Any = None) -> faiss.SearchParameters | None:
         """Per-call search parameters (the version's, else the FAISS index's own): HNSW explores at least as
-        many candidates as rows asked for."""
-        if isinstance(self._inner, faiss.IndexHNSW):
-            ef = self.search_params.get("efSearch", int(self._inner.hnsw.efSearch))
-            return faiss.SearchParametersHNSW(efSearch=max(ef, rows))  # pyright: ignore[reportAttributeAccessIssue] - SWIG
-        if isinstance(self._inner, faiss.IndexIVF):
-            nprobe = self.search_params.get("nprobe", int(self._inner.nprobe))
-            return faiss.SearchParametersIVF(nprobe=nprobe)  # pyright: ignore[reportCallIssue] - SWIG keyword
-        return None
+        many candidates as rows asked for; with a `selector` that lets `share` of the vectors through,
+        efSearch and nprobe grow by 1 / share (capped), so that the graph or the cells still hold enough
+        allowed vectors."""
+        inner = self._cpu_inner if inner is None else inner
+        boost = 1.0 / max(share, 1e-6)
+        if isinstance(inner, faiss.IndexHNSW):
+            ef = max(self.search_params.get("efSearch", int(inner.hnsw.efSearch)), rows)
+            ef = max(ef, min(int(ef * boost), FILTER_MAX_EF_SEARCH)) if selector is not None else ef
+            return faiss.SearchParametersHNSW(efSearch=ef, sel=selector)  # pyright: ignore[reportAttributeAccessIssue] - SWIG
+        if isinstance(inner, faiss.IndexIVF):
+            nprobe = self.search_params.get("nprobe", int(inner.nprobe))
+            nprobe = min(int(inner.nlist), int(np.ceil(nprobe * boost))) if selector is not None else nprobe
+            return faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)  # pyright: ignore[reportCallIssue] - SWIG
+        return faiss.SearchParameters(sel=selector) if selector is not None else None  # pyright: ignore[reportCallIssue]
+
+    def _exact_scan(self, selector: Any, rows: int) -> tuple[faiss.Index, faiss.SearchParameters]:
+        """An exact pass over the vectors a selector lets through: the flat vectors (a flat index, or an
+        HNSW index's own storage) or, for IVF, every cell (exact up to PQ's compression)."""
+        inner = self._cpu_inner
+        if isinstance(inner, faiss.IndexHNSW):
+            storage = faiss.downcast_index(inner.storage)
+            if isinstance(storage, faiss.IndexFlat):
+                return storage, faiss.SearchParameters(sel=selector)  # pyright: ignore[reportCallIssue]
+        if isinstance(inner, faiss.IndexIVF):
+            return self.cpu_index, faiss.SearchParametersIVF(nprobe=int(inner.nlist), sel=selector)  # pyright: ignore[reportCallIssue]
+        params = self._faiss_params(rows, selector, share=1e-6)
+        assert params is not None
+        return self.cpu_index, params
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -105,8 +181,16 @@ class ProductIndex:
     def fingerprint(self) -> str:
         return self.meta.embedder_fingerprint
 
+    @property
+    def categories(self) -> dict[str, int]:
+        """Products per category."""
+        return {name: len(members) for name, members in self._categories.items()}
+
     def __len__(self) -> int:
         return len(self.products)
+
+    def __contains__(self, product_id: object) -> bool:
+        return product_id in self._position
 
     # -- build -----------------------------------------------------------------------------------
     @classmethod
@@ -120,10 +204,12 @@ class ProductIndex:
         embedder_fingerprint: str = "",
         vectors: Sequence[int] | None = None,
         search: dict[str, int] | None = None,
+        keep_embeddings: bool = True,
     ) -> "ProductIndex":
         """Builds an inner-product index. `embeddings` [R, D] must be L2-normalised (the embedder's
         output is). `vectors[i]` is how many consecutive rows belong to product i (default one each:
-        R = N). `dim` is required only for an empty catalog."""
+        R = N). `dim` is required only for an empty catalog. The embeddings are kept (and saved beside
+        the index) for search by product id and incremental updates, unless `keep_embeddings` is False."""
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if len(products) == 0 and dim:  # an empty catalog: whatever shape the caller had
             embeddings = np.zeros((0, int(dim)), dtype=np.float32)
@@ -145,27 +231,34 @@ class ProductIndex:
             index.add(embeddings)
         meta = IndexMeta.new(dim=d, count=len(products), vectors=rows, factory=factory,
                              embedder_fingerprint=embedder_fingerprint, search=search)
-        return cls(index, products, meta, vectors)
+        return cls(index, products, meta, vectors, stored=embeddings if keep_embeddings else None)
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(directory / INDEX_FILE))
-        products = {
+        faiss.write_index(self.cpu_index, str(directory / INDEX_FILE))
+        products: dict[str, Any] = {
             "product_id": [p.product_id for p in self.products],
             "category": [p.category for p in self.products],
             "image": [p.image for p in self.products],
             "vectors": self.vectors.tolist(),
         }
+        if all(p.sources for p in self.products):
+            products["sources"] = [[list(s) for s in p.sources] for p in self.products]
         (directory / PRODUCTS_FILE).write_text(json.dumps(products))
-        self.meta.sealed(directory).save(directory)
+        names = [INDEX_FILE, PRODUCTS_FILE]
+        if self.stored is not None:
+            np.save(directory / VECTORS_FILE, np.asarray(self.stored, dtype=np.float32))
+            names.append(VECTORS_FILE)
+        self.meta.sealed(directory, tuple(names)).save(directory)
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str = "cpu", gpu_device: int = 0,
              gpu_temp_memory_bytes: int = DEFAULT_GPU_TEMP_MEMORY) -> "ProductIndex":
         """Loads an index directory after `check_index_dir`, so a damaged file is refused with a reason
-        before FAISS parses it; `device` auto|cpu|gpu (see `place`)."""
+        before FAISS parses it; `device` auto|cpu|gpu (see `place`). The stored embeddings are
+        memory-mapped, not read: only the rows that search by product id touches are paged in."""
         directory = Path(directory)
         meta = check_index_dir(directory)
         products, vectors = _load_columns(directory)
@@ -173,49 +266,191 @@ class ProductIndex:
             index = faiss.read_index(str(directory / INDEX_FILE))
         except RuntimeError as exc:
             raise CorruptIndexError(f"{INDEX_FILE}: FAISS cannot read it: {str(exc).splitlines()[0]}") from None
-        index = place(index, device, gpu_device=gpu_device, temp_memory_bytes=gpu_temp_memory_bytes)
+        stored = None
+        if (directory / VECTORS_FILE).is_file():
+            try:
+                stored = np.load(directory / VECTORS_FILE, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise CorruptIndexError(f"{VECTORS_FILE}: {exc}") from None
+        placed = place(index, device, gpu_device=gpu_device, temp_memory_bytes=gpu_temp_memory_bytes)
         try:
-            loaded = cls(index, products, meta, vectors)
+            loaded = cls(placed, products, meta, vectors, stored=stored, cpu_index=index)
         except ValueError as exc:
-            raise CorruptIndexError(f"{INDEX_FILE} and {PRODUCTS_FILE} disagree: {exc}") from None
+            raise CorruptIndexError(f"{INDEX_FILE}, {PRODUCTS_FILE} and {VECTORS_FILE} disagree: {exc}") from None
         if len(loaded) != meta.count or loaded.dim != meta.dim:
             raise CorruptIndexError(f"{INDEX_FILE} holds {len(loaded)} x {loaded.dim}, {META_FILE} says "
                                     f"{meta.count} x {meta.dim}")
         return loaded
 
     # -- search ----------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], list[np.ndarray]]:
+    def search(self, queries: np.ndarray, k: int, filters: Sequence[Filter] | Filter | None = None, *,
+               strategy: str = "auto") -> tuple[list[list[str]], list[np.ndarray]]:
         """[N, D] queries -> (N lists of product ids, N float32 score arrays), best first, at most
-        min(k, catalog size) each. Scores are cosine similarities for normalised queries.
+        min(k, products allowed) each. Scores are cosine similarities for normalised queries.
 
-        Rows are independent: an approximate index that finds fewer than k neighbours for one row
-        (FAISS marks the gaps with position -1) returns fewer items for that row only, never fewer
-        for the others. Callers must refuse non-finite queries first (`lookalike.product_search`): FAISS
-        ranks NaN scores arbitrarily."""
+        `filters`: one `Filter` for all rows or one per row. A filtered row holds min(k, products that
+        match) products (see FILTER_SCAN_MAX_VECTORS); an unknown category matches none. `strategy`
+        (benchmarks): "selector" never falls back to the exact scan, "scan" always uses it.
+
+        Rows are independent: an approximate index that finds fewer than k neighbours for one unfiltered
+        row (FAISS marks the gaps with position -1) returns fewer items for that row only. Callers must
+        refuse non-finite queries first (`lookalike.product_search`): FAISS ranks NaN scores arbitrarily."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [N, {self.dim}], got {list(queries.shape)}")
-        k_eff = min(int(k), len(self))
-        if k_eff <= 0 or queries.shape[0] == 0:
-            return [[] for _ in range(queries.shape[0])], [np.zeros(0, np.float32) for _ in range(queries.shape[0])]
-        if self._max_vectors == 1:
-            scores, positions = self.index.search(queries, k_eff, params=self._faiss_params(k_eff))
-            found = positions >= 0  # FAISS fills each row best first, gaps (-1) only at the end
-            ids = [list(self._ids[row[keep]]) for row, keep in zip(positions, found)]
-            return ids, [np.ascontiguousarray(row[keep], dtype=np.float32) for row, keep in zip(scores, found)]
-        # Several vectors per product: a product scores its best vector. The k best products are
-        # among the k * (most vectors of a product) best vectors, whatever their owners.
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        n = queries.shape[0]
+        row_filters = [filters or NO_FILTER] * n if filters is None or isinstance(filters, Filter) else list(filters)
+        if len(row_filters) != n:
+            raise ValueError(f"{len(row_filters)} filters for {n} queries")
+        out: list[Hits] = [([], np.zeros(0, np.float32))] * n
+        groups: dict[Filter, list[int]] = {}
+        for row, f in enumerate(row_filters):
+            groups.setdefault(f if f else NO_FILTER, []).append(row)
+        for f, members in groups.items():
+            hits = self._search_filtered(queries[members], int(k), f, strategy) if f else self._search_all(queries[members], int(k))
+            for row, h in zip(members, hits):
+                out[row] = h
+        return [h[0] for h in out], [h[1] for h in out]
+
+    def _search_all(self, queries: np.ndarray, k: int) -> list[Hits]:
+        k_eff = min(k, len(self))
+        if k_eff <= 0 or len(queries) == 0:
+            return [([], np.zeros(0, np.float32)) for _ in range(len(queries))]
         rows = min(k_eff * self._max_vectors, self.index.ntotal)
-        scores, positions = self.index.search(queries, rows, params=self._faiss_params(rows))
-        all_ids, all_scores = [], []
+        scores, positions = self._run(self.index, queries, rows, lambda r: self._faiss_params(r, inner=self._inner))
+        return self._by_product(scores, positions, k_eff)
+
+    @property
+    def reranks(self) -> bool:
+        """Whether searches re-rank a compressed index's candidates with the stored embeddings."""
+        return self.stored is not None and isinstance(self._cpu_inner, (faiss.IndexIVFPQ, faiss.IndexPQ))
+
+    def _run(self, index: faiss.Index, queries: np.ndarray, rows: int,
+             params: Callable[[int], faiss.SearchParameters | None], factor: int = RERANK_FACTOR) -> tuple[np.ndarray, np.ndarray]:
+        """index.search for `rows` results a query; a compressed index fetches `factor` times more
+        candidates and returns the `rows` best by exact inner product with the stored embeddings."""
+        if not self.reranks or index is not self.index and index is not self.cpu_index:
+            return index.search(queries, rows, params=params(rows))
+        wide = min(rows * factor, self.index.ntotal)
+        _, positions = index.search(queries, wide, params=params(wide))
+        assert self.stored is not None
+        exact = np.full(positions.shape, -np.inf, dtype=np.float32)
+        for r, (query, row) in enumerate(zip(queries, positions)):
+            keep = row >= 0
+            found = row[keep]
+            order = np.argsort(found)  # sorted reads of the memory-mapped file
+            vectors = np.asarray(self.stored[found[order]], dtype=np.float32)
+            scores = np.empty(len(found), np.float32)
+            scores[order] = vectors @ query
+            exact[r, keep] = scores
+        best = np.argsort(-exact, axis=1, kind="stable")[:, :rows]
+        scores = np.take_along_axis(exact, best, axis=1)
+        positions = np.where(np.isfinite(scores), np.take_along_axis(positions, best, axis=1), -1)
+        return np.where(np.isfinite(scores), scores, np.float32(-3.4e38)).astype(np.float32), positions
+
+    def allowed(self, f: Filter) -> np.ndarray:
+        """Positions of the products that `f` lets through (sorted)."""
+        if f.category:
+            members = self._categories.get(f.category)
+            if members is None:
+                return np.zeros(0, np.int64)
+        else:
+            members = np.arange(len(self))
+        excluded = [self._position[pid] for pid in f.exclude if pid in self._position]
+        return np.setdiff1d(members, excluded) if excluded else np.sort(members)
+
+    def _search_filtered(self, queries: np.ndarray, k: int, f: Filter, strategy: str) -> list[Hits]:
+        products = self.allowed(f)
+        k_eff = min(k, len(products))
+        if k_eff <= 0 or len(queries) == 0:
+            return [([], np.zeros(0, np.float32)) for _ in range(len(queries))]
+        mask = np.zeros(len(self), dtype=bool)
+        mask[products] = True
+        vector_mask = mask[self._owner]
+        allowed_vectors = int(self.vectors[products].sum())
+        bitmap = np.packbits(vector_mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(vector_mask), faiss.swig_ptr(bitmap))
+        rows = min(k_eff * int(self.vectors[products].max()), allowed_vectors)
+        flat = isinstance(self._cpu_inner, faiss.IndexFlat)
+        scan = strategy == "scan" or (strategy == "auto" and (flat or allowed_vectors <= FILTER_SCAN_MAX_VECTORS))
+        share = allowed_vectors / self.index.ntotal
+
+        def exact(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            index, _ = self._exact_scan(selector, rows)
+            return self._run(index, q, rows, lambda r: self._exact_scan(selector, r)[1], FILTERED_RERANK_FACTOR)
+
+        if scan:
+            scores, positions = exact(queries)
+        else:
+            scores, positions = self._run(self.cpu_index, queries, rows, lambda r: self._faiss_params(r, selector, share),
+                                          FILTERED_RERANK_FACTOR)
+        hits = self._by_product(scores, positions, k_eff)
+        short = [i for i, (ids, _) in enumerate(hits) if len(ids) < k_eff]
+        if short and not scan and strategy == "auto":  # the approximate pass missed: search those rows exactly
+            scores, positions = exact(queries[short])
+            for i, h in zip(short, self._by_product(scores, positions, k_eff)):
+                hits[i] = h
+        del bitmap  # the selector reads it until here
+        return hits
+
+    def _by_product(self, scores: np.ndarray, positions: np.ndarray, k_eff: int) -> list[Hits]:
+        """FAISS rows (best first, gaps -1 at the end) -> each row's best k_eff products, each listed once
+        with its best vector's score."""
+        out: list[Hits] = []
         for row_scores, row_positions in zip(scores, positions):
             keep = row_positions >= 0
-            owners = self._owner[row_positions[keep]]
-            _, first = np.unique(owners, return_index=True)  # each owner's best (first) hit
-            first = np.sort(first)[:k_eff]
-            all_ids.append(list(self._ids[owners[first]]))
-            all_scores.append(np.ascontiguousarray(row_scores[keep][first], dtype=np.float32))
-        return all_ids, all_scores
+            if self._max_vectors == 1:
+                first = np.arange(int(keep.sum()))[:k_eff]
+                owners = row_positions[keep]
+            else:
+                owners = self._owner[row_positions[keep]]
+                _, first = np.unique(owners, return_index=True)  # each owner's best (first) hit
+                first = np.sort(first)[:k_eff]
+            out.append((list(self._ids[owners[first]]), np.ascontiguousarray(row_scores[keep][first], dtype=np.float32)))
+        return out
+
+    # -- search by product -------------------------------------------------------------------------
+    def product_vectors(self, product_id: str) -> np.ndarray:
+        """The stored embeddings of a catalog product [its vectors, D]; UnknownProductError if the index
+        does not hold it."""
+        position = self._position.get(product_id)
+        if position is None:
+            raise UnknownProductError(f"{c.UNKNOWN_PRODUCT} {product_id!r}: the served index (of {len(self)} products) "
+                                      "does not hold it")
+        start, count = int(self._starts[position]), int(self.vectors[position])
+        if self.stored is not None:
+            return np.array(self.stored[start : start + count], dtype=np.float32)
+        try:  # versions written before the embeddings were stored: flat and HNSW indexes hold them
+            return self.cpu_index.reconstruct_n(start, count)
+        except RuntimeError:
+            raise RuntimeError("this index version stores no embeddings to search by product: run `lookalike index` "
+                               "again") from None
+
+    def similar(self, product_ids: Sequence[str], k: int, filters: Sequence[Filter] | Filter | None = None
+                ) -> tuple[list[list[str]], list[np.ndarray]]:
+        """The k products most similar to each catalog product (by its stored embeddings, never itself):
+        a candidate scores its best (query image, candidate image) pair, so a product with several
+        images is matched by any of them. Raises UnknownProductError naming the first unknown id."""
+        n = len(product_ids)
+        row_filters = [filters or NO_FILTER] * n if filters is None or isinstance(filters, Filter) else list(filters)
+        blocks = [self.product_vectors(pid) for pid in product_ids]
+        own = [Filter(f.category, f.exclude | {pid}) for f, pid in zip(row_filters, product_ids)]
+        queries = np.concatenate(blocks) if blocks else np.zeros((0, self.dim), np.float32)
+        ids, scores = self.search(queries, k, [f for f, b in zip(own, blocks) for _ in range(len(b))])
+        out_ids, out_scores, row = [], [], 0
+        for block in blocks:
+            best: dict[str, float] = {}
+            for r in range(row, row + len(block)):
+                for pid, score in zip(ids[r], scores[r].tolist()):
+                    if score > best.get(pid, -np.inf):
+                        best[pid] = score
+            row += len(block)
+            ranked = sorted(best.items(), key=lambda item: -item[1])[:k]
+            out_ids.append([pid for pid, _ in ranked])
+            out_scores.append(np.array([score for _, score in ranked], dtype=np.float32))
+        return out_ids, out_scores
 
 
 def load_products(directory: str | Path) -> list[Product]:
@@ -234,7 +469,14 @@ def _load_columns(directory: str | Path) -> tuple[list[Product], list[int]]:
         raise CorruptIndexError(f"{PRODUCTS_FILE}: columns of different lengths or an empty/non-string id")
     if not all(isinstance(v, int) and v >= 1 for v in vectors):
         raise CorruptIndexError(f"{PRODUCTS_FILE}: vector counts must be integers >= 1")
-    return [Product(pid, cat, img) for pid, cat, img in zip(ids, categories, images)], vectors
+    sources = columns.get("sources") or [[] for _ in ids]  # versions before incremental updates have none
+    try:
+        sources = [tuple((str(path), str(sha), int(n)) for path, sha, n in entries) for entries in sources]
+    except (TypeError, ValueError) as exc:
+        raise CorruptIndexError(f"{PRODUCTS_FILE}: 'sources' must list [image, sha256, vectors] per image: {exc}") from None
+    if len(sources) != len(ids) or any(entries and sum(n for _, _, n in entries) != v for entries, v in zip(sources, vectors)):
+        raise CorruptIndexError(f"{PRODUCTS_FILE}: 'sources' disagree with the vector counts")
+    return [Product(pid, cat, img, src) for pid, cat, img, src in zip(ids, categories, images, sources)], vectors
 
 
 def check_index_dir(directory: str | Path) -> IndexMeta:
@@ -246,7 +488,8 @@ def check_index_dir(directory: str | Path) -> IndexMeta:
         meta = IndexMeta.load(directory)
     except ArtifactError as exc:
         raise CorruptIndexError(str(exc).replace(f" ({directory / META_FILE})", "")) from None
-    for name in (INDEX_FILE, PRODUCTS_FILE):
+    recorded_names: list[str] = [str(name) for name in (meta.files or {})]
+    for name in dict.fromkeys([INDEX_FILE, PRODUCTS_FILE, *recorded_names]):
         path = directory / name
         if not path.is_file():
             raise CorruptIndexError(f"no {name}")

@@ -5,6 +5,7 @@ from .client import LookalikeClient, Match, read_image_bytes
 from .errors import (
     InvalidRequestError,
     LookalikeError,
+    NotFoundError,
     PermissionDeniedError,
     RequestTimeoutError,
     ServerError,
@@ -18,6 +19,7 @@ __all__ = [
     "read_image_bytes",
     "contract",
     "LookalikeError",
+    "NotFoundError",
     "InvalidRequestError",
     "PermissionDeniedError",
     "RequestTimeoutError",

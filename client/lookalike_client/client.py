@@ -61,6 +61,37 @@ def image_batch(images: Sequence[bytes]) -> npt.NDArray[np.object_]:
     return batch
 
 
+def check_text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{what} must be a str, got {type(value).__name__}")
+    return value
+
+
+def string_batch(rows: Sequence[Sequence[str]]) -> npt.NDArray[np.object_]:
+    """[N, W] object array of utf-8 bytes (rows padded with "", which the server ignores)."""
+    width = max((len(row) for row in rows), default=0)
+    batch = np.full((len(rows), max(width, 1)), b"", dtype=np.object_)
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            batch[i, j] = value.encode("utf-8")
+    return batch
+
+
+def filter_inputs(rows: int, category: str | None, exclude_ids: Sequence[str]) -> dict[str, npt.NDArray[np.object_]]:
+    """The optional CATEGORY / EXCLUDE_IDS tensors of a request of `rows` queries (none when unset)."""
+    inputs: dict[str, npt.NDArray[np.object_]] = {}
+    if category:
+        inputs[c.CATEGORY] = string_batch([[check_text(category, "category")]] * rows)
+    if isinstance(exclude_ids, str):
+        raise InvalidRequestError("exclude_ids must be a sequence of product ids, not one str")
+    excluded = [check_text(pid, "exclude_ids entry") for pid in exclude_ids if pid]
+    if len(excluded) > c.MAX_EXCLUDE_IDS:
+        raise InvalidRequestError(f"exclude_ids holds at most {c.MAX_EXCLUDE_IDS} ids, got {len(excluded)}")
+    if excluded:
+        inputs[c.EXCLUDE_IDS] = string_batch([excluded] * rows)
+    return inputs
+
+
 def decode_ids(raw: npt.NDArray[Any]) -> list[str]:
     values: list[object] = raw.reshape(-1).tolist()
     return [v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v) for v in values]
@@ -74,7 +105,7 @@ def matches(ids: npt.NDArray[Any], scores: npt.NDArray[Any]) -> list[Match]:
 
 
 class LookalikeClient:
-    """Calls `visual_search`, `embed_image` and the index reload of a lookalike server.
+    """Calls `visual_search`, `similar_products`, `embed_image` and the index reload of a lookalike server.
 
     url: "host:port" of the gRPC (default 8001) or HTTP (default 8000) endpoint.
     timeout_s: per-request deadline; a request that exceeds it raises RequestTimeoutError.
@@ -186,24 +217,50 @@ class LookalikeClient:
         wait_for(lambda: self.is_ready(model), timeout_s, what=f"{model} at {self.url}")
 
     # -- inference -------------------------------------------------------------------------------
-    def search(self, image: ImageLike, top_k: int = c.DEFAULT_TOP_K) -> list[Match]:
-        """The catalog products most similar to one image, best first."""
-        return self.search_batch([image], top_k)[0]
+    def search(self, image: ImageLike, top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
+               exclude_ids: Sequence[str] = ()) -> list[Match]:
+        """The catalog products most similar to one image, best first. `category`: only products of
+        that category (an unknown one gives no results); `exclude_ids`: never these products (e.g. the
+        one being viewed). A filtered search still returns `top_k` products when that many match."""
+        return self.search_batch([image], top_k, category=category, exclude_ids=exclude_ids)[0]
 
-    def search_batch(self, images: Sequence[ImageLike], top_k: int = c.DEFAULT_TOP_K) -> list[list[Match]]:
-        """One request for several images: cheaper than one each, but one bad image fails them all.
-        For independent images, call `search` from several threads instead (the server batches them)."""
+    def search_batch(self, images: Sequence[ImageLike], top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
+                     exclude_ids: Sequence[str] = ()) -> list[list[Match]]:
+        """One request for several images (the same filters for all): cheaper than one each, but one
+        bad image fails them all. For independent images, call `search` from several threads instead
+        (the server batches them)."""
         if not images:
             return []
         top_k = check_top_k(top_k)
         data = [read_image_bytes(image) for image in images]
-        result = self._infer(
-            c.VISUAL_SEARCH_MODEL,
-            {c.IMAGE: image_batch(data), c.TOP_K: np.full((len(data), 1), top_k, dtype=np.int32)},
-            [c.PRODUCT_IDS, c.SCORES],
-        )
-        ids = result.as_numpy(c.PRODUCT_IDS).reshape(len(data), -1)
-        scores = result.as_numpy(c.SCORES).reshape(len(data), -1)
+        inputs = {c.IMAGE: image_batch(data), c.TOP_K: np.full((len(data), 1), top_k, dtype=np.int32),
+                  **filter_inputs(len(data), category, exclude_ids)}
+        return self._results(self._infer(c.VISUAL_SEARCH_MODEL, inputs, [c.PRODUCT_IDS, c.SCORES]), len(data))
+
+    def similar(self, product_id: str, top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
+                exclude_ids: Sequence[str] = ()) -> list[Match]:
+        """"Customers also viewed": the catalog products most similar to a catalog product (by the
+        embeddings stored with the served index; no photo), never the product itself. An id that the
+        served index does not hold raises NotFoundError."""
+        return self.similar_batch([product_id], top_k, category=category, exclude_ids=exclude_ids)[0]
+
+    def similar_batch(self, product_ids: Sequence[str], top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
+                      exclude_ids: Sequence[str] = ()) -> list[list[Match]]:
+        """`similar` for several products in one request; one unknown id fails them all."""
+        if not product_ids:
+            return []
+        top_k = check_top_k(top_k)
+        ids = [check_text(pid, "product_id") for pid in product_ids]
+        if any(not pid for pid in ids):
+            raise InvalidRequestError("product_id must not be empty")
+        inputs = {c.PRODUCT_ID: string_batch([[pid] for pid in ids]),
+                  c.TOP_K: np.full((len(ids), 1), top_k, dtype=np.int32), **filter_inputs(len(ids), category, exclude_ids)}
+        return self._results(self._infer(c.SIMILAR_PRODUCTS_MODEL, inputs, [c.PRODUCT_IDS, c.SCORES]), len(ids))
+
+    @staticmethod
+    def _results(result: Any, rows: int) -> list[list[Match]]:
+        ids = result.as_numpy(c.PRODUCT_IDS).reshape(rows, -1)
+        scores = result.as_numpy(c.SCORES).reshape(rows, -1)
         return [matches(row_ids, row_scores) for row_ids, row_scores in zip(ids, scores)]
 
     def embed(self, images: Sequence[ImageLike]) -> npt.NDArray[np.float32]:

@@ -14,6 +14,7 @@ EMBEDDER_MODEL = "embedder"
 SEARCH_MODEL = "product_search"
 VISUAL_SEARCH_MODEL = "visual_search"
 EMBED_IMAGE_MODEL = "embed_image"
+SIMILAR_PRODUCTS_MODEL = "similar_products"  # "customers also viewed": a catalog product id, no photo
 
 # Tensor names.
 IMAGE = "IMAGE"  # TYPE_STRING [1]: the encoded image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF)
@@ -22,6 +23,12 @@ EMBEDDING = "EMBEDDING"  # FP32 [D]: L2-normalised image embedding
 TOP_K = "TOP_K"  # INT32 [1]: how many results; optional, default DEFAULT_TOP_K
 PRODUCT_IDS = "PRODUCT_IDS"  # TYPE_STRING [-1]: the catalog's own product ids, best first
 SCORES = "SCORES"  # FP32 [-1]: cosine similarity, descending
+# Filters, optional on visual_search, similar_products and product_search, one value per row:
+CATEGORY = "CATEGORY"  # TYPE_STRING [1]: only products of this category; "" = any; unknown = no results
+EXCLUDE_IDS = "EXCLUDE_IDS"  # TYPE_STRING [-1]: never these product ids ("" entries pad a row)
+PRODUCT_ID = "PRODUCT_ID"  # TYPE_STRING [1]: similar_products' query, a catalog product id
+# similar_products answers an id that the served index does not hold with INVALID_ARGUMENT, starting:
+UNKNOWN_PRODUCT = "unknown product id"
 # Rows of one request are rectangular. A row that an approximate index could not fill as far as the
 # longest row of its request is padded with this id (never a catalog id) and the lowest float32 score.
 NO_PRODUCT_ID = ""
@@ -34,12 +41,16 @@ DATATYPES = {
     TOP_K: "INT32",
     PRODUCT_IDS: "BYTES",
     SCORES: "FP32",
+    CATEGORY: "BYTES",
+    EXCLUDE_IDS: "BYTES",
+    PRODUCT_ID: "BYTES",
 }
 
 # Limits. The server enforces them; the client checks them first to fail fast and cheaply.
 DEFAULT_TOP_K = 10
 MIN_TOP_K = 1
 MAX_TOP_K = 1000
+MAX_EXCLUDE_IDS = 1000  # per row
 MAX_BATCH_SIZE = 64  # max_batch_size of every model in the repository
 
 # Header that carries the admin key for the restricted model-control APIs (see `lookalike serve`).

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .contract import UNKNOWN_PRODUCT
+
 # Triton prefixes the error of an ensemble's step with the ensemble's name.
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 
@@ -27,6 +29,10 @@ class LookalikeError(Exception):
 class InvalidRequestError(LookalikeError):
     """The server refused this request's input (HTTP 400 / gRPC INVALID_ARGUMENT): a corrupt, empty,
     too large or unsupported image, or a TOP_K out of range. Retrying the same input will not help."""
+
+
+class NotFoundError(InvalidRequestError):
+    """similar_products was asked for a product id that the served index does not hold."""
 
 
 class ServerUnavailableError(LookalikeError):
@@ -84,6 +90,8 @@ def translate(exc: BaseException) -> LookalikeError:
             cls = ServerUnavailableError
     else:
         cls = error_class_for_status(status)
+    if cls is InvalidRequestError and _ENSEMBLE_PREFIX.sub("", str(message)).startswith(UNKNOWN_PRODUCT):
+        cls = NotFoundError
     if "is restricted, expecting header" in str(message):
         cls = PermissionDeniedError  # Triton answers a restricted gRPC protocol with UNAVAILABLE
     err = cls(str(message) if message else type(exc).__name__, status=None if status is None else str(status))

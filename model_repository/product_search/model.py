@@ -1,5 +1,5 @@
-"""Triton adapter of `lookalike.product_search.ProductSearch`: EMBEDDING (+ optional TOP_K) -> PRODUCT_IDS,
-SCORES.
+"""Triton adapter of `lookalike.product_search.ProductSearch`: EMBEDDING (visual_search) or PRODUCT_ID
+(similar_products), + optional TOP_K, CATEGORY, EXCLUDE_IDS -> PRODUCT_IDS, SCORES.
 
 This file is the source; `lookalike index` copies it into every version directory beside the index
 it serves, so a version is self-contained. Each request is checked on its own and gets its own
@@ -10,8 +10,7 @@ on the others (`lookalike.product_search`).
 import triton_python_backend_utils as pb_utils
 
 from lookalike.adapter import model_parameters, request_inputs, responses
-from lookalike.product_search import ProductSearch, instance_args
-from lookalike_client import contract as c
+from lookalike.product_search import INPUTS, ProductSearch, instance_args
 
 
 class TritonPythonModel:
@@ -23,5 +22,5 @@ class TritonPythonModel:
                                  f"{index.kind} index {index.meta.factory} {index.search_params} on the {index.device}")
 
     def execute(self, requests):
-        inputs = [request_inputs(pb_utils, r, [c.EMBEDDING, c.TOP_K]) for r in requests]
+        inputs = [request_inputs(pb_utils, r, INPUTS) for r in requests]
         return responses(pb_utils, self.search(inputs, log=pb_utils.Logger.log_error))

@@ -32,17 +32,28 @@ def test_contract_tensors():
     for model in (c.PREPROCESS_MODEL, c.PREPROCESS_QUERY_MODEL):
         assert tensors(load(model).input) == {c.IMAGE: ("TYPE_STRING", [1], False)}
         assert tensors(load(model).output) == {c.PIXELS: ("TYPE_FP32", [3, -1, -1], False)}
+    filters = {c.TOP_K: ("TYPE_INT32", [1], True), c.CATEGORY: ("TYPE_STRING", [1], True),
+               c.EXCLUDE_IDS: ("TYPE_STRING", [-1], True)}
+    results = {c.PRODUCT_IDS: ("TYPE_STRING", [-1], False), c.SCORES: ("TYPE_FP32", [-1], False)}
     search = load("product_search")
-    assert tensors(search.input) == {c.EMBEDDING: ("TYPE_FP32", [-1], False), c.TOP_K: ("TYPE_INT32", [1], True)}
-    assert tensors(search.output) == {c.PRODUCT_IDS: ("TYPE_STRING", [-1], False), c.SCORES: ("TYPE_FP32", [-1], False)}
+    assert tensors(search.input) == {c.EMBEDDING: ("TYPE_FP32", [-1], True), c.PRODUCT_ID: ("TYPE_STRING", [1], True),
+                                     **filters}
+    assert tensors(search.output) == results
     visual = load("visual_search")
     assert visual.platform == "ensemble"
-    assert tensors(visual.input) == {c.IMAGE: ("TYPE_STRING", [1], False), c.TOP_K: ("TYPE_INT32", [1], True)}
-    assert set(tensors(visual.output)) == {c.PRODUCT_IDS, c.SCORES}
+    assert tensors(visual.input) == {c.IMAGE: ("TYPE_STRING", [1], False), **filters}
+    assert tensors(visual.output) == results
     assert [s.model_name for s in visual.ensemble_scheduling.step] == [c.PREPROCESS_QUERY_MODEL, c.EMBEDDER_MODEL, c.SEARCH_MODEL]
+    assert set(visual.ensemble_scheduling.step[2].input_map) == {c.EMBEDDING, *filters}
+    similar = load(c.SIMILAR_PRODUCTS_MODEL)
+    assert similar.platform == "ensemble"
+    assert tensors(similar.input) == {c.PRODUCT_ID: ("TYPE_STRING", [1], False), **filters}
+    assert tensors(similar.output) == results
+    assert [(s.model_name, set(s.input_map)) for s in similar.ensemble_scheduling.step] == [
+        (c.SEARCH_MODEL, {c.PRODUCT_ID, *filters})]
     embed = load("embed_image")
     assert [s.model_name for s in embed.ensemble_scheduling.step] == [c.PREPROCESS_MODEL, c.EMBEDDER_MODEL]
-    for model in ("preprocess", "preprocess_query", "product_search", "visual_search", "embed_image"):
+    for model in ("preprocess", "preprocess_query", "product_search", "visual_search", "embed_image", "similar_products"):
         assert load(model).max_batch_size == c.MAX_BATCH_SIZE  # composing models >= ensembles
 
 
