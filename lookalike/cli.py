@@ -1,4 +1,4 @@
-"""The `lookalike` command: serve | export | index | query | eval | sample-catalog.
+"""The `lookalike` command: serve | export | index | query | similar | eval | sample-catalog.
 
 Every subcommand is a thin layer over a `lookalike` module, except `export`, which this CLI dispatches
 to the export package (`lookalike_export.cli`, torch imported only when it runs): that dispatch is the
@@ -41,6 +41,12 @@ def _add_url(parser: argparse.ArgumentParser, protocol: bool = False) -> None:
         parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
 
 
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--category", default=None, help="only products of this category (unknown: no results)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PRODUCT_ID",
+                        help="never this product (repeatable)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve_forever
     from .server import LaunchError, ServerOptions
@@ -72,13 +78,23 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .indexer import index_catalog
 
     repository = Repository(args.model_repository)
+    if args.rollback == (args.catalog is not None):
+        print("lookalike index: give a CATALOG, or --rollback alone", file=sys.stderr)
+        return 2
     try:
         with _client(args) as client:
+            if args.rollback:
+                from .publishing import rollback_index
+
+                old, now = rollback_index(repository, client)
+                print(f"rolled back: {c.SEARCH_MODEL} serves version {now} again (version {old} set aside in "
+                      f"{repository.rejected_dir})")
+                return 0
             options = {"hnsw_m": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "m": args.m,
                        "nprobe": args.nprobe}
             report = index_catalog(args.catalog, repository, client, index=args.index, index_options=options,
                                    factory=args.index_factory, batch_size=args.batch_size,
-                                   concurrency=args.concurrency, progress=not args.quiet)
+                                   concurrency=args.concurrency, progress=not args.quiet, reuse=not args.full)
     except (LookalikeError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(printable(f"lookalike index: {exc}"), file=sys.stderr)
         return 1
@@ -87,6 +103,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     if report.index is not None:
         search = "".join(f", {k} {v}" for k, v in report.index.search.items())
         print(f"index: {report.index.kind} ({report.index.factory}{search}): {report.index.reason}")
+    since = f"since version {report.previous}" if report.previous is not None else "(first version)"
+    print(f"changes {since}: {report.added} added, {report.changed} changed, {report.removed} removed, "
+          f"{report.recategorized} recategorized; images: {report.reused} reused, {report.embedded} embedded, "
+          f"{report.failed} failed")
     print(f"indexed {report.products} products ({report.images} images, {report.vectors} vectors, "
           f"{len(report.problems)} rows skipped) in "
           f"{report.seconds:.1f} s; {c.SEARCH_MODEL} now serves version {report.version}")
@@ -108,15 +128,20 @@ def cmd_query(args: argparse.Namespace) -> int:
         except (OSError, ValueError, KeyError):
             products = {}
     failed = 0
+    similar = args.command == "similar"
     with _client(args) as client:
-        def one(path: str):
+        def one(query: str):
             try:
-                return path, [(m.rank, m.product_id, m.score) for m in client.search(path, top_k=args.top_k)]
+                if similar:
+                    found = client.similar(query, top_k=args.top_k, category=args.category, exclude_ids=args.exclude)
+                else:
+                    found = client.search(query, top_k=args.top_k, category=args.category, exclude_ids=args.exclude)
+                return query, [(m.rank, m.product_id, m.score) for m in found]
             except (LookalikeError, OSError) as exc:
-                return path, f"{type(exc).__name__}: {exc}"
+                return query, f"{type(exc).__name__}: {exc}"
 
         with ThreadPoolExecutor(max_workers=4) as pool:
-            results = list(pool.map(one, args.images))
+            results = list(pool.map(one, args.product_ids if similar else args.images))
     for path, matches in results:
         print(f"\n{printable(path)}")
         if isinstance(matches, str):
@@ -126,7 +151,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         for rank, product_id, score in matches:
             category = products[product_id].category if product_id in products else ""
             print(f"  {rank:>3}  {printable(product_id):<40} {score:.4f}  {printable(category)}")
-    if args.html:
+    if getattr(args, "html", None):
         from .report import render
 
         Path(args.html).write_text(render(results, products))
@@ -197,8 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     export_cli.add_arguments(p)
     p.set_defaults(func=export_cli.run)
 
-    p = sub.add_parser("index", help="embed a catalog through the server and serve it as a new index version")
-    p.add_argument("catalog", type=Path, help="CSV product_id,image[,category] or a folder of category folders")
+    p = sub.add_parser("index", help="embed a catalog through the server and serve it as a new index version "
+                       "(incremental: unchanged images are not embedded again), or --rollback")
+    p.add_argument("catalog", type=Path, nargs="?", default=None,
+                   help="CSV product_id,image[,category] or a folder of category folders")
+    p.add_argument("--rollback", action="store_true",
+                   help="serve the previous index version again (the newest is set aside), instead of indexing")
+    p.add_argument("--full", action="store_true", help="embed every image again, even those the store holds")
     _add_repository(p)
     _add_url(p)
     p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf-pq"),
@@ -225,6 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     _add_repository(p)
     p.add_argument("--html", default=None, help="write a page with thumbnails of queries and results")
     p.add_argument("--timeout", type=float, default=30.0)
+    _add_filters(p)
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("similar", help="catalog products most similar to catalog products (no photo): "
+                       "\"customers also viewed\"")
+    p.add_argument("product_ids", nargs="+")
+    p.add_argument("--top-k", type=int, default=c.DEFAULT_TOP_K)
+    _add_url(p, protocol=True)
+    _add_repository(p)
+    p.add_argument("--timeout", type=float, default=30.0)
+    _add_filters(p)
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("eval", help="recall of shopper photos through the running server (simulated and/or real)")

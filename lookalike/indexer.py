@@ -1,5 +1,6 @@
 """`lookalike index`: embed a catalog through the running server, publish it as a new index version of
-`product_search`, and have the server swap it in without a restart.
+`product_search`, and have the server swap it in without a restart. Incremental: images whose content
+an index version of the same embedder already holds are not embedded again (`EmbeddingStore`).
 
 Images are sent in batches over several concurrent requests (the server's dynamic batcher merges
 them). A batch refused for a bad image is retried image by image, so one bad file costs only itself;
@@ -8,6 +9,7 @@ every unusable row is reported with its reason and the rest go on.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,13 +20,13 @@ import numpy as np
 
 from lookalike_client import InvalidRequestError, LookalikeClient
 
-from .artifacts import EmbedderManifest
+from .artifacts import VECTORS_FILE, ArtifactError, EmbedderManifest, IndexMeta, file_digest
 from .catalog import CatalogItem, Problem, read_catalog
 from .index_types import IndexChoice, choose
 from .preprocessing import ImageError, ImageLimits, PreprocessConfig
 from .publishing import clean_stale_staging, publish_index
 from .repository import Repository
-from .search import Product, ProductIndex
+from .search import CorruptIndexError, Product, ProductIndex, load_products
 
 
 class EmptyCatalogError(ValueError):
@@ -46,7 +48,64 @@ class IndexReport:
     seconds: float = 0.0
     index: IndexChoice | None = None
     vectors: int = 0
-    images: int = 0  # catalog rows embedded (a product may have several)
+    images: int = 0  # catalog rows indexed (a product may have several)
+    # Against the version served before (incremental updates): products added, whose images changed,
+    # removed, whose category alone changed; images whose embeddings were reused from the store or
+    # sent to the server; rows that failed (= len(problems)).
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    recategorized: int = 0
+    reused: int = 0
+    embedded: int = 0
+    previous: int | None = None  # the version compared against
+
+    @property
+    def failed(self) -> int:
+        return len(self.problems)
+
+
+class EmbeddingStore:
+    """Embeddings already computed, keyed by (embedder fingerprint, sha256 of the image file): the index
+    versions kept beside the served one (`product_search/<N>/vectors.npy`, with each image's hash in
+    products.json). Only versions of the current embedder count, so a new embedder re-embeds all."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, tuple[np.ndarray, int, int]] = {}  # sha256 -> (vectors, start, count)
+
+    @classmethod
+    def from_repository(cls, repository: Repository, fingerprint: str) -> "EmbeddingStore":
+        store = cls()
+        for version in reversed(repository.index_versions()):  # newest first: it wins a tie
+            directory = repository.search_dir / str(version)
+            try:
+                if IndexMeta.load(directory).embedder_fingerprint != fingerprint or not (directory / VECTORS_FILE).is_file():
+                    continue
+                products = load_products(directory)
+                vectors = np.load(directory / VECTORS_FILE, mmap_mode="r")
+            except (ArtifactError, CorruptIndexError, OSError, ValueError):
+                continue  # an unreadable version just contributes nothing
+            start = 0
+            for product in products:
+                for _, sha, count in product.sources:
+                    if start + count <= len(vectors):
+                        store._where.setdefault(sha, (vectors, start, count))
+                    start += count
+        return store
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get(self, sha256: str) -> np.ndarray | None:
+        found = self._where.get(sha256)
+        if found is None:
+            return None
+        vectors, start, count = found
+        return np.array(vectors[start : start + count], dtype=np.float32)
+
+
+def content_hash(path: Path) -> str:
+    return file_digest(path)["sha256"]
 
 
 def _read(item: CatalogItem, max_bytes: int) -> bytes | Problem:
@@ -148,44 +207,98 @@ def index_catalog(
     concurrency: int = 4,
     keep_versions: int = 2,
     progress: bool = True,
+    reuse: bool = True,
 ) -> IndexReport:
-    """Embeds the catalog through the server and publishes it. `index` (auto|flat|hnsw|ivf-pq) with
-    `index_options` (hnsw_m, ef_search, nlist, m, nprobe) picks the FAISS index (`lookalike.index_types`);
-    `factory`, a FAISS index_factory string, overrides it for experts."""
+    """Embeds the catalog through the server and publishes it as a new version. Incremental: an image
+    whose file content (sha256) an index version of the same embedder already holds is not embedded
+    again (`EmbeddingStore`; `reuse=False` embeds all); removed products are dropped and category changes
+    kept without embedding. `index` (auto|flat|hnsw|ivf-pq) with `index_options` (hnsw_m, ef_search,
+    nlist, m, nprobe) picks the FAISS index (`lookalike.index_types`); `factory`, a FAISS index_factory
+    string, overrides it for experts."""
     import time
 
     started = time.perf_counter()
     manifest = repository.manifest()
     clean_stale_staging(repository, log=lambda m: print(f"lookalike index: {m}", file=sys.stderr))
     items, problems = read_catalog(catalog)
-    client.wait_until_ready(timeout_s=120.0, model="embed_image")
     limits = repository.image_limits()
     config = repository.preprocessing()
     if not factory:  # refuse impossible settings before hours of embedding, on the expected vector count
         choose(index, len(items) * (1 + len(config.catalog_views)), manifest.dim, **(index_options or {}))
-    good, vectors, embed_problems = embed_items(
-        client, items, batch_size=batch_size, concurrency=concurrency, progress=progress,
+    store = EmbeddingStore.from_repository(repository, manifest.fingerprint) if reuse else EmbeddingStore()
+    hashes: dict[int, str] = {}
+    known: dict[int, np.ndarray] = {}
+    for i, item in enumerate(items):
+        try:
+            if item.image.stat().st_size <= limits.max_bytes:  # larger ones are reported by embed_items
+                hashes[i] = content_hash(item.image)
+        except OSError:
+            continue  # reported by embed_items, which reads it again
+        found = store.get(hashes[i]) if i in hashes else None
+        if found is not None:
+            known[i] = found
+    todo = [i for i in range(len(items)) if i not in known]
+    if todo:
+        client.wait_until_ready(timeout_s=120.0, model="embed_image")
+    embedded, new_vectors, embed_problems = embed_items(
+        client, [items[i] for i in todo], batch_size=batch_size, concurrency=concurrency, progress=progress,
         max_bytes=limits.max_bytes, config=config, limits=limits,
     )
     problems += embed_problems
+    fresh = {id(item): v for item, v in zip(embedded, new_vectors)}
+    good = [(i, items[i], known[i] if i in known else fresh[id(items[i])]) for i in range(len(items))
+            if i in known or id(items[i]) in fresh]
     if not good:
         raise EmptyCatalogError(problems)
-    rows = sum(len(block) for block in vectors)
+    rows = sum(len(v) for _, _, v in good)
     if factory:
         choice = IndexChoice("custom", factory, "FAISS factory string given")
     else:
         choice = choose(index, rows, manifest.dim, **(index_options or {}))
-    built = build_index(good, vectors, manifest, choice=choice)
-    version = publish_index(repository, built, client, keep_versions=keep_versions)
-    return IndexReport(version, len(built), problems, time.perf_counter() - started, choice, rows, len(good))
+    for i, item, _ in good:
+        if i not in hashes:  # embedded although not hashed before (a file that appeared meanwhile)
+            hashes[i] = content_hash(item.image)
+    built = build_index([item for _, item, _ in good], [v for _, _, v in good], manifest, choice=choice,
+                        hashes=[hashes[i] for i, _, _ in good])
+    report = IndexReport(0, len(built), problems, 0.0, choice, rows, len(good), reused=len(known),
+                         embedded=len(embedded))
+    compare_versions(repository, built, report)
+    report.version = publish_index(repository, built, client, keep_versions=keep_versions)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def compare_versions(repository: Repository, built: ProductIndex, report: IndexReport) -> None:
+    """Fills the added/changed/removed/recategorized counts of `report` against the served version."""
+    latest = repository.latest_index_dir()
+    if latest is None:
+        report.added = len(built)
+        return
+    try:
+        before = {p.product_id: p for p in load_products(latest)}
+    except CorruptIndexError:
+        before = {}
+    report.previous = int(latest.name)
+    now = {p.product_id: p for p in built.products}
+    report.added = sum(1 for pid in now if pid not in before)
+    report.removed = sum(1 for pid in before if pid not in now)
+    for pid, product in now.items():
+        old = before.get(pid)
+        if old is None:
+            continue
+        if sorted(s[1] for s in old.sources) != sorted(s[1] for s in product.sources):
+            report.changed += 1
+        elif old.category != product.category:
+            report.recategorized += 1
 
 
 def build_index(items: Sequence[CatalogItem], vectors: Sequence[np.ndarray], manifest: EmbedderManifest, *,
-                choice: IndexChoice | None = None) -> ProductIndex:
+                choice: IndexChoice | None = None, hashes: Sequence[str] | None = None) -> ProductIndex:
     """The index of `items` (catalog rows), each with its vectors (packshot, then catalog views), for
     the embedder of `manifest`, of the kind `choice` (default: flat). Rows of one product id become one
     product whose vectors are all its images' (it scores its best vector), in the order the ids first
-    appear; its image for display is its first row's."""
+    appear; its image for display is its first row's. `hashes` (each row's image sha256) are recorded
+    for incremental updates."""
     choice = choice or IndexChoice("flat", "Flat", "default")
     dim = manifest.dim
     for block in vectors:
@@ -193,12 +306,15 @@ def build_index(items: Sequence[CatalogItem], vectors: Sequence[np.ndarray], man
             raise RuntimeError(f"server returned {block.shape[1]}-d embeddings, the embedder manifest says {dim}")
     blocks: dict[str, list[np.ndarray]] = {}
     products: dict[str, Product] = {}
-    for item, block in zip(items, vectors):
+    sources: dict[str, list[tuple[str, str, int]]] = {}
+    for i, (item, block) in enumerate(zip(items, vectors)):
         products.setdefault(item.product_id, Product(item.product_id, item.category, str(item.image)))
         blocks.setdefault(item.product_id, []).append(block)
+        if hashes is not None:
+            sources.setdefault(item.product_id, []).append((str(item.image), hashes[i], len(block)))
     grouped = [np.concatenate(blocks[pid]) for pid in products]
     return ProductIndex.build(
-        list(products.values()),
+        [dataclasses.replace(p, sources=tuple(sources.get(pid, ()))) for pid, p in products.items()],
         np.concatenate(grouped) if grouped else np.zeros((0, dim), np.float32),
         dim=dim,
         factory=choice.factory,

@@ -223,3 +223,40 @@ def _serves(client: LookalikeClient, version: int) -> bool:
         return version in client.served_index_versions()
     except LookalikeError:
         return False
+
+
+class RollbackError(RuntimeError):
+    """No earlier index version to go back to, or the server did not take it (nothing changed then)."""
+
+
+def rollback_index(repository: Repository, client: LookalikeClient) -> tuple[int, int]:
+    """Serves the index version before the newest again (`lookalike index --rollback`): the newest is set
+    aside (`.rejected/`, with the reason; its number is never reused) and the server loads the previous
+    one, which hot-swaps in like a new version. If the server does not take it, the newest is put back.
+    Returns (version rolled back, version served now)."""
+    versions = repository.index_versions()
+    if not versions:
+        raise RollbackError("no index version to roll back")
+    newest = versions[-1]
+    fingerprint = repository.manifest().fingerprint
+    earlier = [v for v in versions[:-1] if version_problem(repository.search_dir / str(v), fingerprint) is None]
+    if not earlier:
+        kept = ", ".join(map(str, versions[:-1])) or "none"
+        raise RollbackError(f"no earlier index version of this embedder to roll back to from version {newest} "
+                            f"(other versions kept: {kept}; `lookalike index` keeps the newest 2)")
+    for stale in [v for v in versions[:-1] if v > earlier[-1]]:  # unservable ones in between
+        set_aside(repository, stale, f"index version {stale} cannot be served; set aside by a rollback")
+    where = set_aside(repository, newest, f"rolled back by `lookalike index --rollback` to version {earlier[-1]}")
+    try:
+        client.reload_index()
+    except LookalikeError as exc:
+        if not _serves(client, earlier[-1]):
+            (where / REASON_FILE).unlink(missing_ok=True)
+            os.rename(where, repository.search_dir / str(newest))
+            try:
+                client.reload_index()
+            except LookalikeError:
+                pass
+            raise RollbackError(f"the server did not load index version {earlier[-1]} ({type(exc).__name__}: {exc}); "
+                                f"version {newest} was put back") from exc
+    return newest, earlier[-1]

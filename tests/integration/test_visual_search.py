@@ -209,8 +209,8 @@ def test_reindex_while_queries_run_loses_no_request(server, catalog):
         t.start()
     try:
         with LookalikeClient(server.options.grpc_url) as client:
-            for _ in range(2):
-                index_catalog(catalog / "catalog.csv", repo, client, progress=False)
+            for reuse in (False, True):  # everything embedded again, then an incremental update
+                index_catalog(catalog / "catalog.csv", repo, client, progress=False, reuse=reuse)
                 time.sleep(0.5)
     finally:
         stop.set()

@@ -1,0 +1,251 @@
+"""Filters (CATEGORY, EXCLUDE_IDS), search by product id (similar_products), the stored embeddings and
+IVF-PQ's exact re-ranking, the embedding store of incremental updates and rollback, without a server."""
+
+import numpy as np
+import pytest
+
+from lookalike.artifacts import EmbedderManifest
+from lookalike.catalog import CatalogItem
+from lookalike.indexer import EmbeddingStore, IndexReport, build_index, compare_versions
+from lookalike.product_search import ProductSearch, parse_filters, parse_request
+from lookalike.publishing import REASON_FILE, RollbackError, rollback_index, write_index_version
+from lookalike.repository import Repository
+from lookalike.search import Filter, Product, ProductIndex, UnknownProductError
+from lookalike_client import contract as c
+
+DIM = 32
+
+
+def unit(rng, n, d=DIM):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    """2,000 products, one big category (~50 %), one small (1 %), the rest spread over 20."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    vectors = unit(rng, n)
+    categories = ["small" if i % 100 == 0 else "big" if i % 2 else f"c{i % 20}" for i in range(n)]
+    products = [Product(f"SKU-{i:05d}", categories[i]) for i in range(n)]
+    return products, vectors
+
+
+def exact_filtered(products, vectors, query, k, f: Filter):
+    allowed = [i for i, p in enumerate(products)
+               if (not f.category or p.category == f.category) and p.product_id not in f.exclude]
+    scores = vectors[allowed] @ query
+    order = np.argsort(-scores)[:k]
+    return [products[allowed[i]].product_id for i in order]
+
+
+KINDS = {"flat": ("Flat", None), "hnsw": ("HNSW16", {"efSearch": 32}), "ivf-pq": ("IVF16,PQ16x4", {"nprobe": 2})}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("strategy", ["auto", "selector", "scan"])
+def test_a_filtered_query_returns_top_k_of_the_category_and_never_an_excluded_id(catalog, kind, strategy):
+    products, vectors = catalog
+    factory, search = KINDS[kind]
+    index = ProductIndex.build(products, vectors, factory=factory, search=search)
+    queries = unit(np.random.default_rng(1), 20)
+    for f in (Filter("small"), Filter("big", frozenset({"SKU-00001", "SKU-00003"})), Filter(None, frozenset({"SKU-00000"}))):
+        ids, scores = index.search(queries, 10, f, strategy=strategy)
+        for row, q in zip(ids, queries):
+            assert len(row) == 10  # full TOP_K: far more than 10 products match each filter
+            assert all(f.category is None or products[int(pid[4:])].category == f.category for pid in row)
+            assert not set(row) & f.exclude
+            truth = exact_filtered(products, vectors, q, 10, f)
+            if strategy == "scan" or kind == "flat":  # exact passes: the exact answer
+                assert row == truth
+        if strategy != "selector":  # lookalike's choice (and the scan) keep recall: checked over all rows
+            recall = np.mean([len(set(r) & set(exact_filtered(products, vectors, q, 10, f))) / 10 for r, q in zip(ids, queries)])
+            assert recall >= 0.95, (kind, strategy, f, recall)
+        assert all((np.diff(s) <= 1e-6).all() for s in scores)
+
+
+def test_unknown_category_is_empty_and_small_categories_give_all_they_have(catalog):
+    products, vectors = catalog
+    index = ProductIndex.build(products, vectors, factory="HNSW16")
+    ids, _ = index.search(vectors[:2], 10, Filter("no-such-category"))
+    assert ids == [[], []]
+    small = [p.product_id for p in products if p.category == "small"]
+    ids, _ = index.search(vectors[:1], 1000, Filter("small"))
+    assert sorted(ids[0]) == sorted(small)
+    ids, _ = index.search(vectors[:1], 10, Filter("small", frozenset(small)))
+    assert ids == [[]]
+    assert index.categories["small"] == len(small)
+
+
+def test_rows_of_one_call_keep_their_own_filters(catalog):
+    products, vectors = catalog
+    index = ProductIndex.build(products, vectors)
+    ids, _ = index.search(vectors[:3], 5, [Filter("small"), Filter(), Filter(None, frozenset({products[2].product_id}))])
+    assert all(products[int(p[4:])].category == "small" for p in ids[0])
+    assert ids[1][0] == products[1].product_id
+    assert products[2].product_id not in ids[2]
+
+
+def test_ivf_pq_reranks_with_the_stored_embeddings(catalog, tmp_path):
+    """PQ codes rank approximately; the stored (memory-mapped) embeddings re-rank exactly: scores are
+    true cosines and recall against exact search is high where PQ alone is not."""
+    products, vectors = catalog
+    index = ProductIndex.build(products, vectors, factory="IVF16,PQ16x4", search={"nprobe": 16})  # every cell: PQ alone
+    index.save(tmp_path)
+    loaded = ProductIndex.load(tmp_path)
+    assert loaded.reranks and isinstance(loaded.stored, np.memmap)
+    exact = ProductIndex.build(products, vectors)
+    queries = unit(np.random.default_rng(2), 50)
+    got, scores = loaded.search(queries, 10)
+    truth, _ = exact.search(queries, 10)
+    for row, row_scores, q in zip(got, scores, queries):
+        np.testing.assert_allclose(row_scores, vectors[[int(p[4:]) for p in row]] @ q, atol=1e-5)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
+    no_store = ProductIndex.build(products, vectors, factory="IVF16,PQ16x4", search={"nprobe": 16}, keep_embeddings=False)
+    pq_only = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(no_store.search(queries, 10)[0], truth)])
+    assert recall >= 0.9 and recall > pq_only, (recall, pq_only)
+
+
+def test_similar_never_returns_the_product_and_scores_its_best_image_pair(tmp_path):
+    rng = np.random.default_rng(3)
+    blocks = [unit(rng, n, 16) for n in (2, 1, 1, 3)]
+    near = blocks[0][1] + 0.05 * unit(rng, 1, 16)[0]  # close to A's second image only
+    blocks[1] = (near / np.linalg.norm(near))[None, :].astype(np.float32)
+    items = [CatalogItem(pid, tmp_path / f"{pid}.png", cat) for pid, cat in (("A", "x"), ("B", "x"), ("C", "y"), ("D", "y"))]
+    manifest = EmbedderManifest(model="test", dim=16, input=(3, 8, 8), fingerprint="fp")
+    index = build_index(items, blocks, manifest, hashes=["ha", "hb", "hc", "hd"])
+    index.save(tmp_path / "v")
+    loaded = ProductIndex.load(tmp_path / "v")
+    ids, scores = loaded.similar(["A"], 10)
+    assert ids[0][0] == "B" and "A" not in ids[0] and len(ids[0]) == 3
+    assert scores[0][0] == pytest.approx(float(blocks[1][0] @ blocks[0][1]), abs=1e-5)  # the best pair
+    assert loaded.similar(["A"], 10, Filter("y"))[0] == [[p for p in ids[0] if p in ("C", "D")]]
+    with pytest.raises(UnknownProductError, match="unknown product id 'Z'"):
+        loaded.similar(["Z"], 3)
+    assert [p.sources for p in loaded.products][0] == ((str(tmp_path / "A.png"), "ha", 2),)
+
+
+def request(**tensors):
+    return {name: value for name, value in tensors.items()}
+
+
+def strings(rows):
+    return np.array([[v.encode() for v in row] for row in rows], dtype=np.object_)
+
+
+def test_parse_request_takes_an_embedding_or_a_product_id_and_per_row_filters(catalog):
+    products, vectors = catalog
+    index = ProductIndex.build(products, vectors)
+    r = parse_request({c.EMBEDDING: vectors[:2], c.CATEGORY: strings([["big"], [""]]),
+                       c.EXCLUDE_IDS: strings([["SKU-00001", ""], ["", ""]])}, DIM, index=index)
+    assert r.filters == (Filter("big", frozenset({"SKU-00001"})), Filter())
+    r = parse_request({c.PRODUCT_ID: strings([["SKU-00002"]]), c.TOP_K: np.array([[3]], np.int32),
+                       c.CATEGORY: np.zeros((0, 1), np.object_)}, DIM, index=index)  # empty: through an ensemble
+    assert r.embeddings is None and r.product_ids == ("SKU-00002",) and r.k == 3 and r.filters == (Filter(),)
+    for inputs, message in [
+        ({}, "send either EMBEDDING or PRODUCT_ID"),
+        ({c.EMBEDDING: vectors[:1], c.PRODUCT_ID: strings([["SKU-00002"]])}, "not both"),
+        ({c.PRODUCT_ID: strings([["nope"]])}, "unknown product id 'nope'"),
+        ({c.EMBEDDING: vectors[:3], c.CATEGORY: strings([["a"], ["b"]])}, "CATEGORY has 2 rows for 3 queries"),
+        ({c.EMBEDDING: vectors[:1], c.CATEGORY: np.array([[b"\xff"]], dtype=np.object_)}, "utf-8"),
+        ({c.EMBEDDING: vectors[:1], c.EXCLUDE_IDS: strings([["x"] * (c.MAX_EXCLUDE_IDS + 1)])}, "at most"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_request(inputs, DIM, index=index)
+    assert parse_filters({c.CATEGORY: strings([["big"]])}, 3) == (Filter("big"),) * 3  # one row for all
+
+
+def test_a_bad_request_of_a_batch_fails_alone(catalog):
+    products, vectors = catalog
+    search = ProductSearch(ProductIndex.build(products, vectors))
+    outcomes = search([
+        {c.PRODUCT_ID: strings([["SKU-00004"]]), c.CATEGORY: strings([["big"]])},
+        {c.PRODUCT_ID: strings([["missing"]])},
+        {c.EMBEDDING: vectors[5:6], c.EXCLUDE_IDS: strings([["SKU-00005"]])},
+        {c.EMBEDDING: vectors[6:7], c.CATEGORY: strings([["no-such"]])},
+    ])
+    assert [o.error is None for o in outcomes] == [True, False, True, True]
+    ids = [[v.decode() for v in o.outputs[c.PRODUCT_IDS][0]] if o.outputs else None for o in outcomes]
+    assert len(ids[0]) == 10 and "SKU-00004" not in ids[0] and all(int(p[4:]) % 2 for p in ids[0])
+    assert "unknown product id 'missing'" in str(outcomes[1].error)
+    assert "SKU-00005" not in ids[2] and len(ids[2]) == 10
+    assert outcomes[3].outputs[c.PRODUCT_IDS].shape == (1, 0)
+
+
+# -- the embedding store and rollback --------------------------------------------------------------
+
+@pytest.fixture
+def repo(tmp_path) -> Repository:
+    (tmp_path / "embedder").mkdir()
+    EmbedderManifest(model="test", dim=16, input=(3, 8, 8), fingerprint="fp-now").save(tmp_path / "embedder" / "manifest.json")
+    (tmp_path / "product_search").mkdir()
+    (tmp_path / "product_search" / "model.py").write_text("# adapter\n")
+    return Repository(tmp_path)
+
+
+def publish(repo, rows, fingerprint="fp-now", seed=0):
+    """rows: (product id, category, image sha) -> a version whose vectors are a function of the sha."""
+    items = [CatalogItem(pid, repo.root / f"{sha}.png", cat) for pid, cat, sha in rows]
+    blocks = [unit(np.random.default_rng(abs(hash(sha)) % 2**32), 2, 16) for _, _, sha in rows]
+    manifest = EmbedderManifest(model="test", dim=16, input=(3, 8, 8), fingerprint=fingerprint)
+    index = build_index(items, blocks, manifest, hashes=[sha for _, _, sha in rows])
+    return write_index_version(repo, index.save), dict(zip((sha for _, _, sha in rows), blocks))
+
+
+def test_the_store_holds_the_kept_versions_of_the_current_embedder_by_content_hash(repo):
+    _, first = publish(repo, [("A", "x", "h1"), ("B", "x", "h2")])
+    publish(repo, [("C", "y", "h3")], fingerprint="fp-other")
+    store = EmbeddingStore.from_repository(repo, "fp-now")
+    assert len(store) == 2 and store.get("h3") is None and store.get("unknown") is None
+    np.testing.assert_array_equal(store.get("h2"), first["h2"])
+
+
+def test_compare_versions_counts_added_changed_removed_and_recategorized(repo):
+    publish(repo, [("A", "x", "h1"), ("B", "x", "h2"), ("C", "x", "h3"), ("D", "x", "h4")])
+    items = [("A", "x", "h1"), ("B", "x", "h2-new"), ("C", "z", "h3"), ("E", "x", "h5")]
+    manifest = EmbedderManifest(model="test", dim=16, input=(3, 8, 8), fingerprint="fp-now")
+    built = build_index([CatalogItem(p, repo.root / f"{s}.png", cat) for p, cat, s in items],
+                        [unit(np.random.default_rng(0), 1, 16)] * 4, manifest, hashes=[s for _, _, s in items])
+    report = IndexReport(0, 4)
+    compare_versions(repo, built, report)
+    assert (report.added, report.changed, report.removed, report.recategorized, report.previous) == (1, 1, 1, 1, 1)
+
+
+class Server:
+    """Stands in for the running server's model control: serves the newest version on reload."""
+
+    def __init__(self, repo, refuse=False):
+        self.repo, self.refuse, self.served = repo, refuse, repo.index_versions()[-1:]
+
+    def reload_index(self):
+        from lookalike_client import ServerError
+
+        if self.refuse:
+            raise ServerError("load failed")
+        self.served = self.repo.index_versions()[-1:]
+
+    def served_index_versions(self):
+        return self.served
+
+
+def test_rollback_sets_the_newest_aside_and_serves_the_previous(repo):
+    v1, _ = publish(repo, [("A", "x", "h1")])
+    v2, _ = publish(repo, [("B", "x", "h2")])
+    server = Server(repo)
+    assert rollback_index(repo, server) == (v2, v1)
+    assert repo.index_versions() == [v1] and server.served == [v1]
+    (aside,) = repo.rejected_dir.iterdir()
+    assert aside.name.startswith(f"{v2}-") and "rolled back" in (aside / REASON_FILE).read_text()
+    with pytest.raises(RollbackError, match="no earlier index version"):
+        rollback_index(repo, server)
+    v3, _ = publish(repo, [("C", "x", "h3")])
+    assert v3 == v2 + 1  # a number never names two indexes
+
+
+def test_a_rollback_the_server_refuses_puts_the_newest_back(repo):
+    v1, _ = publish(repo, [("A", "x", "h1")])
+    v2, _ = publish(repo, [("B", "x", "h2")])
+    with pytest.raises(RollbackError, match=f"version {v2} was put back"):
+        rollback_index(repo, Server(repo, refuse=True))
+    assert repo.index_versions() == [v1, v2] and not (repo.search_dir / str(v2) / REASON_FILE).exists()
