@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.index_types import choose
-from lookalike.search import Product, ProductIndex, set_threads
+from lookalike.search import Filter, Product, ProductIndex, set_threads
 
 
-def catalog_like(n: int, dim: int, families: int, group: int, seed: int, queries: int = 0) -> np.ndarray:
+def catalog_like(n: int, dim: int, families: int, group: int, seed: int, queries: int = 0,
+                 among: np.ndarray | None = None) -> np.ndarray:
     """Unit vectors shaped like a catalog's: `families` of products (random directions), each product
     a group of `group` vectors close together (its images and views) near its family's direction.
     With `queries`, that many fresh vectors near random products (a shopper's photo of one)."""
@@ -39,13 +40,38 @@ def catalog_like(n: int, dim: int, families: int, group: int, seed: int, queries
     product_dirs /= np.linalg.norm(product_dirs, axis=1, keepdims=True)
     draw = np.random.default_rng(seed)
     count = queries or n
-    which = draw.integers(0, products, count) if queries else np.repeat(np.arange(products), group)[:count]
+    pool = np.arange(products) if among is None else among  # queries near these products only
+    which = pool[draw.integers(0, len(pool), count)] if queries else np.repeat(np.arange(products), group)[:count]
     out = np.empty((count, dim), dtype=np.float32)
     for start in range(0, count, 50_000):  # in chunks: 10^6 x 1280 floats is 5 GB already
         stop = min(count, start + 50_000)
         x = product_dirs[which[start:stop]] + 0.4 * unit_noise * draw.standard_normal((stop - start, dim)).astype(np.float32)
         out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
+
+
+def families_of(n: int, dim: int, families: int, group: int) -> np.ndarray:
+    """The family of each of `catalog_like`'s n catalog vectors (its draws, replayed)."""
+    rng = np.random.default_rng(0)
+    rng.standard_normal((families, dim)).astype(np.float32)
+    owner = rng.integers(0, families, max(1, n // group))
+    return np.repeat(owner, group)[:n]
+
+
+def categories_for(n: int, dim: int, families: int, group: int, shares: list[float]) -> tuple[list[str], dict[str, float]]:
+    """A category per vector (= product here), by family, like a real catalog's: category "s<pct>"
+    holds about `share` of the families; the rest are "other"."""
+    family = families_of(n, dim, families, group)
+    names = np.full(n, "other", dtype=object)
+    first = 0
+    actual = {}
+    for share in shares:
+        count = max(1, round(share * families))
+        name = f"{share:.0%}"
+        names[(family >= first) & (family < first + count)] = name
+        actual[name] = float(np.mean(names == name))
+        first += count
+    return [str(v) for v in names], actual
 
 
 def rss_mb() -> float:
@@ -65,9 +91,20 @@ def queries_per_s(index: ProductIndex, queries: np.ndarray, batch: int, seconds:
     return done / (time.perf_counter() - started)
 
 
-def recall_at_10(index: ProductIndex, truth: list[list[str]], queries: np.ndarray) -> float:
-    got, _ = index.search(queries, 10)
-    return float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)]))
+def recall_at_10(index: ProductIndex, truth: list[list[str]], queries: np.ndarray, f: Filter | None = None,
+                 strategy: str = "auto") -> tuple[float, float]:
+    """(recall@10 against `truth`, share of queries that got 10 results)."""
+    got, _ = index.search(queries, 10, f, strategy=strategy)
+    return (float(np.mean([len(set(g) & set(t)) / max(1, len(t)) for g, t in zip(got, truth)])),
+            float(np.mean([len(g) == 10 for g in got])))
+
+
+def filtered_qps(index: ProductIndex, queries: np.ndarray, f: Filter, strategy: str, seconds: float) -> float:
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or done == 0:
+        index.search(queries[done % len(queries) : done % len(queries) + 1], 10, f, strategy=strategy)
+        done += 1
+    return done / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -79,6 +116,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0, help="per throughput measurement")
     parser.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivf-pq"])
+    parser.add_argument("--nlist", type=int, default=None, help="ivf-pq cells (default: lookalike's, ~4 sqrt(N))")
+    parser.add_argument("--filter-shares", type=float, nargs="*", default=[0.01, 0.2],
+                        help="category sizes (share of products) of the filtered-search measurements")
+    parser.add_argument("--filter-queries", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
     set_threads(os.cpu_count() or 1)
@@ -87,10 +128,19 @@ def main() -> None:
     for n in args.sizes:
         vectors = catalog_like(n, args.dim, args.families, args.group, seed=0)
         queries = catalog_like(n, args.dim, args.families, args.group, seed=1, queries=args.queries)
-        products = [Product(f"p{i}") for i in range(n)]
+        categories, shares = categories_for(n, args.dim, args.families, args.group, args.filter_shares)
+        products = [Product(f"p{i}", categories[i]) for i in range(n)]
         truth: list[list[str]] = []
+        filter_truth: dict[tuple[str, str], list[list[str]]] = {}
+        # Filtered queries: photos of products of the category ("in"), and of any product ("any": mostly
+        # outside the category, the hard case for an approximate index).
+        fqs = {("any", name): queries[: args.filter_queries] for name in shares}
+        for name in shares:
+            inside = np.flatnonzero(np.array(categories[:: args.group]) == name)
+            fqs[("in", name)] = catalog_like(n, args.dim, args.families, args.group, seed=2,
+                                             queries=args.filter_queries, among=inside)
         for kind in args.kinds:
-            choice = choose(kind, n, args.dim)
+            choice = choose(kind, n, args.dim, nlist=args.nlist if kind == "ivf-pq" else None)
             before = rss_mb()
             started = time.perf_counter()
             index = ProductIndex.build(products, vectors, factory=choice.factory, search=choice.search)
@@ -99,17 +149,29 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 index.save(tmp)
                 disk = (Path(tmp) / "index.faiss").stat().st_size / 2**20
-            if kind == "flat":
-                truth, _ = index.search(queries, 10)
-            elif not truth:
-                truth, _ = ProductIndex.build(products, vectors).search(queries, 10)
+            if not truth:
+                exact = index if kind == "flat" else ProductIndex.build(products, vectors)
+                truth, _ = exact.search(queries, 10)
+                filter_truth = {key: exact.search(fq, 10, Filter(key[1]))[0] for key, fq in fqs.items()}
+                del exact
+            recall, _ = recall_at_10(index, truth, queries)
             row = {
                 "vectors": n, "kind": kind, "factory": choice.factory, "search": choice.search,
                 "build_s": round(build_s, 1), "memory_mb": round(memory), "disk_mb": round(disk),
-                "recall_at_10": round(recall_at_10(index, truth, queries), 3),
+                "recall_at_10": round(recall, 3),
                 "qps_batch1": round(queries_per_s(index, queries, 1, args.seconds), 1),
                 "qps_batch64": round(queries_per_s(index, queries, 64, args.seconds), 1),
+                "filtered": [],
             }
+            for (where, name), fq in fqs.items():
+                share = shares[name]
+                for strategy in ("auto", "selector", "scan") if kind != "flat" else ("auto",):
+                    f = Filter(name)
+                    recall, full = recall_at_10(index, filter_truth[(where, name)], fq, f, strategy)
+                    row["filtered"].append({"category": name, "share": round(share, 4), "queries": where,
+                                            "strategy": strategy,
+                                            "recall_at_10": round(recall, 3), "full_top_k": round(full, 3),
+                                            "qps_batch1": round(filtered_qps(index, fq, f, strategy, args.seconds / 2), 1)})
             print(row, flush=True)
             rows.append(row)
             del index
@@ -129,6 +191,18 @@ def main() -> None:
         lines.append(f"| {r['vectors']:,} | {r['kind']} | {r['factory']} {r['search'] or ''} | {r['build_s']} | "
                      f"{r['memory_mb']} | {r['disk_mb']} | {r['recall_at_10']:.3f} | {r['qps_batch1']} | "
                      f"{r['qps_batch64']} | {r['qps_vs_flat_batch1']} |")
+    lines += ["", "Filtered search (CATEGORY), batch 1: auto = lookalike's choice; selector = FAISS IDSelector on the "
+              "index with efSearch/nprobe raised by 1/share; scan = exact pass over the category's vectors only "
+              "(what a per-category flat sub-index computes, without its memory)",
+              "; queries: photos of products in the category (in) or of any product (any: mostly outside it, the "
+              "hard case for graph and cell search)",
+              "", "| vectors | index | category share | queries | strategy | recall@10 | full TOP_K | q/s batch 1 |",
+              "|---:|---|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        for f in r["filtered"]:
+            lines.append(f"| {r['vectors']:,} | {r['kind']} | {f['share']:.1%} | {f['queries']} | {f['strategy']} | "
+                         f"{f['recall_at_10']:.3f} | "
+                         f"{f['full_top_k']:.2f} | {f['qps_batch1']} |")
     table = "\n".join(lines)
     (args.out / "bench_index.md").write_text(table + "\n")
     print(table)
