@@ -168,8 +168,9 @@ def main() -> None:
                 for strategy in ("auto", "selector", "scan") if kind != "flat" else ("auto",):
                     f = Filter(name)
                     recall, full = recall_at_10(index, filter_truth[(where, name)], fq, f, strategy)
+                    path = index.filter_path(f) if strategy == "auto" else strategy
                     row["filtered"].append({"category": name, "share": round(share, 4), "queries": where,
-                                            "strategy": strategy,
+                                            "strategy": "auto: " + path if strategy == "auto" else strategy,
                                             "recall_at_10": round(recall, 3), "full_top_k": round(full, 3),
                                             "qps_batch1": round(filtered_qps(index, fq, f, strategy, args.seconds / 2), 1)})
             print(row, flush=True)
@@ -191,9 +192,10 @@ def main() -> None:
         lines.append(f"| {r['vectors']:,} | {r['kind']} | {r['factory']} {r['search'] or ''} | {r['build_s']} | "
                      f"{r['memory_mb']} | {r['disk_mb']} | {r['recall_at_10']:.3f} | {r['qps_batch1']} | "
                      f"{r['qps_batch64']} | {r['qps_vs_flat_batch1']} |")
-    lines += ["", "Filtered search (CATEGORY), batch 1: auto = lookalike's choice; selector = FAISS IDSelector on the "
-              "index with efSearch/nprobe raised by 1/share; scan = exact pass over the category's vectors only "
-              "(what a per-category flat sub-index computes, without its memory)",
+    lines += ["", "Filtered search (CATEGORY), batch 1: auto = lookalike's choice (and the path it took); selector = FAISS "
+              "IDSelector on the index with efSearch/nprobe raised by 1/share; scan = exact pass over the category's "
+              "vectors only (what a per-category flat sub-index computes, without its memory; IVF-PQ: every cell, "
+              "re-ranked); subindex = the category's own graph (hnsw, categories over 20,000 vectors)",
               "; queries: photos of products in the category (in) or of any product (any: mostly outside it, the "
               "hard case for graph and cell search)",
               "", "| vectors | index | category share | queries | strategy | recall@10 | full TOP_K | q/s batch 1 |",

@@ -182,12 +182,16 @@ class IndexMeta:
     # Search-time defaults of this version ({"efSearch": n} for HNSW, {"nprobe": n} for IVF); the
     # product_search config parameters override them.
     search: dict[str, int] = field(default_factory=dict)
+    # Per-category sub-indexes of a graph index (category -> file name in the version directory), for
+    # filtered search (`lookalike.search`).
+    subindexes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def new(cls, *, dim: int, count: int, vectors: int, factory: str, embedder_fingerprint: str,
-            search: dict[str, int] | None = None) -> "IndexMeta":
+            search: dict[str, int] | None = None, subindexes: dict[str, str] | None = None) -> "IndexMeta":
         return cls(dim=dim, count=count, vectors=vectors, factory=factory,
-                   embedder_fingerprint=embedder_fingerprint, created=utc_now(), search=dict(search or {}))
+                   embedder_fingerprint=embedder_fingerprint, created=utc_now(), search=dict(search or {}),
+                   subindexes=dict(subindexes or {}))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "IndexMeta":
@@ -199,11 +203,15 @@ class IndexMeta:
         search = _check(data, what, "search", dict, optional=True) or {}
         if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in search.items()):
             raise ArtifactError(f"{what}: 'search' must map parameter names to positive integers, got {search!r}")
+        subindexes = _check(data, what, "subindexes", dict, optional=True) or {}
+        if not all(isinstance(k, str) and isinstance(v, str) and v and "/" not in v and not v.startswith(".")
+                   for k, v in subindexes.items()):
+            raise ArtifactError(f"{what}: 'subindexes' must map categories to file names in the version directory")
         return cls(
             dim=dim, count=count, vectors=int(data.get("vectors", count)), factory=str(data.get("factory", "Flat")),
             metric=str(data.get("metric", "inner_product")),
             embedder_fingerprint=str(data.get("embedder_fingerprint") or ""), created=str(data.get("created", "")),
-            files=files, search=dict(search),
+            files=files, search=dict(search), subindexes=dict(subindexes),
         )
 
     def to_dict(self) -> dict[str, Any]:

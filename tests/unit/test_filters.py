@@ -10,7 +10,7 @@ from lookalike.indexer import EmbeddingStore, IndexReport, build_index, compare_
 from lookalike.product_search import ProductSearch, parse_filters, parse_request
 from lookalike.publishing import REASON_FILE, RollbackError, rollback_index, write_index_version
 from lookalike.repository import Repository
-from lookalike.search import Filter, Product, ProductIndex, UnknownProductError
+from lookalike.search import CorruptIndexError, Filter, Product, ProductIndex, UnknownProductError
 from lookalike_client import contract as c
 
 DIM = 32
@@ -63,6 +63,31 @@ def test_a_filtered_query_returns_top_k_of_the_category_and_never_an_excluded_id
             recall = np.mean([len(set(r) & set(exact_filtered(products, vectors, q, 10, f))) / 10 for r, q in zip(ids, queries)])
             assert recall >= 0.95, (kind, strategy, f, recall)
         assert all((np.diff(s) <= 1e-6).all() for s in scores)
+
+
+def test_a_graph_index_gets_sub_indexes_for_categories_too_large_to_scan(catalog, tmp_path, monkeypatch):
+    """HNSW + selector loses recall for photos far from a large category; such categories get their own
+    graph, saved with the version, and exclusions still apply inside it."""
+    import lookalike.search as search
+
+    monkeypatch.setattr(search, "FILTER_SCAN_MAX_VECTORS", 100)  # "big" (1,000 of 2,000 vectors) is "large" here
+    products, vectors = catalog
+    index = ProductIndex.build(products, vectors, factory="HNSW16", search={"efSearch": 32})
+    assert set(index.subindexes) == {"big"} and index.meta.subindexes == {"big": "category-0.faiss"}  # c0..c19: 50 each
+    index.save(tmp_path)
+    loaded = ProductIndex.load(tmp_path)
+    assert set(loaded.subindexes) == {"big"} and (tmp_path / "category-0.faiss").is_file()
+    f = Filter("big", frozenset({"SKU-00001", "SKU-00003"}))
+    assert loaded.filter_path(f) == "subindex" and loaded.filter_path(Filter("c2")) == "scan"
+    queries = unit(np.random.default_rng(5), 30)
+    ids, scores = loaded.search(queries, 10, f)
+    truth = [exact_filtered(products, vectors, q, 10, f) for q in queries]
+    assert all(len(r) == 10 and not set(r) & f.exclude for r in ids)
+    assert all(products[int(p[4:])].category == "big" for r in ids for p in r)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)]) >= 0.95
+    (tmp_path / "category-0.faiss").write_bytes(b"garbage")
+    with pytest.raises(CorruptIndexError, match="category-0.faiss"):
+        ProductIndex.load(tmp_path)
 
 
 def test_unknown_category_is_empty_and_small_categories_give_all_they_have(catalog):
