@@ -1,5 +1,10 @@
 """Reading a catalog: a CSV `product_id,image[,category]` or a folder with one subfolder per category.
 
+A CSV's first line may be a header naming its columns: then `product_id` and `image` (and `category`,
+if present) are found by name, in any order, and other columns (a shop export's title, price, ...) are
+ignored; a header without `product_id` or `image` is refused whole (`CatalogError`). Without a header
+the columns are product_id, image[, category].
+
 A product may have several images: one row (or file) each, with the same product id; the index scores
 the product by its best image. Rows that cannot be used are returned as `Problem`s (where, why) and
 never stop the others.
@@ -12,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"}
+COLUMNS = ("product_id", "image", "category")
+
+
+class CatalogError(ValueError):
+    """A catalog that cannot be read at all (as opposed to rows that are reported and skipped)."""
 
 
 @dataclass(frozen=True)
@@ -66,23 +76,43 @@ def _dedupe(items: list[CatalogItem], problems: list[Problem]) -> list[CatalogIt
     return unique
 
 
+def _columns(header: list[str], path: Path) -> dict[str, int] | None:
+    """The position of each column named by a header line, or None when the line is data."""
+    names = [cell.strip().lower() for cell in header]
+    if not set(names) & set(COLUMNS):
+        return None
+    missing = [name for name in COLUMNS[:2] if name not in names]
+    if missing:
+        raise CatalogError(f"{path.name}: the header ({','.join(header)}) has no column {' or '.join(missing)}; "
+                           f"a catalog needs product_id and image (and may have category)")
+    repeated = sorted({name for name in names if name in COLUMNS and names.count(name) > 1})
+    if repeated:
+        raise CatalogError(f"{path.name}: the header names column {', '.join(repeated)} more than once")
+    return {name: names.index(name) for name in COLUMNS if name in names}
+
+
 def _read_csv(path: Path) -> tuple[list[CatalogItem], list[Problem]]:
     items: list[CatalogItem] = []
     problems: list[Problem] = []
     with open(path, newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.reader(handle))
-    start = 0
-    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["product_id", "image"]:
-        start = 1
+    columns = _columns(rows[0], path) if rows else None
+    start = 1 if columns else 0
+    header = columns is not None  # then columns beyond the named ones are allowed (and ignored)
+    columns = columns or {name: i for i, name in enumerate(COLUMNS)}
+    named = (columns["product_id"], columns["image"]) != (0, 1)
+    needed = max(columns["product_id"], columns["image"]) + 1
+    expected = (f"{needed} fields or more (product_id in column {columns['product_id'] + 1}, image in column "
+                f"{columns['image'] + 1})" if named else "product_id,image[,category]")
     for number, row in enumerate(rows[start:], start=start + 1):
         where = f"{path.name}:{number}"
         if not row or all(not cell.strip() for cell in row):
             continue
-        if len(row) < 2 or len(row) > 3:
-            problems.append(Problem(where, f"expected product_id,image[,category], got {len(row)} fields"))
+        if len(row) < needed or (not header and len(row) > 3):
+            problems.append(Problem(where, f"expected {expected}, got {len(row)} fields"))
             continue
-        product_id, image = row[0].strip(), row[1].strip()
-        category = row[2].strip() if len(row) == 3 else ""
+        product_id, image = row[columns["product_id"]].strip(), row[columns["image"]].strip()
+        category = row[columns["category"]].strip() if "category" in columns and columns["category"] < len(row) else ""
         if not product_id:
             problems.append(Problem(where, "empty product id"))
             continue

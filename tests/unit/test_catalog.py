@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from lookalike.catalog import read_catalog
+from lookalike.catalog import CatalogError, read_catalog
 
 
 def make_image(path: Path) -> Path:
@@ -62,3 +63,36 @@ def test_folder_catalog(tmp_path):
     # files are read in sorted order: bags/S1.png comes first, shoes/S1.jpg is the duplicate
     assert [(i.product_id, i.category) for i in items] == [("B1", "bags"), ("S1", "bags")]
     assert sorted(p.reason.split(" (")[0] for p in problems) == ["not an image file name", "product 'S1' is in category 'bags'"]
+
+
+def test_csv_header_names_the_columns(tmp_path):
+    """A shop's export: columns in another order, extra columns ignored, a short row reported."""
+    make_image(tmp_path / "a.png")
+    make_image(tmp_path / "b.png")
+    (tmp_path / "export.csv").write_text(
+        "Title,Category,Image,Price,Product_ID\n"
+        "Red shoe,shoes,a.png,19.99,A-1\n"
+        '"Bag, large",bags,b.png,5,B-2\n'
+        "Short,shoes,a.png\n"
+    )
+    items, problems = read_catalog(tmp_path / "export.csv")
+    assert [(i.product_id, i.image.name, i.category) for i in items] == [("A-1", "a.png", "shoes"), ("B-2", "b.png", "bags")]
+    assert [str(p) for p in problems] == [
+        "export.csv:4: expected 5 fields or more (product_id in column 5, image in column 3), got 3 fields"]
+
+
+def test_csv_standard_header_with_extra_columns(tmp_path):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "c.csv").write_text("product_id,image,category,price\nA-1,a.png,shoes,3\nB-2\n")
+    items, problems = read_catalog(tmp_path / "c.csv")
+    assert [(i.product_id, i.category) for i in items] == [("A-1", "shoes")]
+    assert [str(p) for p in problems] == ["c.csv:3: expected product_id,image[,category], got 1 fields"]
+
+
+def test_csv_header_without_a_required_column_is_refused_whole(tmp_path):
+    (tmp_path / "c.csv").write_text("sku,url,category\nX,x.png,toys\n")
+    with pytest.raises(CatalogError, match=r"c\.csv: the header \(sku,url,category\) has no column product_id or image"):
+        read_catalog(tmp_path / "c.csv")
+    (tmp_path / "d.csv").write_text("product_id,image,image\nX,x.png,y.png\n")
+    with pytest.raises(CatalogError, match="names column image more than once"):
+        read_catalog(tmp_path / "d.csv")
