@@ -21,7 +21,7 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?= fp16
 CALIBRATION ?=
 
-.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-index bench-export eval eval-candidates eval-preprocessing recovery engine image clean
+.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-index bench-gpu bench-export eval eval-candidates eval-preprocessing recovery engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
@@ -120,9 +120,18 @@ eval-preprocessing: $(EMBEDDER) $(CATALOG)/catalog.csv
 recovery: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/recovery.py --catalog $(CATALOG) --out results
 
-# Index types on synthetic catalog-like vectors at 1280-d: build, memory, disk, q/s, recall@10 vs exact.
+# Index types on synthetic catalog-like vectors at 1280-d: build, memory, disk, q/s, recall@10 vs exact,
+# filtered search, hnsw at other efSearch values. 10^5, then 10^6 vectors with both in one table and plot
+# (results/bench_index_1m/). 10^6 trains IVF-PQ on 1,024 cells instead of the default ~4,000 (see README).
 bench-index: $(VENV)/.setup-done
-	$(BIN)/python loadtest/bench_index.py --sizes 100000 --out results
+	$(BIN)/python loadtest/bench_index.py --sizes 100000 --ef-sweep 64 256 --out results
+	$(BIN)/python loadtest/bench_index.py --sizes 1000000 --nlist 1024 --ef-sweep 64 256 \
+		--merge results/bench_index.json --out results/bench_index_1m
+
+# On a GPU host, with its own Python (torch or cupy; no venv, FAISS or lookalike needed): exact top-10
+# over 10^6 x 1280 on the GPU vs the same work on its CPU.
+bench-gpu:
+	$(PYTHON) loadtest/gpu_topk.py --vectors 1000000 --out results/gpu_topk
 
 bench-export: $(VENV)/.setup-done
 	$(BIN)/python loadtest/export_bench.py --out results

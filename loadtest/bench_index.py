@@ -24,54 +24,7 @@ import numpy as np
 from lookalike.index_types import choose
 from lookalike.search import Filter, Product, ProductIndex, set_threads
 
-
-def catalog_like(n: int, dim: int, families: int, group: int, seed: int, queries: int = 0,
-                 among: np.ndarray | None = None) -> np.ndarray:
-    """Unit vectors shaped like a catalog's: `families` of products (random directions), each product
-    a group of `group` vectors close together (its images and views) near its family's direction.
-    With `queries`, that many fresh vectors near random products (a shopper's photo of one)."""
-    rng = np.random.default_rng(0)  # the same families and products for the catalog and its queries
-    centres = rng.standard_normal((families, dim)).astype(np.float32)
-    products = max(1, n // group)
-    owner = rng.integers(0, families, products)
-    unit_noise = 1.0 / np.sqrt(dim)
-    product_dirs = centres[owner] / np.linalg.norm(centres[owner], axis=1, keepdims=True)
-    product_dirs += 0.9 * unit_noise * rng.standard_normal((products, dim)).astype(np.float32)
-    product_dirs /= np.linalg.norm(product_dirs, axis=1, keepdims=True)
-    draw = np.random.default_rng(seed)
-    count = queries or n
-    pool = np.arange(products) if among is None else among  # queries near these products only
-    which = pool[draw.integers(0, len(pool), count)] if queries else np.repeat(np.arange(products), group)[:count]
-    out = np.empty((count, dim), dtype=np.float32)
-    for start in range(0, count, 50_000):  # in chunks: 10^6 x 1280 floats is 5 GB already
-        stop = min(count, start + 50_000)
-        x = product_dirs[which[start:stop]] + 0.4 * unit_noise * draw.standard_normal((stop - start, dim)).astype(np.float32)
-        out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
-
-
-def families_of(n: int, dim: int, families: int, group: int) -> np.ndarray:
-    """The family of each of `catalog_like`'s n catalog vectors (its draws, replayed)."""
-    rng = np.random.default_rng(0)
-    rng.standard_normal((families, dim)).astype(np.float32)
-    owner = rng.integers(0, families, max(1, n // group))
-    return np.repeat(owner, group)[:n]
-
-
-def categories_for(n: int, dim: int, families: int, group: int, shares: list[float]) -> tuple[list[str], dict[str, float]]:
-    """A category per vector (= product here), by family, like a real catalog's: category "s<pct>"
-    holds about `share` of the families; the rest are "other"."""
-    family = families_of(n, dim, families, group)
-    names = np.full(n, "other", dtype=object)
-    first = 0
-    actual = {}
-    for share in shares:
-        count = max(1, round(share * families))
-        name = f"{share:.0%}"
-        names[(family >= first) & (family < first + count)] = name
-        actual[name] = float(np.mean(names == name))
-        first += count
-    return [str(v) for v in names], actual
+from synthetic import catalog_like, categories_for
 
 
 def rss_mb() -> float:
@@ -120,6 +73,10 @@ def main() -> None:
     parser.add_argument("--filter-shares", type=float, nargs="*", default=[0.01, 0.2],
                         help="category sizes (share of products) of the filtered-search measurements")
     parser.add_argument("--filter-queries", type=int, default=200)
+    parser.add_argument("--ef-sweep", type=int, nargs="*", default=[],
+                        help="hnsw: also recall@10 and q/s (batch 1) at these efSearch values, same index")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="bench_index.json files of earlier runs: their rows come first in this run's table and plot")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
     set_threads(os.cpu_count() or 1)
@@ -147,8 +104,8 @@ def main() -> None:
             build_s = time.perf_counter() - started
             memory = rss_mb() - before
             with tempfile.TemporaryDirectory() as tmp:
-                index.save(tmp)
-                disk = (Path(tmp) / "index.faiss").stat().st_size / 2**20
+                index.save(tmp)  # the index files; the stored embeddings (vectors.npy) are N x D x 4 bytes for all
+                disk = sum(f.stat().st_size for f in Path(tmp).glob("*.faiss")) / 2**20
             if not truth:
                 exact = index if kind == "flat" else ProductIndex.build(products, vectors)
                 truth, _ = exact.search(queries, 10)
@@ -173,10 +130,18 @@ def main() -> None:
                                             "strategy": "auto: " + path if strategy == "auto" else strategy,
                                             "recall_at_10": round(recall, 3), "full_top_k": round(full, 3),
                                             "qps_batch1": round(filtered_qps(index, fq, f, strategy, args.seconds / 2), 1)})
+            if kind == "hnsw" and args.ef_sweep:
+                row["ef_sweep"] = []
+                for ef in args.ef_sweep:
+                    index.set_search_params(ef_search=ef)
+                    recall, _ = recall_at_10(index, truth, queries)
+                    row["ef_sweep"].append({"ef_search": ef, "recall_at_10": round(recall, 3),
+                                            "qps_batch1": round(queries_per_s(index, queries, 1, args.seconds), 1)})
             print(row, flush=True)
             rows.append(row)
             del index
 
+    rows = [row for earlier in args.merge for row in json.loads(earlier.read_text())["rows"]] + rows
     for row in rows:
         flat = next((r for r in rows if r["vectors"] == row["vectors"] and r["kind"] == "flat"), None)
         row["qps_vs_flat_batch1"] = round(row["qps_batch1"] / flat["qps_batch1"], 1) if flat else None
@@ -205,25 +170,66 @@ def main() -> None:
             lines.append(f"| {r['vectors']:,} | {r['kind']} | {f['share']:.1%} | {f['queries']} | {f['strategy']} | "
                          f"{f['recall_at_10']:.3f} | "
                          f"{f['full_top_k']:.2f} | {f['qps_batch1']} |")
+    sweeps = [r for r in rows if r.get("ef_sweep")]
+    if sweeps:
+        lines += ["", "hnsw at other efSearch values (product_search's `ef_search` parameter; same index):", "",
+                  "| vectors | efSearch | recall@10 | q/s batch 1 | × flat |", "|---:|---:|---:|---:|---:|"]
+        for r in sweeps:
+            flat = next((x for x in rows if x["vectors"] == r["vectors"] and x["kind"] == "flat"), None)
+            for e in r["ef_sweep"]:
+                ratio = round(e["qps_batch1"] / flat["qps_batch1"], 1) if flat else None
+                lines.append(f"| {r['vectors']:,} | {e['ef_search']} | {e['recall_at_10']:.3f} | {e['qps_batch1']} | {ratio} |")
     table = "\n".join(lines)
     (args.out / "bench_index.md").write_text(table + "\n")
     print(table)
+    plot(rows, args.dim, args.out / "bench_index.png")
+
+def plot(rows: list[dict], dim: int, path: Path) -> None:
+    """Left: recall@10 against queries/s (batch 1) of each index type and size, hnsw's efSearch sweep as a
+    line. Right: filtered search (auto), q/s of each index type, category share and query kind."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in rows:
-            ax.scatter(r["recall_at_10"], r["qps_batch1"], s=40)
-            ax.annotate(f"{r['kind']} {r['vectors']:,}", (r["recall_at_10"], r["qps_batch1"]), fontsize=8)
-        ax.set(xlabel="recall@10 vs exact", ylabel="queries/s (batch 1)", yscale="log",
-               title=f"index types, {args.dim}-d, {os.cpu_count()} cores")
-        fig.tight_layout()
-        fig.savefig(args.out / "bench_index.png", dpi=120)
     except ImportError:
-        pass
+        return
+    colours = {"flat": "tab:gray", "hnsw": "tab:blue", "ivf-pq": "tab:orange"}
+    markers = {100_000: "o", 1_000_000: "s"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5))
+    for r in rows:
+        colour, marker = colours.get(r["kind"], "tab:green"), markers.get(r["vectors"], "^")
+        left.scatter(r["recall_at_10"], r["qps_batch1"], s=50, color=colour, marker=marker,
+                     label=f"{r['kind']}, {r['vectors']:,}")
+        sweep = sorted(r.get("ef_sweep", []) + [{"ef_search": r["search"].get("efSearch"), "recall_at_10": r["recall_at_10"],
+                                                  "qps_batch1": r["qps_batch1"]}] if r.get("ef_sweep") else [],
+                       key=lambda e: e["recall_at_10"])
+        if sweep:
+            left.plot([e["recall_at_10"] for e in sweep], [e["qps_batch1"] for e in sweep], color=colour, lw=1, alpha=0.6)
+            for e in sweep:
+                left.annotate(f"ef {e['ef_search']}", (e["recall_at_10"], e["qps_batch1"]), fontsize=7,
+                              xytext=(3, 3), textcoords="offset points")
+    left.set(xlabel="recall@10 vs exact", ylabel="queries/s, batch 1 (log)", yscale="log",
+             title=f"index types, {dim}-d synthetic, {os.cpu_count()} cores")
+    left.legend(fontsize=7, loc="lower left")
+    labels, values, recalls, bar_colours = [], [], [], []
+    for r in rows:
+        for f in r["filtered"]:
+            if not f["strategy"].startswith("auto"):
+                continue
+            labels.append(f"{r['kind']} {r['vectors'] // 1000:,}k\n{f['share']:.0%} {f['queries']}")
+            values.append(f["qps_batch1"])
+            recalls.append(f["recall_at_10"])
+            bar_colours.append(colours.get(r["kind"], "tab:green"))
+    bars = right.bar(range(len(values)), values, color=bar_colours)
+    for bar, recall in zip(bars, recalls):
+        right.annotate(f"{recall:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                       fontsize=6, xytext=(0, 2), textcoords="offset points")
+    right.set_xticks(range(len(labels)), labels, fontsize=5.5, rotation=90)
+    right.set(ylabel="queries/s, batch 1 (log)", yscale="log",
+              title="filtered (CATEGORY), auto; bar label: recall@10")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
