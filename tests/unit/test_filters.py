@@ -274,3 +274,66 @@ def test_a_rollback_the_server_refuses_puts_the_newest_back(repo):
     with pytest.raises(RollbackError, match=f"version {v2} was put back"):
         rollback_index(repo, Server(repo, refuse=True))
     assert repo.index_versions() == [v1, v2] and not (repo.search_dir / str(v2) / REASON_FILE).exists()
+
+
+def grouped_catalog(products=400, per=5, seed=3):
+    """Products of `per` vectors each, close together (a packshot and its views), in 20 families."""
+    rng = np.random.default_rng(seed)
+    families = unit(rng, 20)
+    centres = families[rng.integers(0, 20, products)] + 0.25 * unit(rng, products)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    vectors = np.repeat(centres, per, axis=0) + 0.15 * unit(rng, products * per)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    items = [Product(f"P{i}", "even" if i % 2 == 0 else "odd") for i in range(products)]
+    return items, vectors.astype(np.float32), per
+
+
+def best_vector_score(index, pid, query):
+    return float(np.max(index.product_vectors(pid) @ query))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-pq"])
+def test_approximate_results_score_each_product_by_its_best_stored_vector(kind):
+    """An approximate search may reach a product by one of its images but not its best: every product
+    it returns is scored exactly by its best vector, so the ranking is the exact ranking of the
+    candidates, whatever path (unfiltered, selector, sub-index, scan) found them."""
+    products, vectors, per = grouped_catalog()
+    factory, search = {"hnsw": ("HNSW8", {"efSearch": 16}), "ivf-pq": ("IVF8,PQ8x4", {"nprobe": 1})}[kind]
+    index = ProductIndex.build(products, vectors, vectors=[per] * len(products), factory=factory, search=search)
+    assert index.rescores
+    queries = unit(np.random.default_rng(4), 30)
+    for f in (None, Filter("even"), Filter(None, frozenset({"P1", "P2"}))):
+        for strategy in ("auto", "selector", "scan") if f else ("auto",):
+            ids, scores = index.search(queries, 10, f, strategy=strategy)
+            for row, row_scores, q in zip(ids, scores, queries):
+                assert len(row) == 10 and len(set(row)) == 10
+                assert row_scores.tolist() == pytest.approx([best_vector_score(index, pid, q) for pid in row], abs=1e-5)
+                assert np.all(np.diff(row_scores) <= 1e-6)
+
+
+def test_rescoring_finds_a_product_by_any_of_its_vectors():
+    """Only a product's weakest vector among the found positions: it is listed with its best score."""
+    products, vectors, per = grouped_catalog(products=50)
+    index = ProductIndex.build(products, vectors, vectors=[per] * len(products), factory="HNSW8")
+    query = vectors[7 * per + 2]  # one of P7's vectors
+    own = vectors[7 * per : 8 * per] @ query
+    weakest = 7 * per + int(np.argmin(own))
+    other = 3 * per  # and one vector of P3
+    positions = np.array([[other, weakest, -1]])
+    scores = np.array([[float(vectors[other] @ query), float(own.min()), -3.4e38]], dtype=np.float32)
+    (ids, got), = index._by_product(scores, positions, 2, query[None, :])
+    assert ids[0] == "P7" and got[0] == pytest.approx(1.0, abs=1e-5)  # its best vector is the query itself
+    assert ids[1] == "P3" and got[1] == pytest.approx(best_vector_score(index, "P3", query), abs=1e-5)
+    (plain_ids, plain), = index._by_product(scores, positions, 2)  # without queries: FAISS's own scores
+    assert plain_ids == ["P3", "P7"] and plain[1] == pytest.approx(float(own.min()))  # P7 under its best score
+
+
+def test_flat_and_single_vector_indexes_do_not_rescore(catalog):
+    products, vectors = catalog
+    assert not ProductIndex.build(products, vectors, factory="HNSW16").rescores  # one vector a product
+    grouped, gvectors, per = grouped_catalog(products=50)
+    assert not ProductIndex.build(grouped, gvectors, vectors=[per] * 50).rescores  # exact already
+    # a graph scores from its own vectors; a compressed index needs the stored embeddings
+    assert ProductIndex.build(grouped, gvectors, vectors=[per] * 50, factory="HNSW8", keep_embeddings=False).rescores
+    many, mvectors, per = grouped_catalog(products=2000, per=5)
+    assert not ProductIndex.build(many, mvectors, vectors=[per] * 2000, factory="IVF8,PQ8x4", keep_embeddings=False).rescores
