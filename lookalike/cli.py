@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="FAISS index: exact (flat), graph (hnsw) or compressed (ivf-pq); auto picks by catalog size")
     p.add_argument("--hnsw-m", type=int, default=None, help="hnsw: links per node (default 32)")
     p.add_argument("--ef-search", type=int, default=None,
-                   help="hnsw: candidates explored per query (default 128; product_search's ef_search overrides)")
+                   help="hnsw: candidates explored per query (default 128, growing with sqrt(vectors) beyond 250,000: "
+                   "256 at 10^6, at most 512; product_search's ef_search overrides)")
     p.add_argument("--nlist", type=int, default=None, help="ivf-pq: k-means cells (default about 4 sqrt(vectors))")
     p.add_argument("--m", type=int, default=None, help="ivf-pq: bytes per vector, a divisor of the dim (default dim/16)")
     p.add_argument("--nprobe", type=int, default=None,

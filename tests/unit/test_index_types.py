@@ -4,18 +4,24 @@ settings refused before any embedding, and recall of hnsw and ivf-pq against exa
 import numpy as np
 import pytest
 
-from lookalike.index_types import AUTO_FLAT_MAX, AUTO_HNSW_MAX, choose, default_m, default_nlist
+from lookalike.index_types import AUTO_FLAT_MAX, AUTO_HNSW_MAX, choose, default_ef_search, default_m, default_nlist
 from lookalike.search import GpuUnavailableError, Product, ProductIndex, gpu_unavailable
 
 
 def test_auto_picks_by_vector_count_and_says_why():
     small, middle, large = choose("auto", 5_000, 1280), choose("auto", 600_000, 1280), choose("auto", 5_000_000, 1280)
     assert (small.kind, small.factory) == ("flat", "Flat") and "exact" in small.reason
-    assert (middle.kind, middle.factory, middle.search) == ("hnsw", "HNSW32", {"efSearch": 128})
+    assert (middle.kind, middle.factory, middle.search) == ("hnsw", "HNSW32", {"efSearch": default_ef_search(600_000)})
     assert f"> {AUTO_FLAT_MAX:,}" in middle.reason
     assert large.kind == "ivf-pq" and large.factory == f"IVF{default_nlist(5_000_000)},PQ80" and f"> {AUTO_HNSW_MAX:,}" in large.reason
     assert large.search == {"nprobe": 32}
     assert choose("flat", 10**7, 1280).reason == "asked for"
+
+
+def test_the_default_ef_search_grows_with_the_graph():
+    assert [default_ef_search(n) for n in (1, 100_000, 250_000, 1_000_000, 2_000_000, 10**8)] == [128, 128, 128, 256, 352, 512]
+    assert choose("auto", 1_000_000, 1280).search == {"efSearch": 256}
+    assert choose("hnsw", 1_000_000, 1280, ef_search=64).search == {"efSearch": 64}  # asked for: as asked
 
 
 def test_explicit_settings_and_the_ones_refused():
