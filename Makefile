@@ -125,7 +125,7 @@ recovery: $(EMBEDDER) $(CATALOG)/catalog.csv
 # (results/bench_index_1m/). 10^6 trains IVF-PQ on 1,024 cells instead of the default ~4,000 (see README).
 bench-index: $(VENV)/.setup-done
 	$(BIN)/python loadtest/bench_index.py --sizes 100000 --ef-sweep 64 256 --out results
-	$(BIN)/python loadtest/bench_index.py --sizes 1000000 --nlist 1024 --ef-sweep 64 256 \
+	$(BIN)/python loadtest/bench_index.py --sizes 1000000 --nlist 1024 --ef-sweep 128 512 \
 		--merge results/bench_index.json --out results/bench_index_1m
 
 # On a GPU host, with its own Python (torch or cupy; no venv, FAISS or lookalike needed): exact top-10
