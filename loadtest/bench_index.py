@@ -70,7 +70,8 @@ def filtered_qps(index: ProductIndex, queries: np.ndarray, f: Filter, strategy: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000],
+                        help="catalog sizes (vectors) to measure; none: only the tables and plot of --merge's runs")
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--families", type=int, default=1000, help="product families (categories)")
     parser.add_argument("--group", type=int, default=10, help="vectors per product (images and views)")
@@ -166,44 +167,58 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_index.json").write_text(json.dumps({"machine": machine, "dim": args.dim, "families": args.families,
                                                            "group": args.group, "rows": rows}, indent=2) + "\n")
+    table = report(rows, args)
+    (args.out / "bench_index.md").write_text(table + "\n")
+    print(table)
+    plot(rows, args.dim, args.out / "bench_index.png")
+
+def report(rows: list[dict], args: argparse.Namespace) -> str:
+    """The markdown tables: index types; filtered search, one line per index, category and kind of photo,
+    the strategies side by side; hnsw's efSearch sweeps."""
+    nan = float("nan")
     lines = [f"{args.dim}-d synthetic catalog-like unit vectors ({args.families} families, {args.group} vectors a "
              f"product), {args.queries} queries, {os.cpu_count()} CPU cores; recall of the 10 best "
-             + ("vectors (each its own product)" if args.one_per_vector else "products (a product scores its best vector)"),
+             + ("vectors (each its own product)" if args.one_per_vector else "products (a product scores its best vector)")
+             + "; shortfall: how much lower (cosine) the mean score of the results is than the exact top 10's",
              "", "| vectors | index | factory | build s | memory MB | disk MB | recall@10 | shortfall | q/s batch 1 | "
              "q/s batch 64 | × flat (batch 1) |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['vectors']:,} | {r['kind']} | {r['factory']} {r['search'] or ''} | {r['build_s']} | "
-                     f"{r['memory_mb']} | {r['disk_mb']} | {r['recall_at_10']:.3f} | {r.get('score_shortfall', float('nan')):.4f} | "
-                     f"{r['qps_batch1']} | "
-                     f"{r['qps_batch64']} | {r['qps_vs_flat_batch1']} |")
-    lines += ["", "Filtered search (CATEGORY), batch 1: auto = lookalike's choice (and the path it took); selector = FAISS "
-              "IDSelector on the index with efSearch/nprobe raised by 1/share; scan = exact pass over the category's "
-              "vectors only (what a per-category flat sub-index computes, without its memory; IVF-PQ: every cell, "
-              "re-ranked); subindex = the category's own graph (hnsw, categories over 20,000 vectors)",
-              "; queries: photos of products in the category (in) or of any product (any: mostly outside it, the "
-              "hard case for graph and cell search)",
-              "; shortfall: how much lower (cosine) the mean score of the results is than the exact top 10's",
-              "", "| vectors | index | category share | queries | strategy | recall@10 | shortfall | full TOP_K | q/s batch 1 |",
-              "|---:|---|---:|---|---|---:|---:|---:|---:|"]
+                     f"{r['memory_mb']} | {r['disk_mb']} | {r['recall_at_10']:.3f} | {r.get('score_shortfall', nan):.4f} | "
+                     f"{r['qps_batch1']} | {r['qps_batch64']} | {r['qps_vs_flat_batch1']} |")
+    lines += ["", "Filtered search (CATEGORY), batch 1. Photos of products in the category (in) or of any product "
+              "(any: mostly outside it, the hard case for graph and cell search). auto = lookalike's choice and the "
+              "path it took (scan: an exact pass over the category's vectors, for IVF-PQ every cell, re-ranked; "
+              "subindex: the category's own graph; selector: FAISS IDSelector on the index, efSearch/nprobe raised "
+              "by 1/share); selector and scan forced, for comparison. Every row returned full TOP_K.",
+              "", "| vectors | index | category | photos | auto | recall@10 | shortfall | q/s | selector recall@10 | q/s | "
+              "scan recall@10 | q/s |", "|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        cases: dict[tuple[float, str], dict[str, dict]] = {}
         for f in r["filtered"]:
-            lines.append(f"| {r['vectors']:,} | {r['kind']} | {f['share']:.1%} | {f['queries']} | {f['strategy']} | "
-                         f"{f['recall_at_10']:.3f} | {f.get('score_shortfall', float('nan')):.4f} | "
-                         f"{f['full_top_k']:.2f} | {f['qps_batch1']} |")
+            cases.setdefault((f["share"], f["queries"]), {})[f["strategy"].split(":")[0]] = f
+        for (share, where), by in sorted(cases.items(), key=lambda item: (item[0][1], item[0][0])):
+            auto = by["auto"]
+            cells = [f"{by[s]['recall_at_10']:.3f} | {by[s]['qps_batch1']}" if s in by else "– | –" for s in ("selector", "scan")]
+            lines.append(f"| {r['vectors']:,} | {r['kind']} | {share:.1%} | {where} | {auto['strategy'][6:]} | "
+                         f"{auto['recall_at_10']:.3f} | {auto.get('score_shortfall', nan):.4f} | {auto['qps_batch1']} | "
+                         f"{cells[0]} | {cells[1]} |")
+            if any(f["full_top_k"] < 1 for f in by.values()):
+                lines[-1] += " (not full TOP_K: " + ", ".join(f"{k} {f['full_top_k']:.2f}" for k, f in by.items()) + ")"
     sweeps = [r for r in rows if r.get("ef_sweep")]
     if sweeps:
         lines += ["", "hnsw at other efSearch values (product_search's `ef_search` parameter; same index):", "",
                   "| vectors | efSearch | recall@10 | shortfall | q/s batch 1 | × flat |", "|---:|---:|---:|---:|---:|---:|"]
         for r in sweeps:
             flat = next((x for x in rows if x["vectors"] == r["vectors"] and x["kind"] == "flat"), None)
-            for e in r["ef_sweep"]:
+            points = r["ef_sweep"] + [{"ef_search": r["search"].get("efSearch"), "recall_at_10": r["recall_at_10"],
+                                       "score_shortfall": r.get("score_shortfall", nan), "qps_batch1": r["qps_batch1"]}]
+            for e in sorted(points, key=lambda e: e["ef_search"]):
                 ratio = round(e["qps_batch1"] / flat["qps_batch1"], 1) if flat else None
                 lines.append(f"| {r['vectors']:,} | {e['ef_search']} | {e['recall_at_10']:.3f} | "
-                             f"{e.get('score_shortfall', float('nan')):.4f} | {e['qps_batch1']} | {ratio} |")
-    table = "\n".join(lines)
-    (args.out / "bench_index.md").write_text(table + "\n")
-    print(table)
-    plot(rows, args.dim, args.out / "bench_index.png")
+                             f"{e.get('score_shortfall', nan):.4f} | {e['qps_batch1']} | {ratio} |")
+    return "\n".join(lines)
+
 
 def plot(rows: list[dict], dim: int, path: Path) -> None:
     """Left: recall@10 against queries/s (batch 1) of each index type and size, hnsw's efSearch sweep as a
