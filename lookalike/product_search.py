@@ -229,7 +229,8 @@ class ProductSearch:
         index = ProductIndex.load(Path(model_dir) / version, device=device,
                                   gpu_device=device_id if instance_kind == "GPU" else 0,
                                   gpu_temp_memory_bytes=(temp_mb << 20) if temp_mb is not None else DEFAULT_GPU_TEMP_MEMORY)
-        index.set_search_params(ef_search=_optional_int(params, "ef_search"), nprobe=_optional_int(params, "nprobe"))
+        index.set_search_params(ef_search=_optional_int(params, "ef_search"), nprobe=_optional_int(params, "nprobe"),
+                                filter_scan_max_vectors=_optional_int(params, "filter_scan_max_vectors"))
         expected = EmbedderManifest.load((Path(model_dir) / params["embedder_manifest"]).resolve()).fingerprint
         if index.fingerprint != expected:
             raise IndexMismatchError(

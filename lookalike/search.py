@@ -136,6 +136,7 @@ class ProductIndex:
         gpu: Any = faiss  # GpuIndex exists only in GPU builds
         self.on_gpu = hasattr(gpu, "GpuIndex") and isinstance(index, gpu.GpuIndex)
         self.search_params: dict[str, int] = dict(meta.search)
+        self.scan_max_vectors = FILTER_SCAN_MAX_VECTORS  # filters that leave at most this many vectors: exact
         self._apply_gpu_params()
 
     def _apply_gpu_params(self) -> None:
@@ -144,13 +145,18 @@ class ProductIndex:
             gpu: Any = faiss
             gpu.GpuParameterSpace().set_index_parameter(self.index, "nprobe", self.search_params["nprobe"])
 
-    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
+    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None,
+                          filter_scan_max_vectors: int | None = None) -> None:
         """Overrides of the version's search-time defaults (product_search's config parameters)."""
         for name, value in (("efSearch", ef_search), ("nprobe", nprobe)):
             if value is not None:
                 if value < 1:
                     raise ValueError(f"{name} must be >= 1, got {value}")
                 self.search_params[name] = int(value)
+        if filter_scan_max_vectors is not None:
+            if filter_scan_max_vectors < 0:
+                raise ValueError(f"filter_scan_max_vectors must be >= 0, got {filter_scan_max_vectors}")
+            self.scan_max_vectors = int(filter_scan_max_vectors)
         self._apply_gpu_params()
 
     @property
@@ -225,7 +231,7 @@ class ProductIndex:
         if not f:
             return "none"
         products = self.allowed(f)
-        if isinstance(self._cpu_inner, faiss.IndexFlat) or int(self.vectors[products].sum()) <= FILTER_SCAN_MAX_VECTORS:
+        if isinstance(self._cpu_inner, faiss.IndexFlat) or int(self.vectors[products].sum()) <= self.scan_max_vectors:
             return "scan"
         return "subindex" if f.category in self.subindexes else "selector"
 
@@ -345,7 +351,7 @@ class ProductIndex:
         min(k, products allowed) each. Scores are cosine similarities for normalised queries.
 
         `filters`: one `Filter` for all rows or one per row. A filtered row holds min(k, products that
-        match) products (see FILTER_SCAN_MAX_VECTORS); an unknown category matches none. `strategy`
+        match) products (see FILTER_SCAN_MAX_VECTORS, `scan_max_vectors`); an unknown category matches none. `strategy`
         (benchmarks): "selector" never falls back to the exact scan, "scan" always uses it.
 
         Rows are independent: an approximate index that finds fewer than k neighbours for one unfiltered
@@ -437,7 +443,7 @@ class ProductIndex:
         selector = faiss.IDSelectorBitmap(len(vector_mask), faiss.swig_ptr(bitmap))
         rows = min(k_eff * int(self.vectors[products].max()), allowed_vectors)
         flat = isinstance(self._cpu_inner, faiss.IndexFlat)
-        scan = strategy == "scan" or (strategy == "auto" and (flat or allowed_vectors <= FILTER_SCAN_MAX_VECTORS))
+        scan = strategy == "scan" or (strategy == "auto" and (flat or allowed_vectors <= self.scan_max_vectors))
         share = allowed_vectors / self.index.ntotal
 
         def exact(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -138,6 +138,11 @@ def test_search_time_parameters_come_from_the_config_without_a_rebuild(served):
     model_dir, version, params, _ = served
     search = ProductSearch.load(model_dir, version, {**params, "ef_search": "64", "nprobe": ""})
     assert search.index.search_params == {"efSearch": 64}
+    assert search.index.scan_max_vectors == 20_000  # empty or absent: the default
+    wide = ProductSearch.load(model_dir, version, {**params, "filter_scan_max_vectors": "500000"})
+    assert wide.index.scan_max_vectors == 500_000
+    with pytest.raises(ValueError, match="filter_scan_max_vectors must be >= 0, got -5"):
+        ProductSearch.load(model_dir, version, {**params, "filter_scan_max_vectors": "-5"})
     with pytest.raises(ValueError, match="parameter nprobe must be an integer or empty, got 'many'"):
         ProductSearch.load(model_dir, version, {**params, "nprobe": "many"})
 

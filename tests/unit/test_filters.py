@@ -85,6 +85,9 @@ def test_a_graph_index_gets_sub_indexes_for_categories_too_large_to_scan(catalog
     assert all(len(r) == 10 and not set(r) & f.exclude for r in ids)
     assert all(products[int(p[4:])].category == "big" for r in ids for p in r)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)]) >= 0.95
+    loaded.set_search_params(filter_scan_max_vectors=2000)  # product_search's parameter: exact up to 2,000 vectors
+    assert loaded.filter_path(f) == "scan"
+    assert loaded.search(queries, 10, f)[0] == truth
     (tmp_path / "category-0.faiss").write_bytes(b"garbage")
     with pytest.raises(CorruptIndexError, match="category-0.faiss"):
         ProductIndex.load(tmp_path)
