@@ -137,7 +137,9 @@ def cmd_query(args: argparse.Namespace) -> int:
                 else:
                     found = client.search(query, top_k=args.top_k, category=args.category, exclude_ids=args.exclude)
                 return query, [(m.rank, m.product_id, m.score) for m in found]
-            except (LookalikeError, OSError) as exc:
+            except LookalikeError as exc:  # the server's reason, without Triton's "in ensemble 'X', " prefix
+                return query, f"{type(exc).__name__}: {exc.detail}"
+            except OSError as exc:
                 return query, f"{type(exc).__name__}: {exc}"
 
         with ThreadPoolExecutor(max_workers=4) as pool:

@@ -2,6 +2,8 @@
 
 import csv
 import shutil
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -101,6 +103,20 @@ def test_an_unknown_product_id_is_invalid_argument_naming_it(client, server):
     assert "unknown product id 'no-such-product-42'" in info.value.detail
     assert isinstance(info.value, InvalidRequestError)
     assert server.ready()
+
+
+def test_lookalike_similar_prints_results_and_names_an_unknown_id(server, catalog):
+    """The CLI: results per id; an unknown id is reported by the server's reason (no ensemble prefix) and
+    the exit status is 1, the other ids still answered."""
+    known = catalog_rows(catalog)[0]["product_id"]
+    lookalike = Path(sys.executable).with_name("lookalike")
+    run = subprocess.run([str(lookalike), "similar", known, "no-such-product-7", "--top-k", "3", "--url",
+                          server.options.grpc_url, "--model-repository", str(server.options.model_repository)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.count("\n    1  ") == 1 and "    3  " in run.stdout
+    assert "error: NotFoundError: unknown product id 'no-such-product-7'" in run.stdout
+    assert "in ensemble" not in run.stdout
 
 
 def embedded_images(server) -> int:
