@@ -21,7 +21,7 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?= fp16
 CALIBRATION ?=
 
-.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-index bench-gpu bench-export eval eval-candidates eval-preprocessing recovery engine image clean
+.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-index bench-gpu bench-export loadtest eval eval-candidates eval-preprocessing recovery engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
@@ -132,6 +132,24 @@ bench-index: $(VENV)/.setup-done
 # over 10^6 x 1280 on the GPU vs the same work on its CPU.
 bench-gpu:
 	$(PYTHON) loadtest/gpu_topk.py --vectors 1000000 --out results/gpu_topk
+
+# locust against a running server (started like `make demo` when URL is this machine and none runs),
+# headless for DURATION; CSV and HTML report in results/locust/; exits non-zero on any failed request.
+# PROTOCOL: both (gRPC and HTTP users), grpc or http. PROCESSES: locust worker processes (-1: one a core).
+USERS ?= 16
+SPAWN_RATE ?= 4
+DURATION ?= 60s
+URL ?= 127.0.0.1
+PROTOCOL ?= both
+PROCESSES ?= 1
+LOCUST_USERS := $(if $(filter grpc,$(PROTOCOL)),GrpcUser,$(if $(filter http,$(PROTOCOL)),HttpUser,GrpcUser HttpUser))
+loadtest: $(EMBEDDER) $(CATALOG)/catalog.csv
+	$(if $(filter 127.0.0.1 localhost,$(URL)),@$(MAKE) --no-print-directory up,@true)
+	@mkdir -p results/locust
+	$(BIN)/locust -f loadtest/locustfile.py $(LOCUST_USERS) --headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
+		--host $(URL) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --images $(CATALOG)/catalog.csv \
+		$(if $(filter-out 1,$(PROCESSES)),--processes $(PROCESSES)) --stop-timeout 10 --check-fail-ratio 0 \
+		--csv results/locust/locust --html results/locust/report.html --only-summary
 
 bench-export: $(VENV)/.setup-done
 	$(BIN)/python loadtest/export_bench.py --out results
