@@ -211,13 +211,19 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
                   "| vectors | efSearch | recall@10 | shortfall | q/s batch 1 | × flat |", "|---:|---:|---:|---:|---:|---:|"]
         for r in sweeps:
             flat = next((x for x in rows if x["vectors"] == r["vectors"] and x["kind"] == "flat"), None)
-            points = r["ef_sweep"] + [{"ef_search": r["search"].get("efSearch"), "recall_at_10": r["recall_at_10"],
-                                       "score_shortfall": r.get("score_shortfall", nan), "qps_batch1": r["qps_batch1"]}]
-            for e in sorted(points, key=lambda e: e["ef_search"]):
+            for e in sorted(sweep_points(r), key=lambda e: e["ef_search"]):
                 ratio = round(e["qps_batch1"] / flat["qps_batch1"], 1) if flat else None
                 lines.append(f"| {r['vectors']:,} | {e['ef_search']} | {e['recall_at_10']:.3f} | "
                              f"{e.get('score_shortfall', nan):.4f} | {e['qps_batch1']} | {ratio} |")
     return "\n".join(lines)
+
+
+def sweep_points(row: dict) -> list[dict]:
+    """An hnsw row's efSearch sweep with its own (default) efSearch as one more point; [] without a sweep."""
+    if not row.get("ef_sweep"):
+        return []
+    return row["ef_sweep"] + [{"ef_search": row["search"].get("efSearch"), "recall_at_10": row["recall_at_10"],
+                               "score_shortfall": row.get("score_shortfall", float("nan")), "qps_batch1": row["qps_batch1"]}]
 
 
 def plot(rows: list[dict], dim: int, path: Path) -> None:
@@ -237,9 +243,7 @@ def plot(rows: list[dict], dim: int, path: Path) -> None:
         colour, marker = colours.get(r["kind"], "tab:green"), markers.get(r["vectors"], "^")
         left.scatter(r["recall_at_10"], r["qps_batch1"], s=50, color=colour, marker=marker,
                      label=f"{r['kind']}, {r['vectors']:,}")
-        sweep = sorted(r.get("ef_sweep", []) + [{"ef_search": r["search"].get("efSearch"), "recall_at_10": r["recall_at_10"],
-                                                  "qps_batch1": r["qps_batch1"]}] if r.get("ef_sweep") else [],
-                       key=lambda e: e["recall_at_10"])
+        sweep = sorted(sweep_points(r), key=lambda e: e["recall_at_10"])
         if sweep:
             left.plot([e["recall_at_10"] for e in sweep], [e["qps_batch1"] for e in sweep], color=colour, lw=1, alpha=0.6)
             for e in sweep:

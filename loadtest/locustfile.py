@@ -9,7 +9,8 @@ search a photo (visual_search), embed one (embed_image), "customers also viewed"
 the server holds the catalog's ids) and a deliberately bad image (empty, not an image, truncated, a
 decompression bomb's header), whose INVALID_ARGUMENT is the expected answer: it counts as a success,
 anything else (an answer, another error) as a failure. Every call is reported to locust with its name,
-latency and outcome. Images are drawn from a catalog folder or CSV (`--images`).
+latency and outcome. Images are drawn from a catalog folder or CSV (`--images`), read as `lookalike index`
+reads it (`lookalike.catalog`).
 
 More load than one process can drive: `--processes N` (or `--master` and `--worker`s), locust's own
 distributed mode; each worker process runs this file and its users.
@@ -28,7 +29,6 @@ import grpc.experimental.gevent as grpc_gevent
 # every other user of the process (20 users behaved as one).
 grpc_gevent.init_gevent()
 
-import csv
 import random
 import struct
 import time
@@ -40,8 +40,11 @@ from typing import Any, Callable
 import locust_plugins  # noqa: F401 - adds --check-fail-ratio (exit code on failed requests)
 from locust import User, constant, events, task
 from lookalike_client import InvalidRequestError, LookalikeClient, NotFoundError
+from PIL import Image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from lookalike.catalog import read_catalog
+from lookalike.preprocessing import ImageLimits
+
 MAX_IMAGES = 300  # read once per process
 
 
@@ -55,50 +58,36 @@ def _options(parser: Any) -> None:
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds, per request")
 
 
-def read_images(source: str, limit: int = MAX_IMAGES, max_bytes: int = 20 * 1024 * 1024,
-                max_pixels: int = 64_000_000) -> tuple[list[bytes], list[str]]:
-    """Up to `limit` encoded images (and their product ids) from a catalog CSV or a folder, leaving out
-    those the server refuses by its default limits."""
-    path = Path(source)
-    pairs: list[tuple[str, Path]] = []
-    if path.is_dir():
-        pairs = [(p.stem, p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    elif path.is_file():
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-        header = [cell.strip().lower() for cell in rows[0]] if rows else []
-        pid_col, image_col = (header.index("product_id"), header.index("image")) if {"product_id", "image"} <= set(header) else (0, 1)
-        for row in rows[1 if "image" in header else 0 :]:
-            if len(row) > max(pid_col, image_col):
-                image = Path(row[image_col].strip())
-                pairs.append((row[pid_col].strip(), image if image.is_absolute() else path.parent / image))
-    else:
-        raise SystemExit(f"--images {source}: no such CSV file or folder")
-    pairs = [(pid, p) for pid, p in pairs if p.is_file()]
-    random.Random(0).shuffle(pairs)
-    kept = [(pid, p) for pid, p in pairs if servable(p, max_bytes, max_pixels)][:limit]
-    if len(kept) < min(limit, len(pairs)):
-        print(f"--images {source}: left out images over the server's default limits ({max_bytes:,} bytes, "
-              f"{max_pixels:,} pixels): the good-image tasks expect an answer")
+SERVER_LIMITS = ImageLimits()  # preprocess's defaults (max_image_bytes, max_image_pixels)
+
+
+def read_images(source: str, limit: int = MAX_IMAGES, limits: ImageLimits = SERVER_LIMITS) -> tuple[list[bytes], list[str]]:
+    """Up to `limit` encoded images (and their product ids) of a catalog CSV or folder, read as `lookalike
+    index` reads it, leaving out those the server refuses under its default limits."""
+    try:
+        items, _ = read_catalog(source)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"--images {source}: {exc}") from None
+    random.Random(0).shuffle(items)
+    kept = [item for item in items if servable(item.image, limits)][:limit]
+    if len(kept) < min(limit, len(items)):
+        print(f"--images {source}: left out images over the server's default limits ({limits.max_bytes:,} bytes, "
+              f"{limits.max_pixels:,} pixels): the good-image tasks expect an answer")
     if not kept:
         raise SystemExit(f"--images {source}: no usable image files found")
-    return [p.read_bytes() for _, p in kept], [pid for pid, _ in kept]
+    return [item.image.read_bytes() for item in kept], [item.product_id for item in kept]
 
 
-def servable(path: Path, max_bytes: int, max_pixels: int) -> bool:
+def servable(path: Path, limits: ImageLimits) -> bool:
     """Whether an image is within the server's limits (preprocess's max_image_bytes / max_image_pixels),
     read from its size and header only."""
-    if path.stat().st_size > max_bytes:
+    if path.stat().st_size > limits.max_bytes:
         return False
-    try:
-        from PIL import Image  # the catalog's images are checked when Pillow is there, else sent as they are
-    except ImportError:
-        return True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is what is checked here
             with Image.open(path) as image:
-                return image.width * image.height <= max_pixels
+                return image.width * image.height <= limits.max_pixels
     except Exception:  # noqa: BLE001 - unreadable here: the server would refuse it too
         return False
 

@@ -380,8 +380,8 @@ class ProductIndex:
         k_eff = min(k, len(self))
         if k_eff <= 0 or len(queries) == 0:
             return [([], np.zeros(0, np.float32)) for _ in range(len(queries))]
-        rows = self._fetch(min(k_eff * self._max_vectors, self.index.ntotal), self._faiss_params(k_eff * self._max_vectors,
-                                                                                                   inner=self._inner))
+        rows = min(k_eff * self._max_vectors, self.index.ntotal)
+        rows = self._fetch(rows, self._faiss_params(rows, inner=self._inner))
         scores, positions = self._run(self.index, queries, rows, lambda r: self._faiss_params(r, inner=self._inner))
         return self._by_product(scores, positions, k_eff, queries)
 
