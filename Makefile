@@ -41,7 +41,7 @@ $(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scri
 
 # --- artefacts (generated, not in git) ----------------------------------------------------------
 export: $(EMBEDDER)
-$(EMBEDDER): $(VENV)/.setup-done export/*.py lookalike/preprocessing.py lookalike/views.py
+$(EMBEDDER): $(VENV)/.setup-done export/*.py lookalike/preprocessing.py lookalike/views.py lookalike/model_configs.py
 	$(BIN)/lookalike export --model $(MODEL) --model-repository $(REPO)
 
 catalog: $(CATALOG)/catalog.csv
@@ -99,8 +99,12 @@ lint: $(VENV)/.setup-done
 typecheck: $(VENV)/.setup-done
 	node_modules/.bin/pyright
 
+# lookalike (its own server, serving the index `make demo` built, else indexing the sample catalog) vs
+# the same pipeline in process vs a FastAPI peer, on full-size phone JPEGs: results/bench/bench.{json,md,png}.
+# URL=host measures a running server instead (on GRPC_PORT and HTTP_PORT).
 bench: $(EMBEDDER) $(CATALOG)/catalog.csv
-	$(BIN)/python loadtest/bench.py --catalog $(CATALOG) --out results
+	$(BIN)/python loadtest/bench.py --catalog $(CATALOG)/catalog.csv --out results/bench \
+		$(if $(filter-out 127.0.0.1,$(URL)),--url $(URL) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT))
 
 # Shopper-photo recall through the server (started like `make demo` if none runs; left running, serving
 # the whole sample catalog afterwards): results/eval/eval.md, eval.json, failures.html.

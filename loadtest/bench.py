@@ -1,180 +1,537 @@
-"""Benchmark: visual_search on a real tritonserver vs the same pipeline in one process, in one run.
+"""`make bench`: lookalike's visual_search against the same pipeline in process and against a FastAPI
+peer, in one run, on one machine, with the same full-size phone JPEGs (`phone_photos.py`).
 
-Starts its own server (same launcher as `lookalike serve`) on free loopback ports over a copy of the
-model repository, indexes the sample catalog, then measures with the same query photos:
+  (a) in process     Preprocessor (query side) -> ONNX Runtime -> FAISS, no server: one photo at a
+                     time (the loop an app would write), and batches of 8
+  (b) lookalike      visual_search over gRPC and HTTP through the client SDK, at each --concurrency
+  (c) FastAPI peer   `fastapi_peer.py` under uvicorn with the same ONNX model and index version: its
+                     `async def` endpoint and its thread-pool endpoint, at the same concurrencies
 
-  server, 1 request at a time       latency of a single request (gRPC and HTTP)
-  server, 8 concurrent clients      throughput and latency under load (gRPC and HTTP)
-  in process, 1 image at a time     Preprocessor -> ONNX Runtime -> FAISS, no server, no network
-  in process, batches of 8          the same, batched like the server's dynamic batcher can
+Closed loop: `c` client threads, each sending its next photo when the last one is answered. Every
+point reports throughput, p50/p95/p99 latency and, for lookalike, where the server's time went:
+per model, from Triton's own statistics (/v2/models/stats) before and after the point. The CPU-time
+limit is the machine's cores over one photo's single-thread CPU time (decode + preprocess, the
+embedder at batch 8, the search), measured here in process.
 
-Prints a table, writes OUT/bench.json and OUT/bench.png. Absolute numbers depend on the machine;
-compare the ratios, which come from one run on one machine.
+lookalike runs on its own tritonserver (free loopback ports) over a copy of --model-repository,
+serving the repository's newest index version (the one `make demo` built), or the --catalog indexed
+into the copy when there is none. --url measures a running server instead (its host; --grpc-port and
+--http-port), which must serve the repository's newest index version.
 
-    .venv/bin/python loadtest/bench.py --catalog data/sample_catalog --out results
+Writes OUT/bench.json, OUT/bench.md and OUT/bench.png (throughput and p99 against concurrency).
+
+    .venv/bin/python loadtest/bench.py --catalog data/sample_catalog/catalog.csv --out results/bench
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from phone_photos import phone_photos
+
 ROOT = Path(__file__).resolve().parents[1]
+STAGE_MODELS = ("preprocess_query", "embedder", "product_search")
+STAGE_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
+PROBES = 8  # photos whose results are compared across (a), (b) and (c): the same work gives the same products
 
 
-def percentiles(samples_ms: list[float]) -> dict:
-    a = np.asarray(samples_ms)
-    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+# --- measuring ---------------------------------------------------------------------------------------
+
+def summary(latencies_ms: list[float], wall_s: float, errors: int = 0) -> dict:
+    a = np.asarray(latencies_ms)
+    return {"requests": len(a), "errors": errors, "images_per_s": len(a) / wall_s,
+            "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
-def run_server_load(url: str, protocol: str, images: list[bytes], concurrency: int, requests: int, top_k: int) -> dict:
+def closed_loop(call: Callable[[int, bytes], object], images: list[bytes], concurrency: int, requests: int) -> dict:
+    """`concurrency` threads, each calling `call(worker, image)` until `requests` calls are done in all
+    (after one warm-up call each, not counted). A call that raises counts as an error."""
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda w: call(w, images[w % len(images)]), range(concurrency)))
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    errors = [0]
+
+    def worker(w: int) -> list[float]:
+        out = []
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return out
+            start = time.perf_counter()
+            try:
+                call(w, images[i % len(images)])
+            except Exception:  # noqa: BLE001 - counted, and the benchmark says so
+                with lock:
+                    errors[0] += 1
+                continue
+            out.append((time.perf_counter() - start) * 1000)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = [x for part in pool.map(worker, range(concurrency)) for x in part]
+    result = summary(latencies, time.perf_counter() - started, errors[0])
+    result["concurrency"] = concurrency
+    return result
+
+
+def requests_for(concurrency: int, base: int) -> int:
+    return max(base, 8 * concurrency)
+
+
+# --- (a) in process ----------------------------------------------------------------------------------
+
+class InProcess:
+    def __init__(self, repo, index_dir: Path) -> None:
+        from lookalike.embedding import OnnxEmbedder
+        from lookalike.preprocessing import Preprocessor
+        from lookalike.search import ProductIndex, set_threads
+
+        self.preprocessor = Preprocessor(repo.preprocessing().for_side("query"), repo.image_limits())
+        self.embedder = OnnxEmbedder(repo.onnx_file)  # ONNX Runtime's defaults: a thread per core
+        self.onnx_file = repo.onnx_file
+        set_threads(1)  # as product_search's faiss_threads
+        self.index = ProductIndex.load(index_dir)
+
+    def loop(self, images: list[bytes], batch: int, requests: int, top_k: int) -> dict:
+        def pipeline(chunk: list[bytes]) -> None:
+            self.index.search(self.embedder(self.preprocessor.batch(chunk)), top_k)
+
+        pipeline(images[:batch])  # warm-up
+        latencies, done = [], 0
+        started = time.perf_counter()
+        while done < requests:
+            chunk = [images[(done + j) % len(images)] for j in range(batch)]
+            start = time.perf_counter()
+            pipeline(chunk)
+            latencies.append((time.perf_counter() - start) * 1000)
+            done += batch
+        result = summary(latencies, time.perf_counter() - started)
+        result.update(requests=done, images_per_s=done / (time.perf_counter() - started), batch=batch)
+        return result
+
+    def ids(self, image: bytes, top_k: int) -> list[str]:
+        return self.index.search(self.embedder(self.preprocessor.batch([image])), top_k)[0][0]
+
+    def stage_costs(self, images: list[bytes], top_k: int) -> dict:
+        """Single-thread CPU time of one photo's stages, ms: what bounds any server on this machine."""
+        from lookalike.embedding import OnnxEmbedder
+
+        def timed(fn: Callable[[], object], repeat: int) -> float:
+            fn()
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            return (time.perf_counter() - start) / repeat * 1000
+
+        start = time.perf_counter()
+        pixels = np.stack([self.preprocessor(d) for d in images])
+        preprocess = (time.perf_counter() - start) / len(images) * 1000
+        one_thread = OnnxEmbedder(self.onnx_file, intra_op_threads=1)
+        batch = pixels[:8]
+        embed = timed(lambda: one_thread(batch), 10) / len(batch)
+        embeddings = one_thread(pixels[:1])
+        search = timed(lambda: self.index.search(embeddings, top_k), 200)
+        return {"preprocess_ms": preprocess, "embed_ms_at_batch_8": embed, "search_ms": search,
+                "total_ms": preprocess + embed + search}
+
+
+# --- (b) lookalike -----------------------------------------------------------------------------------
+
+def stats(http_url: str) -> dict[str, dict]:
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=30) as response:
+        body = json.load(response)
+    out = {}
+    for model in body["model_stats"]:
+        s = model["inference_stats"]
+        out[model["name"]] = {"inferences": int(model["inference_count"]), "executions": int(model["execution_count"]),
+                              "success": int(s["success"]["count"]),
+                              **{part: int(s[part]["ns"]) for part in STAGE_PARTS}, "success_ns": int(s["success"]["ns"])}
+    return out
+
+
+def breakdown(before: dict[str, dict], after: dict[str, dict]) -> dict:
+    """Per model: ms per request in each part, and the mean batch each execution got."""
+    out = {}
+    for model in ("visual_search", *STAGE_MODELS):
+        if model not in before or model not in after:
+            continue
+        delta = {k: after[model][k] - before[model][k] for k in after[model]}
+        requests = max(delta["success"], 1)
+        row = {part: delta[part] / requests / 1e6 for part in STAGE_PARTS}
+        row["total_ms"] = delta["success_ns"] / requests / 1e6
+        if model != "visual_search":
+            row["mean_batch"] = delta["inferences"] / max(delta["executions"], 1)
+        out[model] = row
+    return out
+
+
+def cpu_seconds(server_pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process (the benchmark's clients) and, given the
+    server's pid, of tritonserver itself and of its Python-backend stubs, summed per model."""
+    import psutil
+
+    def used(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    out = {"client": used(psutil.Process())}
+    if server_pid is None:
+        return out
+    server = psutil.Process(server_pid)
+    out["tritonserver"] = used(server)
+    for child in server.children(recursive=True):
+        try:
+            model = Path(child.cmdline()[1]).parent.parent.name  # the stub's argv[1]: <repo>/<model>/<version>/model.py
+            out[model] = out.get(model, 0.0) + used(child)
+        except (psutil.Error, IndexError):
+            continue
+    return out
+
+
+def cpu_per_image(before: dict[str, float], after: dict[str, float], images: int) -> dict[str, float]:
+    """CPU ms a photo, per process (stubs summed per model)."""
+    return {name: (after[name] - before.get(name, 0.0)) * 1000 / max(images, 1) for name in after}
+
+
+def measure_lookalike(grpc_url: str, http_url: str, images: list[bytes], concurrencies: list[int],
+                      protocols: list[str], base_requests: int, top_k: int, server_pid: int | None) -> dict:
     from lookalike_client import LookalikeClient
 
-    latencies: list[float] = []
-    with LookalikeClient(url, protocol=protocol, timeout_s=120) as client:
-        for data in images[: min(8, len(images))]:  # warm-up
-            client.search(data, top_k=top_k)
-
-        def worker(worker_id: int) -> list[float]:
-            out = []
-            for i in range(worker_id, requests, concurrency):
-                start = time.perf_counter()
-                client.search(images[i % len(images)], top_k=top_k)
-                out.append((time.perf_counter() - start) * 1000)
-            return out
-
-        started = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            for part in pool.map(worker, range(concurrency)):
-                latencies += part
-        wall = time.perf_counter() - started
-    return {"requests": len(latencies), "concurrency": concurrency, "images_per_s": len(latencies) / wall,
-            **percentiles(latencies)}
+    rows = {}
+    for protocol in protocols:
+        url = grpc_url if protocol == "grpc" else http_url
+        with LookalikeClient(url, protocol=protocol, timeout_s=300) as client:
+            for concurrency in concurrencies:
+                before, cpu_before = stats(http_url), cpu_seconds(server_pid)
+                row = closed_loop(lambda _w, data: client.search(data, top_k=top_k), images, concurrency,
+                                  requests_for(concurrency, base_requests))
+                # (the CPU figures include the warm-up calls; close enough at >= 8 calls a client)
+                row["cpu_ms_per_image"] = cpu_per_image(cpu_before, cpu_seconds(server_pid), row["requests"] + concurrency)
+                row["stages"] = breakdown(before, stats(http_url))
+                rows[f"lookalike {protocol} c={concurrency}"] = {"system": f"lookalike {protocol}", **row}
+                print(f"  lookalike {protocol} c={concurrency}: {row['images_per_s']:.1f} img/s, p50 {row['p50_ms']:.0f} ms",
+                      flush=True)
+    return rows
 
 
-def run_in_process(repo, images: list[bytes], batch: int, requests: int, top_k: int) -> dict:
-    from lookalike.embedding import OnnxEmbedder
-    from lookalike.preprocessing import Preprocessor
-    from lookalike.search import ProductIndex
+# --- (c) the FastAPI peer ------------------------------------------------------------------------------
 
-    preprocessor = Preprocessor(repo.preprocessing().for_side("query"))  # as visual_search's preprocess_query
-    embedder = OnnxEmbedder(repo.onnx_file)
-    index = ProductIndex.load(repo.latest_index_dir())
+def multipart(data: bytes, boundary: str) -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"photo.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
 
-    def pipeline(chunk: list[bytes]):
-        return index.search(embedder(preprocessor.batch(chunk)), top_k)
 
-    pipeline(images[:batch])  # warm-up
-    latencies = []
-    started = time.perf_counter()
-    done = 0
-    while done < requests:
-        chunk = [images[(done + j) % len(images)] for j in range(batch)]
-        start = time.perf_counter()
-        pipeline(chunk)
-        latencies.append((time.perf_counter() - start) * 1000)
-        done += batch
-    wall = time.perf_counter() - started
-    return {"requests": done, "batch": batch, "images_per_s": done / wall, **percentiles(latencies)}
+class PeerClient:
+    """A keep-alive HTTP connection per client thread, the way requests.Session would."""
 
+    def __init__(self, port: int, path: str, top_k: int) -> None:
+        self.port, self.path, self.top_k = port, path, top_k
+        self.local = threading.local()
+
+    def __call__(self, _worker: int, data: bytes) -> None:
+        connection = getattr(self.local, "connection", None)
+        if connection is None:
+            connection = self.local.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        boundary = uuid.uuid4().hex
+        connection.request("POST", f"{self.path}?top_k={self.top_k}", body=multipart(data, boundary),
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"peer answered {response.status}: {body[:200]!r}")
+        json.loads(body)
+
+
+def peer_ids(port: int, image: bytes, top_k: int) -> list[str]:
+    boundary = uuid.uuid4().hex
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection.request("POST", f"/search?top_k={top_k}", body=multipart(image, boundary),
+                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = json.loads(connection.getresponse().read())
+    connection.close()
+    return body["product_ids"]
+
+
+def same_results(answers: dict[str, list[list[str]]]) -> dict[str, float]:
+    """Per other system, the share of probe photos for which it returned lookalike's top product, and
+    the mean overlap of the top-k lists (float rounding in batched inference may swap near-ties)."""
+    ours = answers["lookalike"]
+    out = {}
+    for name, theirs in answers.items():
+        if name == "lookalike":
+            continue
+        out[f"{name}: same top 1"] = float(np.mean([a[:1] == b[:1] for a, b in zip(ours, theirs)]))
+        out[f"{name}: top-k overlap"] = float(np.mean([len(set(a) & set(b)) / max(len(a), 1) for a, b in zip(ours, theirs)]))
+    return out
+
+
+def start_peer(repo_dir: Path, index_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PEER_MODEL_REPOSITORY=str(repo_dir), PEER_INDEX_DIR=str(index_dir))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "fastapi_peer:app", "--app-dir", str(Path(__file__).parent),
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the FastAPI peer exited ({process.returncode}): see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit(f"the FastAPI peer did not answer in 120 s: see {log}")
+
+
+def measure_peer(port: int, images: list[bytes], concurrencies: list[int], base_requests: int, top_k: int) -> dict:
+    rows = {}
+    for path, name in (("/search", "FastAPI async def"), ("/search_threadpool", "FastAPI threadpool")):
+        for concurrency in concurrencies:
+            row = closed_loop(PeerClient(port, path, top_k), images, concurrency, requests_for(concurrency, base_requests))
+            rows[f"{name} c={concurrency}"] = {"system": name, **row}
+            print(f"  {name} c={concurrency}: {row['images_per_s']:.1f} img/s, p50 {row['p50_ms']:.0f} ms", flush=True)
+    return rows
+
+
+# --- the machine, the report ---------------------------------------------------------------------------
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    import onnxruntime
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory_gib, "gpu": "none used",
+            "platform": platform.platform(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
+
+
+def ratios(rows: dict, concurrencies: list[int]) -> dict:
+    loop = rows["in process, 1 photo at a time"]
+    out: dict = {}
+    servers = [r for r in rows.values() if r.get("system", "").startswith("lookalike")]
+    if servers:
+        best = max(servers, key=lambda r: r["images_per_s"])
+        out["lookalike_saturation_vs_in_process_loop"] = best["images_per_s"] / loop["images_per_s"]
+        out["lookalike_saturation_point"] = f"{best['system']} c={best['concurrency']}"
+        out["lookalike_saturation_vs_in_process_batched"] = (
+            best["images_per_s"] / rows["in process, batches of 8"]["images_per_s"])
+    for protocol in ("grpc", "http"):
+        one = rows.get(f"lookalike {protocol} c=1")
+        if one:
+            out[f"{protocol}_p50_c1_vs_in_process"] = one["p50_ms"] / loop["p50_ms"]
+        for peer in ("FastAPI async def", "FastAPI threadpool"):
+            for concurrency in concurrencies:
+                ours, theirs = rows.get(f"lookalike {protocol} c={concurrency}"), rows.get(f"{peer} c={concurrency}")
+                if ours and theirs:
+                    key = f"{protocol}_vs_{peer.split()[1]}_c{concurrency}"
+                    out[key + "_throughput"] = ours["images_per_s"] / theirs["images_per_s"]
+                    out[key + "_p99"] = ours["p99_ms"] / theirs["p99_ms"]
+    return out
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"visual_search, {results['embedder']}, {results['catalog_products']} products, top_k {results['top_k']}, "
+             f"{results['photos']} phone JPEGs (mean {results['photo_mb']:.1f} MB), "
+             f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu']}", "",
+             "| system | concurrency | images/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results["rows"].items():
+        system = r.get("system", name)
+        concurrency = r.get("concurrency", f"batch {r.get('batch', '')}")
+        lines.append(f"| {system} | {concurrency} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+                     f"{r['p99_ms']:.0f} | {r['errors']} |")
+    limit = results["cpu_limit"]
+    lines += ["", f"CPU-time limit: {limit['images_per_s']:.1f} images/s = {m['cores']} cores / "
+              f"{limit['total_ms']:.1f} ms a photo (preprocess {limit['preprocess_ms']:.1f}, embedder "
+              f"{limit['embed_ms_at_batch_8']:.1f} at batch 8, search {limit['search_ms']:.2f}; one thread each).", ""]
+    lines += [f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in results["ratios"].items()]
+    lines += ["", f"Same work: on {PROBES} probe photos, against lookalike's results: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in results["same_results"].items())]
+    lines += ["", "Where lookalike's time went (ms per request, Triton's statistics; batch = mean requests per execution):",
+              "", "| point | model | queue | input | infer | output | batch |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, r in results["rows"].items():
+        for model, s in r.get("stages", {}).items():
+            lines.append(f"| {name} | {model} | {s['queue']:.1f} | {s['compute_input']:.1f} | {s['compute_infer']:.1f} | "
+                         f"{s['compute_output']:.1f} | {s.get('mean_batch', float('nan')):.1f} |")
+    lines += ["", "CPU ms a photo, per process (the benchmark's client threads share the machine):", ""]
+    names = sorted({k for r in results["rows"].values() for k in r.get("cpu_ms_per_image", {})})
+    if names:
+        lines += ["| point | " + " | ".join(names) + " | all |", "|---|" + "---:|" * (len(names) + 1)]
+        for name, r in results["rows"].items():
+            cpu = r.get("cpu_ms_per_image")
+            if cpu:
+                lines.append(f"| {name} | " + " | ".join(f"{cpu.get(k, 0):.1f}" for k in names) + f" | {sum(cpu.values()):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    systems = sorted({r["system"] for r in rows.values() if "system" in r})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for system in systems:
+        points = sorted((r["concurrency"], r) for r in rows.values() if r.get("system") == system)
+        xs = [c for c, _ in points]
+        style = "-o" if system.startswith("lookalike") else "--s"
+        left.plot(xs, [r["images_per_s"] for _, r in points], style, label=system)
+        right.plot(xs, [r["p99_ms"] for _, r in points], style, label=system)
+    loop = rows["in process, 1 photo at a time"]
+    left.axhline(loop["images_per_s"], color="grey", linestyle=":", label="in process, 1 at a time")
+    left.axhline(results["cpu_limit"]["images_per_s"], color="black", linestyle="-.", label="CPU-time limit")
+    for axis, label in ((left, "images / s"), (right, "p99 latency, ms")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    m = results["machine"]
+    fig.suptitle(f"visual_search, phone JPEGs: lookalike vs in process vs FastAPI peer ({m['cores']} CPU cores, {m['cpu']}, no GPU)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# --- main -------------------------------------------------------------------------------------------
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--catalog", type=Path, default=ROOT / "data" / "sample_catalog")
+    parser.add_argument("--catalog", type=Path, default=ROOT / "data" / "sample_catalog" / "catalog.csv",
+                        help="the catalog the photos are of (indexed when the repository has no index)")
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
-    parser.add_argument("--requests", type=int, default=200, help="requests per measurement")
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--photos", type=int, default=48, help="phone JPEGs of catalog products")
+    parser.add_argument("--photo-cache", type=Path, default=ROOT / "data" / "bench_photos")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--protocols", nargs="+", choices=("grpc", "http"), default=["grpc", "http"])
+    parser.add_argument("--requests", type=int, default=160, help="requests a point (at least 8 a client)")
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--url", help="host of a running lookalike server to measure instead of starting one")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--no-peer", action="store_true", help="skip the FastAPI peer")
+    parser.add_argument("--no-in-process", action="store_true", help="skip (a) except the stage costs")
     args = parser.parse_args()
 
     from lookalike.indexer import index_catalog
-    from lookalike.repository import copy_repository
+    from lookalike.repository import Repository, copy_repository
     from lookalike.serve import lookalike_server
     from lookalike.server import ServerOptions, free_port
     from lookalike_client import LookalikeClient
 
-    queries = sorted((args.catalog / "queries").iterdir())
-    images = [q.read_bytes() for q in queries if q.suffix.lower() in (".jpg", ".png")]
-    if not images:
-        raise SystemExit(f"no query images in {args.catalog / 'queries'}: run `make catalog`")
+    print(f"phone photos: {args.photos} (cached in {args.photo_cache})", flush=True)
+    images = phone_photos(args.catalog, args.photos, args.photo_cache)
+    probes = images[:PROBES]
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lookalike-bench-"))
+    source = Repository(args.model_repository)
+    rows: dict = {}
     try:
-        repo_dir = work / "model_repository"
-        repo = copy_repository(args.model_repository, repo_dir)
-        options = ServerOptions(model_repository=repo_dir, http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port())
-        results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                     "python": platform.python_version()},
-                         "embedder": repo.manifest().model, "query_images": len(images), "top_k": args.top_k}
-        with lookalike_server(options, log_file=work / "tritonserver.log") as server:
-            with LookalikeClient(options.grpc_url) as client:
-                report = index_catalog(args.catalog / "catalog.csv", repo, client, progress=False)
-            results["catalog_products"] = report.products
-            rows = {}
-            for protocol, url in (("grpc", options.grpc_url), ("http", options.http_url)):
-                rows[f"server {protocol}, 1 at a time"] = run_server_load(url, protocol, images, 1, args.requests // 2, args.top_k)
-                rows[f"server {protocol}, {args.concurrency} concurrent"] = run_server_load(
-                    url, protocol, images, args.concurrency, args.requests, args.top_k)
+        if args.url:
+            repo = source
+            grpc_url, http_url = f"{args.url}:{args.grpc_port}", f"{args.url}:{args.http_port}"
+            server = None
+        else:
+            repo = copy_repository(args.model_repository, work / "model_repository",
+                                   with_indexes=source.latest_index_dir() is not None)
+            options = ServerOptions(model_repository=repo.root, http_port=free_port(), grpc_port=free_port(),
+                                    metrics_port=free_port(), health_port=None)
+            grpc_url, http_url = options.grpc_url, options.http_url
+            server = lookalike_server(options, log_file=work / "tritonserver.log").start()
+            server.wait_ready()
+        with LookalikeClient(grpc_url) as client:
+            if repo.latest_index_dir() is None:
+                print(f"indexing {args.catalog} into the benchmark's copy of the repository", flush=True)
+                index_catalog(args.catalog, repo, client, progress=False)
+            served = client.served_index_versions()
+            answers = {"lookalike": [[m.product_id for m in client.search(p, top_k=args.top_k)] for p in probes]}
+        index_dir = repo.latest_index_dir()
+        assert index_dir is not None
+        if served and int(index_dir.name) not in served:
+            raise SystemExit(f"the server serves index versions {served}, the repository's newest is {index_dir.name}")
+        print(f"lookalike at {grpc_url} (gRPC) and {http_url} (HTTP), index version {index_dir.name}", flush=True)
+        rows.update(measure_lookalike(grpc_url, http_url, images, args.concurrency, args.protocols, args.requests, args.top_k,
+                                       server.process.pid if server is not None and server.process is not None else None))
+        server_version = json.load(urllib.request.urlopen(f"http://{http_url}/v2", timeout=10)).get("version")
+        if server is not None:
             server.stop()
-        rows["in process, 1 at a time"] = run_in_process(repo, images, 1, args.requests // 2, args.top_k)
-        rows[f"in process, batches of {args.concurrency}"] = run_in_process(repo, images, args.concurrency, args.requests, args.top_k)
-        results["rows"] = rows
+        if not args.no_peer:
+            port = free_port()
+            peer = start_peer(repo.root, index_dir, port, work / "peer.log")
+            try:
+                answers["FastAPI peer"] = [peer_ids(port, p, args.top_k) for p in probes]
+                rows.update(measure_peer(port, images, args.concurrency, args.requests, args.top_k))
+            finally:
+                peer.terminate()
+                peer.wait(30)
+        in_process = InProcess(repo, index_dir)
+        if not args.no_in_process:
+            rows["in process, 1 photo at a time"] = in_process.loop(images, 1, args.requests, args.top_k)
+            rows["in process, batches of 8"] = in_process.loop(images, 8, args.requests, args.top_k)
+        answers["in process"] = [in_process.ids(p, args.top_k) for p in probes]
+        costs = in_process.stage_costs(images, args.top_k)
+        products = len(in_process.index)
+        embedder = repo.manifest().model
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    one = rows["in process, 1 at a time"]
-    batched = rows[f"in process, batches of {args.concurrency}"]
-    grpc_rate = rows[f"server grpc, {args.concurrency} concurrent"]["images_per_s"]
-    http_rate = rows[f"server http, {args.concurrency} concurrent"]["images_per_s"]
-    results["ratios"] = {
-        "grpc_single_latency_vs_in_process": rows["server grpc, 1 at a time"]["p50_ms"] / one["p50_ms"],
-        "grpc_concurrent_throughput_vs_in_process_batched": grpc_rate / batched["images_per_s"],
-        "http_concurrent_throughput_vs_grpc": http_rate / grpc_rate,
-    }
-    print(f"\nvisual_search, {results['embedder']}, {results['catalog_products']} products, top_k {args.top_k}, "
-          f"{len(images)} query photos, {os.cpu_count()} CPU cores")
-    print(f"| {'what':<30} | {'images/s':>9} | {'p50 ms':>7} | {'p90 ms':>7} | {'p99 ms':>7} |")
-    print(f"|{'-' * 32}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 9}|")
-    for name, r in rows.items():
-        print(f"| {name:<30} | {r['images_per_s']:>9.1f} | {r['p50_ms']:>7.1f} | {r['p90_ms']:>7.1f} | {r['p99_ms']:>7.1f} |")
-    for name, value in results["ratios"].items():
-        print(f"{name}: {value:.2f}")
+    costs["images_per_s"] = (os.cpu_count() or 1) * 1000 / costs["total_ms"]
+    results = {"machine": machine(), "tritonserver": server_version, "embedder": embedder,
+               "catalog_products": products, "photos": len(images), "photo_mb": float(np.mean([len(i) for i in images]) / 1e6),
+               "top_k": args.top_k, "cpu_limit": costs, "same_results": same_results(answers), "rows": rows}
+    if not args.no_in_process:
+        results["ratios"] = ratios(rows, args.concurrency)
+        best = max((r for r in rows.values() if r.get("system", "").startswith("lookalike")), key=lambda r: r["images_per_s"],
+                   default=None)
+        if best:
+            results["ratios"]["lookalike_saturation_vs_cpu_limit"] = best["images_per_s"] / costs["images_per_s"]
+    else:
+        results["ratios"] = {}
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-        names = list(rows)
-        left.barh(names, [rows[n]["images_per_s"] for n in names], color="#3a7")
-        left.set_xlabel("images / s")
-        right.barh(names, [rows[n]["p50_ms"] for n in names], color="#37c", label="p50")
-        right.barh(names, [rows[n]["p99_ms"] - rows[n]["p50_ms"] for n in names],
-                   left=[rows[n]["p50_ms"] for n in names], color="#9bd", label="p99")
-        right.set_xlabel("latency per request, ms")
-        right.set_yticks([])
-        right.legend()
-        fig.suptitle(f"visual_search vs in-process, {results['embedder']}, {os.cpu_count()} cores")
-        fig.tight_layout()
-        fig.savefig(args.out / "bench.png", dpi=100)
-    except ImportError:
-        pass
-    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    text = markdown(results) if not args.no_in_process else json.dumps(rows, indent=1)
+    (args.out / "bench.md").write_text(text)
+    print("\n" + text)
+    if not args.no_in_process:
+        try:
+            plot(results, args.out / "bench.png")
+        except ImportError:
+            print("matplotlib missing: no plot")
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png")
     return 0
 
 

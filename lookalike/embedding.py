@@ -15,11 +15,17 @@ from lookalike_client import contract as c
 
 
 class OnnxEmbedder:
-    def __init__(self, onnx_path: str | Path, *, intra_op_threads: int = 0, providers: list[str] | None = None) -> None:
+    def __init__(self, onnx_path: str | Path, *, intra_op_threads: int = 0, spin: bool = True,
+                 providers: list[str] | None = None) -> None:
+        """intra_op_threads: ONNX Runtime's threads for one call (0: its default, one per core).
+        spin: whether those threads busy-wait for work between calls (ONNX Runtime's default). In a
+        server whose other processes need the same cores (decoding), spinning burns their CPU time."""
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads > 0:
             options.intra_op_num_threads = intra_op_threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.inter_op_num_threads = 1
         available = ort.get_available_providers()
         chosen = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]

@@ -25,7 +25,14 @@ EMBEDDER_VARIANTS = ("python", "onnxruntime", "tensorrt")
 CONFIG_FILE = "config.pbtxt"
 VARIANTS_DIR = "configs"
 PREFERRED_BATCH_SIZES = (4, 8, 16, 32, 64)
-EMBEDDER_QUEUE_DELAY_US = 2000
+# No queue delay: the embedder takes whatever queued while it ran (under load, batches of 3-8 form by
+# themselves); waiting for more only added latency at low load (`make bench`, README Figures).
+EMBEDDER_QUEUE_DELAY_US = 0
+# ONNX Runtime inside the Python backend, on the CPU: one thread that sleeps between calls. The
+# preprocess_query instances need the other cores for decoding; ORT's default (a thread per core,
+# spinning between calls) cost 15-37 ms of CPU a photo against 9 ms (`make bench`, README Figures).
+EMBEDDER_INTRA_OP_THREADS = 1
+EMBEDDER_SPIN_WAIT = False
 
 
 def _pb() -> Any:
@@ -66,7 +73,8 @@ def set_parameters(config: Any, values: dict[str, str]) -> None:
 
 
 def embedder_config(variant: str, *, height: int, width: int, dim: int, max_batch_size: int,
-                    instances: int = 1, intra_op_threads: int = 0) -> Any:
+                    instances: int = 1, intra_op_threads: int = EMBEDDER_INTRA_OP_THREADS,
+                    spin_wait: bool = EMBEDDER_SPIN_WAIT) -> Any:
     """The embedder's ModelConfig for one serving variant. The tensors are the same in all."""
     if variant not in EMBEDDER_VARIANTS:
         raise ValueError(f"variant must be one of {EMBEDDER_VARIANTS}")
@@ -85,9 +93,11 @@ def embedder_config(variant: str, *, height: int, width: int, dim: int, max_batc
     config.dynamic_batching.preferred_batch_size.extend(b for b in PREFERRED_BATCH_SIZES if b <= max_batch_size)
     config.dynamic_batching.max_queue_delay_microseconds = EMBEDDER_QUEUE_DELAY_US
     if variant == "python":
-        # One process per instance (GIL); ONNX Runtime threads inside it. 0 = ORT's default (all cores).
+        # One process per instance (GIL); ONNX Runtime threads inside it (0 = ORT's default: one per
+        # core). spin_wait: whether those threads busy-wait between calls (ORT's default: true).
         config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instances)
-        set_parameters(config, {"onnx_file": ONNX_FILE, "intra_op_threads": str(intra_op_threads)})
+        set_parameters(config, {"onnx_file": ONNX_FILE, "intra_op_threads": str(intra_op_threads),
+                                "spin_wait": "true" if spin_wait else "false"})
     elif variant == "onnxruntime":
         # No instance kind: one instance per visible GPU, or on the CPU where there is none.
         config.instance_group.add(count=instances)

@@ -84,3 +84,17 @@ def test_each_product_gets_its_packshot_then_its_views_and_a_bad_file_costs_only
     assert float(vectors[0][0] @ vectors[0][1]) < 0.99  # a view is another picture of it
     query = client.embedder(Preprocessor(config.for_side("query")).batch([items[0].image.read_bytes()]))[0]
     assert float(vectors[0][2] @ query) > 0.9999  # the as_query view is what a query of it gets
+
+
+def test_served_session_settings_change_speed_only(repo, photos):
+    """The served embedder's ONNX Runtime settings (one thread, no spin-wait: model_configs) give the
+    embeddings of ORT's defaults, and the generated config carries them to model.py."""
+    from lookalike import model_configs
+
+    params = model_configs.parameters(model_configs.read(repo.embedder_dir / "config.pbtxt"))
+    assert params["intra_op_threads"] == str(model_configs.EMBEDDER_INTRA_OP_THREADS)
+    assert params["spin_wait"] == "false"
+    pixels = Preprocessor(repo.preprocessing().for_side("query")).batch([encode(p) for _, p in photos[:4]])
+    served = OnnxEmbedder(repo.onnx_file, intra_op_threads=1, spin=False)(pixels)
+    default = OnnxEmbedder(repo.onnx_file)(pixels)
+    np.testing.assert_allclose(served, default, atol=1e-5)

@@ -21,7 +21,8 @@ class TritonPythonModel:
         params = model_parameters(args)
         model_dir = Path(args["model_repository"])
         self.embedder = OnnxEmbedder(model_dir / args["model_version"] / params["onnx_file"],
-                                     intra_op_threads=int(params["intra_op_threads"]))
+                                     intra_op_threads=int(params["intra_op_threads"]),
+                                     spin=params.get("spin_wait", "false").lower() == "true")
         if (model_dir / MANIFEST_FILE).exists() and EmbedderManifest.load(model_dir / MANIFEST_FILE).random_weights:
             pb_utils.Logger.log_warn("embedder: serving RANDOM weights (exported for tests): results are meaningless")
 
