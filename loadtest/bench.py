@@ -94,6 +94,12 @@ def closed_loop(call: Callable[[int, bytes], object], images: list[bytes], concu
     return result
 
 
+def warm_up(call: Callable[[int, bytes], object], images: list[bytes]) -> None:
+    """Every photo once, 4 at a time, not counted: caches, allocators and lazy initialisation settle
+    before the first point (otherwise concurrency 1, measured first, pays for them)."""
+    closed_loop(call, images, 4, len(images))
+
+
 def requests_for(concurrency: int, base: int) -> int:
     return max(base, 8 * concurrency)
 
@@ -221,6 +227,7 @@ def measure_lookalike(grpc_url: str, http_url: str, images: list[bytes], concurr
     for protocol in protocols:
         url = grpc_url if protocol == "grpc" else http_url
         with LookalikeClient(url, protocol=protocol, timeout_s=300) as client:
+            warm_up(lambda _w, data: client.search(data, top_k=top_k), images)
             for concurrency in concurrencies:
                 before, cpu_before = stats(http_url), cpu_seconds(server_pid)
                 row = closed_loop(lambda _w, data: client.search(data, top_k=top_k), images, concurrency,
@@ -307,6 +314,7 @@ def start_peer(repo_dir: Path, index_dir: Path, port: int, log: Path) -> subproc
 def measure_peer(port: int, images: list[bytes], concurrencies: list[int], base_requests: int, top_k: int) -> dict:
     rows = {}
     for path, name in (("/search", "FastAPI async def"), ("/search_threadpool", "FastAPI threadpool")):
+        warm_up(PeerClient(port, path, top_k), images)
         for concurrency in concurrencies:
             row = closed_loop(PeerClient(port, path, top_k), images, concurrency, requests_for(concurrency, base_requests))
             rows[f"{name} c={concurrency}"] = {"system": name, **row}

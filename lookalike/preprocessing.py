@@ -51,7 +51,8 @@ _KNOWN_UNSUPPORTED = (
 _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
 
 # How much larger than the resize target a JPEG is DCT-downscaled while decoding (Pillow's
-# `reducing_gap`): >= 2 keeps the final antialiased resize close to a full decode.
+# `reducing_gap`), unless a PreprocessConfig says otherwise (`draft_oversample`): >= 2 keeps the final
+# antialiased resize close to a full decode.
 DRAFT_OVERSAMPLE = 2.0
 
 # EXIF orientation (1-8) -> the transpose that makes the image upright, as ImageOps.exif_transpose.
@@ -123,6 +124,10 @@ class PreprocessConfig:
     resize_size: int | None = None  # crop mode only
     pad_rgb: tuple[int, int, int] = (255, 255, 255)  # letterbox fill
     background_rgb: tuple[int, int, int] = (255, 255, 255)  # transparent pixels are composited over this
+    # A large JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that leaves it this many times
+    # the resize target; the resize then antialiases the rest. Lower is faster (decoding dominates a
+    # phone photo's CPU time) and further from a full decode.
+    draft_oversample: float = DRAFT_OVERSAMPLE
     # Shopper photos (`visual_search`) may need other settings than catalog packshots (`embed_image`,
     # `lookalike index`): keys here override the ones above on the query side (`for_side("query")`).
     # Only how the picture is framed may differ: size, mean and std are the embedder's.
@@ -143,6 +148,8 @@ class PreprocessConfig:
             raise ValueError("height and width must be positive")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need 3 values, std > 0")
+        if not self.draft_oversample >= 1.0:
+            raise ValueError(f"draft_oversample must be at least 1, got {self.draft_oversample!r}")
         self.views()  # validates them
         fixed = {"height", "width", "mean", "std", "query", "catalog_views", "notes"} & set(self.query)
         if fixed:
@@ -352,7 +359,7 @@ def _draft(image: Image.Image, orientation: int, config: PreprocessConfig) -> No
     width, height = image.size
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     target = config.resized_size(*upright)
-    scale = max(target[0] / upright[0], target[1] / upright[1]) * DRAFT_OVERSAMPLE
+    scale = max(target[0] / upright[0], target[1] / upright[1]) * config.draft_oversample
     if scale < 1.0:
         image.draft("RGB" if image.mode == "RGB" else None, (int(width * scale) + 1, int(height * scale) + 1))
 
