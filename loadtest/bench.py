@@ -220,13 +220,17 @@ def cpu_per_image(before: dict[str, float], after: dict[str, float], images: int
 
 
 def measure_lookalike(grpc_url: str, http_url: str, images: list[bytes], concurrencies: list[int],
-                      protocols: list[str], base_requests: int, top_k: int, server_pid: int | None) -> dict:
+                      protocols: list[str], base_requests: int, top_k: int, server_pid: int | None,
+                      shared_memory: bool) -> dict:
+    """Each protocol through the socket and, with `shared_memory`, with the photos in system shared
+    memory (the client on the server's host)."""
     from lookalike_client import LookalikeClient
 
     rows = {}
-    for protocol in protocols:
+    for protocol, shm in [(p, s) for p in protocols for s in ((False, True) if shared_memory else (False,))]:
         url = grpc_url if protocol == "grpc" else http_url
-        with LookalikeClient(url, protocol=protocol, timeout_s=300) as client:
+        system = f"lookalike {protocol}" + (" + shm" if shm else "")
+        with LookalikeClient(url, protocol=protocol, timeout_s=300, shared_memory=shm) as client:
             warm_up(lambda _w, data: client.search(data, top_k=top_k), images)
             for concurrency in concurrencies:
                 before, cpu_before = stats(http_url), cpu_seconds(server_pid)
@@ -235,9 +239,8 @@ def measure_lookalike(grpc_url: str, http_url: str, images: list[bytes], concurr
                 # (the CPU figures include the warm-up calls; close enough at >= 8 calls a client)
                 row["cpu_ms_per_image"] = cpu_per_image(cpu_before, cpu_seconds(server_pid), row["requests"] + concurrency)
                 row["stages"] = breakdown(before, stats(http_url))
-                rows[f"lookalike {protocol} c={concurrency}"] = {"system": f"lookalike {protocol}", **row}
-                print(f"  lookalike {protocol} c={concurrency}: {row['images_per_s']:.1f} img/s, p50 {row['p50_ms']:.0f} ms",
-                      flush=True)
+                rows[f"{system} c={concurrency}"] = {"system": system, **row}
+                print(f"  {system} c={concurrency}: {row['images_per_s']:.1f} img/s, p50 {row['p50_ms']:.0f} ms", flush=True)
     return rows
 
 
@@ -345,26 +348,29 @@ def machine() -> dict:
 
 
 def ratios(rows: dict, concurrencies: list[int]) -> dict:
+    """lookalike at saturation against the in-process loop; each lookalike system's p50 at concurrency
+    1 against in process, and its throughput and p99 against each peer endpoint at each concurrency."""
     loop = rows["in process, 1 photo at a time"]
     out: dict = {}
-    servers = [r for r in rows.values() if r.get("system", "").startswith("lookalike")]
+    ours = sorted({r["system"] for r in rows.values() if r.get("system", "").startswith("lookalike")})
+    servers = [r for r in rows.values() if r.get("system", "") in ours]
     if servers:
         best = max(servers, key=lambda r: r["images_per_s"])
-        out["lookalike_saturation_vs_in_process_loop"] = best["images_per_s"] / loop["images_per_s"]
-        out["lookalike_saturation_point"] = f"{best['system']} c={best['concurrency']}"
-        out["lookalike_saturation_vs_in_process_batched"] = (
+        out["saturation: lookalike's best point"] = f"{best['system']} c={best['concurrency']}"
+        out["saturation: lookalike / in process, 1 at a time"] = best["images_per_s"] / loop["images_per_s"]
+        out["saturation: lookalike / in process, batches of 8"] = (
             best["images_per_s"] / rows["in process, batches of 8"]["images_per_s"])
-    for protocol in ("grpc", "http"):
-        one = rows.get(f"lookalike {protocol} c=1")
+    for system in ours:
+        one = rows.get(f"{system} c=1")
         if one:
-            out[f"{protocol}_p50_c1_vs_in_process"] = one["p50_ms"] / loop["p50_ms"]
+            out[f"p50 at c=1: {system} / in process"] = one["p50_ms"] / loop["p50_ms"]
         for peer in ("FastAPI async def", "FastAPI threadpool"):
             for concurrency in concurrencies:
-                ours, theirs = rows.get(f"lookalike {protocol} c={concurrency}"), rows.get(f"{peer} c={concurrency}")
-                if ours and theirs:
-                    key = f"{protocol}_vs_{peer.split()[1]}_c{concurrency}"
-                    out[key + "_throughput"] = ours["images_per_s"] / theirs["images_per_s"]
-                    out[key + "_p99"] = ours["p99_ms"] / theirs["p99_ms"]
+                mine, theirs = rows.get(f"{system} c={concurrency}"), rows.get(f"{peer} c={concurrency}")
+                if mine and theirs:
+                    key = f"c={concurrency}: {system} / {peer}"
+                    out[key + ", throughput"] = mine["images_per_s"] / theirs["images_per_s"]
+                    out[key + ", p99"] = mine["p99_ms"] / theirs["p99_ms"]
     return out
 
 
@@ -421,8 +427,10 @@ def plot(results: dict, path: Path) -> None:
     loop = rows["in process, 1 photo at a time"]
     left.axhline(loop["images_per_s"], color="grey", linestyle=":", label="in process, 1 at a time")
     left.axhline(results["cpu_limit"]["images_per_s"], color="black", linestyle="-.", label="CPU-time limit")
+    ticks = sorted({r["concurrency"] for r in rows.values() if "concurrency" in r})
     for axis, label in ((left, "images / s"), (right, "p99 latency, ms")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(ticks, [str(t) for t in ticks])
         axis.set_xlabel("concurrent clients")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
@@ -453,6 +461,8 @@ def main() -> int:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--no-peer", action="store_true", help="skip the FastAPI peer")
+    parser.add_argument("--no-shared-memory", action="store_true",
+                        help="skip lookalike with the photos in system shared memory (needs the server on this host)")
     parser.add_argument("--no-in-process", action="store_true", help="skip (a) except the stage costs")
     args = parser.parse_args()
 
@@ -494,7 +504,8 @@ def main() -> int:
             raise SystemExit(f"the server serves index versions {served}, the repository's newest is {index_dir.name}")
         print(f"lookalike at {grpc_url} (gRPC) and {http_url} (HTTP), index version {index_dir.name}", flush=True)
         rows.update(measure_lookalike(grpc_url, http_url, images, args.concurrency, args.protocols, args.requests, args.top_k,
-                                       server.process.pid if server is not None and server.process is not None else None))
+                                       server.process.pid if server is not None and server.process is not None else None,
+                                       shared_memory=not args.no_shared_memory))
         server_version = json.load(urllib.request.urlopen(f"http://{http_url}/v2", timeout=10)).get("version")
         if server is not None:
             server.stop()
@@ -527,7 +538,7 @@ def main() -> int:
         best = max((r for r in rows.values() if r.get("system", "").startswith("lookalike")), key=lambda r: r["images_per_s"],
                    default=None)
         if best:
-            results["ratios"]["lookalike_saturation_vs_cpu_limit"] = best["images_per_s"] / costs["images_per_s"]
+            results["ratios"]["saturation: lookalike / CPU-time limit"] = best["images_per_s"] / costs["images_per_s"]
     else:
         results["ratios"] = {}
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")

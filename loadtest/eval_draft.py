@@ -26,6 +26,7 @@ from lookalike.preprocessing import Preprocessor
 from lookalike.repository import Repository
 from lookalike.search import ProductIndex
 from lookalike.shopper import ShopperSimulator, background_photos
+
 from phone_photos import PHONE_FRAMES
 
 ROOT = Path(__file__).resolve().parents[1]

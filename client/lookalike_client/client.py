@@ -7,12 +7,19 @@
 
 One client may be shared by threads: gRPC channels are thread-safe, and over HTTP each thread gets
 its own connection (tritonclient's HTTP client is gevent-based and must not be shared by threads).
+
+On the server's own host (a sidecar, a batch job, a benchmark), `shared_memory=True` hands the photos
+to the server through POSIX shared memory instead of the socket: Triton's system shared memory, one
+region per request in flight at once (reused by the next, grown for a larger photo, never reused
+after a timeout), unregistered and removed by `close()`.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Sequence, Union, cast
@@ -21,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import contract as c
-from .errors import InvalidRequestError, translate
+from .errors import InvalidRequestError, RequestTimeoutError, ServerUnavailableError, translate
 from .waiting import wait_for
 
 ImageLike = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", IO[bytes]]
@@ -104,13 +111,42 @@ def matches(ids: npt.NDArray[Any], scores: npt.NDArray[Any]) -> list[Match]:
     return [Match(rank + 1, pid, float(score)) for rank, (pid, score) in enumerate(found)]
 
 
+@dataclass(frozen=True)
+class _Region:
+    """A system shared-memory region of this client, registered with the server under `name`."""
+
+    name: str
+    key: str
+    size: int
+    handle: Any
+
+
+def _shm() -> Any:
+    """tritonclient's system shared-memory helpers (ctypes over its libcshm; untyped)."""
+    import tritonclient.utils.shared_memory as shm  # pyright: ignore[reportMissingTypeStubs]
+
+    return shm
+
+
+SHM_MIN_BYTES = 4 << 20  # a region holds at least this much; it grows to the largest request seen
+
+
+def serialized_bytes(items: Sequence[bytes]) -> bytes:
+    """Triton's serialised BYTES tensor: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(part for data in items for part in (struct.pack("<I", len(data)), data))
+
+
 class LookalikeClient:
     """Calls `visual_search`, `similar_products`, `embed_image` and the index reload of a lookalike server.
 
     url: "host:port" of the gRPC (default 8001) or HTTP (default 8000) endpoint.
     timeout_s: per-request deadline; a request that exceeds it raises RequestTimeoutError.
     admin_key: key for the restricted model-control API (default: $LOOKALIKE_ADMIN_KEY); only
-        `reload_index` needs it, and only when the server is bound beyond loopback.
+        `reload_index` and `shared_memory` need it, and only when the server is bound beyond loopback.
+    shared_memory: send images through system shared memory. Only where the server runs on this
+        host and sees its /dev/shm (same machine, same IPC namespace); the first request that needs a
+        region says so (ServerUnavailableError) otherwise. Saves copying each photo through the socket
+        (README Figures: 1-3 ms of client CPU and 3-4 ms of latency a 1.9 MB photo).
     """
 
     def __init__(
@@ -119,6 +155,7 @@ class LookalikeClient:
         protocol: str = "grpc",
         timeout_s: float = 30.0,
         admin_key: str | None = None,
+        shared_memory: bool = False,
     ) -> None:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
@@ -130,6 +167,9 @@ class LookalikeClient:
         self._grpc: Any = None
         self._lock = threading.Lock()
         self._http_clients: list[Any] = []
+        self.shared_memory = shared_memory
+        self._regions: list[_Region] = []  # every region registered, free or held by a request
+        self._free_regions: list[_Region] = []
 
     # -- transport -------------------------------------------------------------------------------
     @property
@@ -170,7 +210,72 @@ class LookalikeClient:
         name = c.ADMIN_KEY_HEADER if self.protocol == "http" else f"triton-grpc-protocol-{c.ADMIN_KEY_HEADER}"
         return {name: self.admin_key}
 
+    # -- shared memory ---------------------------------------------------------------------------
+    def _acquire_region(self, size: int) -> _Region:
+        """A free region of at least `size` bytes, or a new one: as many regions as requests were ever
+        in flight at once, whichever threads sent them."""
+        with self._lock:
+            fits = [r for r in self._free_regions if r.size >= size]
+            if fits:
+                region = min(fits, key=lambda r: r.size)
+                self._free_regions.remove(region)
+                return region
+            smaller = self._free_regions.pop() if self._free_regions else None
+        if smaller is not None:
+            self._drop_region(smaller)  # too small for this photo: make way for a larger one
+        shm = _shm()
+        capacity = max(SHM_MIN_BYTES, -(-size * 5 // 4 // (1 << 20)) * (1 << 20))
+        name = f"lookalike_{os.getpid()}_{uuid.uuid4().hex[:16]}"
+        handle = shm.create_shared_memory_region(name, "/" + name, capacity)
+        try:
+            self._client().register_system_shared_memory(name, "/" + name, capacity, headers=self._admin_headers())
+        except Exception as exc:
+            shm.destroy_shared_memory_region(handle)
+            err = translate(exc)
+            raise type(err)(f"shared_memory: the server at {self.url} could not map this host's shared memory "
+                            f"(is it on this host?): {err}", status=err.status) from exc
+        region = _Region(name, "/" + name, capacity, handle)
+        with self._lock:
+            self._regions.append(region)
+        return region
+
+    def _release_region(self, region: _Region) -> None:
+        with self._lock:
+            if region in self._regions:
+                self._free_regions.append(region)
+
+    def _drop_region(self, region: _Region, client: Any = None) -> None:
+        """Unregisters and removes a region (best effort: the server may be gone)."""
+        with self._lock:
+            if region not in self._regions:
+                return
+            self._regions.remove(region)
+        try:
+            (client or self._client()).unregister_system_shared_memory(region.name, headers=self._admin_headers())
+        except Exception:  # noqa: BLE001 - a server that is gone has no region to forget
+            pass
+        _shm().destroy_shared_memory_region(region.handle)
+
+    def _shared_input(self, name: str, array: npt.NDArray[Any]) -> tuple[Any, _Region]:
+        """An InferInput whose BYTES data lies in a region held for this request."""
+        raw = serialized_bytes([bytes(x) for x in array.reshape(-1)])
+        region = self._acquire_region(len(raw))
+        _shm().set_shared_memory_region(region.handle, [np.frombuffer(raw, dtype=np.uint8)])
+        tensor = self._module.InferInput(name, list(array.shape), c.DATATYPES[name])
+        tensor.set_shared_memory(region.name, len(raw))
+        return tensor, region
+
     def close(self) -> None:
+        with self._lock:
+            regions = list(self._regions)
+            self._free_regions.clear()
+        if regions:
+            # over HTTP the thread that closes may not own a connection: unregister on a fresh one
+            closer = None if self.protocol == "grpc" else self._module.InferenceServerClient(self.url)
+            for region in regions:
+                self._drop_region(region, closer)
+            if closer is not None:
+                closer.close()
         with self._lock:
             if self._grpc is not None:
                 self._grpc.close()
@@ -188,7 +293,12 @@ class LookalikeClient:
     def _infer(self, model: str, inputs: dict[str, npt.NDArray[Any]], outputs: Sequence[str]) -> Any:
         module = self._module
         infer_inputs: list[Any] = []
+        region: _Region | None = None
         for name, array in inputs.items():
+            if self.shared_memory and name == c.IMAGE:
+                tensor, region = self._shared_input(name, array)
+                infer_inputs.append(tensor)
+                continue
             tensor = module.InferInput(name, list(array.shape), c.DATATYPES[name])
             if self.protocol == "http":
                 tensor.set_data_from_numpy(array, binary_data=True)
@@ -200,9 +310,19 @@ class LookalikeClient:
             for name in outputs
         ]
         try:
-            return self._client().infer(model, infer_inputs, outputs=infer_outputs, **self._timeout_kwargs())
+            result = self._client().infer(model, infer_inputs, outputs=infer_outputs, **self._timeout_kwargs())
         except Exception as exc:  # tritonclient raises its own and transport errors
-            raise translate(exc) from exc
+            err = translate(exc)
+            if region is not None:
+                if isinstance(err, (RequestTimeoutError, ServerUnavailableError)):
+                    # the server may still read this region for the abandoned request: never reuse it
+                    self._drop_region(region)
+                else:
+                    self._release_region(region)
+            raise err from exc
+        if region is not None:
+            self._release_region(region)
+        return result
 
     # -- health ----------------------------------------------------------------------------------
     def is_ready(self, model: str = c.VISUAL_SEARCH_MODEL) -> bool:

@@ -19,7 +19,8 @@ def test_bench_measures_lookalike_the_peer_and_in_process_on_the_same_work(serve
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     results = json.loads((out / "bench.json").read_text())
-    systems = {"lookalike grpc", "lookalike http", "FastAPI async def", "FastAPI threadpool"}
+    systems = {"lookalike grpc", "lookalike http", "lookalike grpc + shm", "lookalike http + shm", "FastAPI async def",
+               "FastAPI threadpool"}
     for system in systems:
         for concurrency in (1, 2):
             row = results["rows"][f"{system} c={concurrency}"]
@@ -41,8 +42,8 @@ def test_bench_measures_lookalike_the_peer_and_in_process_on_the_same_work(serve
     assert same["FastAPI peer: same top 1"] == 1.0 and same["in process: same top 1"] == 1.0, same
     assert same["FastAPI peer: top-k overlap"] >= 0.9 and same["in process: top-k overlap"] >= 0.9, same
     assert results["photo_mb"] > 0.1 and results["cpu_limit"]["images_per_s"] > 0
-    assert "lookalike_saturation_vs_in_process_loop" in results["ratios"]
-    assert "http_vs_async_c2_throughput" in results["ratios"]
+    assert "saturation: lookalike / in process, 1 at a time" in results["ratios"]
+    assert "c=2: lookalike http / FastAPI async def, throughput" in results["ratios"]
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| lookalike grpc | 1 |" in (out / "bench.md").read_text()
     assert server.ready()
