@@ -1,5 +1,6 @@
 """lookalike.preprocessing: formats, modes, limits, errors, and parity with the reference transforms."""
 
+import dataclasses
 import io
 import struct
 import zlib
@@ -143,6 +144,26 @@ def test_large_jpeg_draft_decoding_is_close_to_full_decode(photo):
     cosine = float((fast * full).sum() / np.linalg.norm(fast) / np.linalg.norm(full))
     assert cosine > 0.999
     assert np.abs(fast - full).mean() < 0.02
+
+
+
+def test_draft_oversample_picks_the_dct_scale_and_stays_close(photo):
+    """draft_oversample 1 (the query side's) decodes a 12 MP JPEG at 1/8 of its size, 2 at 1/4; the
+    pixels the embedder gets stay close to each other."""
+    data = encode(photo.resize((4032, 3024), Image.Resampling.BICUBIC), "JPEG", quality=90)
+    crop = PreprocessConfig(height=224, width=224, resize_mode="crop", interpolation="bilinear",
+                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_size=256)
+    assert crop.draft_oversample == 2.0
+    low = dataclasses.replace(crop, draft_oversample=1.0)
+    assert decode(data, crop, ImageLimits()).size == (1008, 756)
+    assert decode(data, low, ImageLimits()).size == (504, 378)  # still covers the 341 x 256 resize
+    fine, coarse = Preprocessor(crop)(data), Preprocessor(low)(data)
+    assert np.abs(fine - coarse).mean() < 0.03
+    with pytest.raises(ValueError, match="draft_oversample"):
+        dataclasses.replace(crop, draft_oversample=0.5)
+    # a query-side override, as the exported preprocessing.json has it
+    sides = dataclasses.replace(LETTERBOX, query={"resize_mode": "crop", "resize_size": 256, "draft_oversample": 1.0})
+    assert sides.for_side("query").draft_oversample == 1.0 and sides.for_side("catalog").draft_oversample == 2.0
 
 
 # -- errors ---------------------------------------------------------------------------------------
