@@ -11,7 +11,7 @@ its own connection (tritonclient's HTTP client is gevent-based and must not be s
 On the server's own host (a sidecar, a batch job, a benchmark), `shared_memory=True` hands the photos
 to the server through POSIX shared memory instead of the socket: Triton's system shared memory, one
 region per request in flight at once (reused by the next, grown for a larger photo, never reused
-after a timeout), unregistered and removed by `close()`.
+after a timeout, registered again after a server restart), unregistered and removed by `close()`.
 """
 
 from __future__ import annotations
@@ -131,6 +131,11 @@ def _shm() -> Any:
 SHM_MIN_BYTES = 4 << 20  # a region holds at least this much; it grows to the largest request seen
 
 
+def _region_unknown(err: Exception) -> bool:
+    """Whether the server refused a request because it does not know its shared-memory region."""
+    return "unable to find shared memory region" in str(err).lower()
+
+
 def serialized_bytes(items: Sequence[bytes]) -> bytes:
     """Triton's serialised BYTES tensor: each element as a 4-byte little-endian length, then its bytes."""
     return b"".join(part for data in items for part in (struct.pack("<I", len(data)), data))
@@ -244,6 +249,19 @@ class LookalikeClient:
             if region in self._regions:
                 self._free_regions.append(region)
 
+    def _retire_region(self, region: _Region) -> None:
+        """Out of use for good, still registered and mapped until `close()`."""
+        with self._lock:
+            if region in self._free_regions:
+                self._free_regions.remove(region)
+
+    def _forget_regions(self) -> None:
+        """After the server lost its registrations: remove this host's regions without unregistering."""
+        with self._lock:
+            regions, self._regions, self._free_regions = self._regions, [], []
+        for region in regions:
+            _shm().destroy_shared_memory_region(region.handle)
+
     def _drop_region(self, region: _Region, client: Any = None) -> None:
         """Unregisters and removes a region (best effort: the server may be gone)."""
         with self._lock:
@@ -290,7 +308,7 @@ class LookalikeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _infer(self, model: str, inputs: dict[str, npt.NDArray[Any]], outputs: Sequence[str]) -> Any:
+    def _infer_inputs(self, inputs: dict[str, npt.NDArray[Any]]) -> tuple[list[Any], _Region | None]:
         module = self._module
         infer_inputs: list[Any] = []
         region: _Region | None = None
@@ -305,24 +323,39 @@ class LookalikeClient:
             else:
                 tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
+        return infer_inputs, region
+
+    def _infer(self, model: str, inputs: dict[str, npt.NDArray[Any]], outputs: Sequence[str]) -> Any:
+        module = self._module
         infer_outputs = [
             module.InferRequestedOutput(name, binary_data=True) if self.protocol == "http" else module.InferRequestedOutput(name)
             for name in outputs
         ]
-        try:
-            result = self._client().infer(model, infer_inputs, outputs=infer_outputs, **self._timeout_kwargs())
-        except Exception as exc:  # tritonclient raises its own and transport errors
-            err = translate(exc)
-            if region is not None:
-                if isinstance(err, (RequestTimeoutError, ServerUnavailableError)):
-                    # the server may still read this region for the abandoned request: never reuse it
-                    self._drop_region(region)
+        for attempt in (1, 2):
+            infer_inputs, region = self._infer_inputs(inputs)
+            try:
+                result = self._client().infer(model, infer_inputs, outputs=infer_outputs, **self._timeout_kwargs())
+            except Exception as exc:  # tritonclient raises its own and transport errors
+                err = translate(exc)
+                if region is None:
+                    raise err from exc
+                if _region_unknown(err):
+                    # the server no longer knows our regions (it restarted): forget them all, and try
+                    # once more with a new one
+                    self._forget_regions()
+                    if attempt == 1:
+                        continue
+                elif isinstance(err, (RequestTimeoutError, ServerUnavailableError)):
+                    # the server may still read this region for the abandoned request: never write to
+                    # it again, and unmap it only at close()
+                    self._retire_region(region)
                 else:
                     self._release_region(region)
-            raise err from exc
-        if region is not None:
-            self._release_region(region)
-        return result
+                raise err from exc
+            if region is not None:
+                self._release_region(region)
+            return result
+        raise AssertionError("unreachable")  # the second attempt returns or raises
 
     # -- health ----------------------------------------------------------------------------------
     def is_ready(self, model: str = c.VISUAL_SEARCH_MODEL) -> bool:

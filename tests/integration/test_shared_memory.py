@@ -1,7 +1,8 @@
 """LookalikeClient(shared_memory=True) on the real server, over gRPC and HTTP: the photos travel through
 Triton's system shared memory, the answers are those of the socket path, each thread has its own
-region, a region grows for a large photo, a bad photo costs only its request, and close() leaves no
-region registered on the server nor in /dev/shm."""
+region, a region grows for a large photo, a bad photo costs only its request, a server that lost the
+regions gets them registered again, a timed-out request's region is never reused, and close() leaves
+no region registered on the server nor in /dev/shm."""
 
 import io
 import os
@@ -13,7 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 from PIL import Image
 
-from lookalike_client import InvalidRequestError, LookalikeClient
+from lookalike_client import InvalidRequestError, LookalikeClient, RequestTimeoutError
 from lookalike_client.client import SHM_MIN_BYTES
 
 pytestmark = pytest.mark.integration
@@ -66,6 +67,21 @@ def test_shared_memory_gives_the_socket_answers_and_cleans_up(server, catalog, p
         assert [m.product_id for m in client.search(images[0], top_k=5)] == [m.product_id for m in expected[0]]
         # a photo larger than the region: a larger one replaces it
         assert len(client.search(big_jpeg(), top_k=3)) == 3
+        # the server forgets every region (as after a restart): the client registers anew, once
+        admin = httpclient.InferenceServerClient(server.options.http_url)
+        admin.unregister_system_shared_memory()
+        admin.close()
+        assert [m.product_id for m in client.search(images[1], top_k=5)] == [m.product_id for m in expected[1]]
+        assert len(registered(server)) == 1
+        if protocol == "grpc":  # (over HTTP the deadline is the connection's, set when it opened)
+            # a request abandoned at its deadline keeps its region registered and never written again
+            client.timeout_s = 0.001
+            with pytest.raises(RequestTimeoutError):
+                client.search(images[2])
+            client.timeout_s = 60
+            abandoned = set(registered(server))
+            assert [m.product_id for m in client.search(images[3], top_k=5)] == [m.product_id for m in expected[3]]
+            assert abandoned < set(registered(server))
     finally:
         client.close()
     assert registered(server) == []
