@@ -327,6 +327,12 @@ def measure_peer(port: int, images: list[bytes], concurrencies: list[int], base_
 
 # --- the machine, the report ---------------------------------------------------------------------------
 
+def products_in(index_dir: Path | None) -> int:
+    from lookalike.artifacts import IndexMeta
+
+    return 0 if index_dir is None else IndexMeta.load(index_dir).count
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -486,14 +492,16 @@ def main() -> int:
             server = None
         else:
             repo = copy_repository(args.model_repository, work / "model_repository",
-                                   with_indexes=source.latest_index_dir() is not None)
+                                   with_indexes=products_in(source.latest_index_dir()) > 0)
             options = ServerOptions(model_repository=repo.root, http_port=free_port(), grpc_port=free_port(),
                                     metrics_port=free_port(), health_port=None)
             grpc_url, http_url = options.grpc_url, options.http_url
             server = lookalike_server(options, log_file=work / "tritonserver.log").start()
             server.wait_ready()
         with LookalikeClient(grpc_url) as client:
-            if repo.latest_index_dir() is None:
+            if products_in(repo.latest_index_dir()) == 0:  # none, or the empty one a server starts with
+                if server is None:
+                    raise SystemExit(f"the server at {args.url} serves no products: run `make demo` (or `lookalike index`) first")
                 print(f"indexing {args.catalog} into the benchmark's copy of the repository", flush=True)
                 index_catalog(args.catalog, repo, client, progress=False)
             served = client.served_index_versions()
@@ -525,6 +533,8 @@ def main() -> int:
         answers["in process"] = [in_process.ids(p, args.top_k) for p in probes]
         costs = in_process.stage_costs(images, args.top_k)
         products = len(in_process.index)
+        if products == 0:
+            raise SystemExit(f"index version {index_dir.name} holds no products: nothing to compare")
         embedder = repo.manifest().model
     finally:
         shutil.rmtree(work, ignore_errors=True)
