@@ -29,6 +29,7 @@ import grpc.experimental.gevent as grpc_gevent
 # every other user of the process (20 users behaved as one).
 grpc_gevent.init_gevent()
 
+import os
 import random
 import struct
 import time
@@ -37,6 +38,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
+import gevent
 import locust_plugins  # noqa: F401 - adds --check-fail-ratio (exit code on failed requests)
 from locust import User, constant, events, task
 from lookalike_client import InvalidRequestError, LookalikeClient, NotFoundError
@@ -113,6 +115,24 @@ class Shared:
     product_ids: list[str] = []
     bad: list[tuple[str, bytes]] = []
     similar_ok: bool | None = None  # whether the server holds the catalog's ids (checked once)
+
+
+@events.init.add_listener
+def _exit_with_the_master(environment: Any, **_: Any) -> None:
+    """A worker that `--processes` forked quits when its master process is gone. Seen here: a forked
+    worker outliving a master that had exited 0, idle for good (and holding the master's stdout)."""
+    from locust.runners import WorkerRunner
+
+    if not isinstance(environment.runner, WorkerRunner):
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            gevent.sleep(1.0)
+        os._exit(0)  # the master is gone: nobody is left to report to
+
+    gevent.spawn(watch)
 
 
 @events.test_start.add_listener

@@ -3,8 +3,11 @@ task reported, the deliberately bad images counted as successes only when refuse
 failures and non-zero when requests fail."""
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -12,13 +15,46 @@ LOCUST = Path(sys.executable).with_name("locust")
 
 
 def run_locust(server, catalog, out: Path, *extra: str, seconds: int = 12) -> subprocess.CompletedProcess:
+    """locust's exit, with its output in `stdout` (from a file: a lingering worker process holding a
+    pipe would make the wait outlast the master); then nothing of its process group may be left."""
     host, grpc_port = server.options.grpc_url.rsplit(":", 1)
     http_port = server.options.http_url.rsplit(":", 1)[1]
-    return subprocess.run(
-        [str(LOCUST), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "-u", "4", "-r", "4", "-t", f"{seconds}s",
-         "--host", host, "--grpc-port", grpc_port, "--http-port", http_port, "--images", str(catalog / "catalog.csv"),
-         "--check-fail-ratio", "0", "--csv", str(out / "locust"), "--only-summary", "--stop-timeout", "5", *extra],
-        capture_output=True, text=True, timeout=seconds + 90, cwd=ROOT)
+    command = [str(LOCUST), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "-u", "4", "-r", "4",
+               "-t", f"{seconds}s", "--host", host, "--grpc-port", grpc_port, "--http-port", http_port,
+               "--images", str(catalog / "catalog.csv"), "--check-fail-ratio", "0", "--csv", str(out / "locust"),
+               "--only-summary", "--stop-timeout", "5", *extra]
+    log = out / "locust.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            code = process.wait(timeout=seconds + 90)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    leftovers = group_members(process.pid)
+    deadline = time.monotonic() + 10  # forked workers quit within a second or two of their master
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leftovers = group_members(process.pid)
+    if leftovers:
+        os.killpg(process.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert not leftovers, f"locust processes {leftovers} outlived the master:\n{output[-3000:]}"
+    return subprocess.CompletedProcess(command, code, output, output)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (zombies aside)."""
+    import psutil
+
+    members = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
 
 
 def stats(out: Path) -> dict[tuple[str, str], dict[str, str]]:
