@@ -3,7 +3,8 @@ peer, in one run, on one machine, with the same full-size phone JPEGs (`phone_ph
 
   (a) in process     Preprocessor (query side) -> ONNX Runtime -> FAISS, no server: one photo at a
                      time (the loop an app would write), and batches of 8
-  (b) lookalike      visual_search over gRPC and HTTP through the client SDK, at each --concurrency
+  (b) lookalike      visual_search over gRPC and HTTP through the client SDK, through the socket and
+                     with the photos in shared memory, at each --concurrency
   (c) FastAPI peer   `fastapi_peer.py` under uvicorn with the same ONNX model and index version: its
                      `async def` endpoint and its thread-pool endpoint, at the same concurrencies
 
@@ -131,9 +132,8 @@ class InProcess:
             pipeline(chunk)
             latencies.append((time.perf_counter() - start) * 1000)
             done += batch
-        result = summary(latencies, time.perf_counter() - started)
-        result.update(requests=done, images_per_s=done / (time.perf_counter() - started), batch=batch)
-        return result
+        wall = time.perf_counter() - started
+        return {**summary(latencies, wall), "requests": done, "images_per_s": done / wall, "batch": batch}
 
     def ids(self, image: bytes, top_k: int) -> list[str]:
         return self.index.search(self.embedder(self.preprocessor.batch([image])), top_k)[0][0]
@@ -258,7 +258,7 @@ class PeerClient:
         self.port, self.path, self.top_k = port, path, top_k
         self.local = threading.local()
 
-    def __call__(self, _worker: int, data: bytes) -> None:
+    def __call__(self, _worker: int, data: bytes) -> dict:
         connection = getattr(self.local, "connection", None)
         if connection is None:
             connection = self.local.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
@@ -269,17 +269,7 @@ class PeerClient:
         body = response.read()
         if response.status != 200:
             raise RuntimeError(f"peer answered {response.status}: {body[:200]!r}")
-        json.loads(body)
-
-
-def peer_ids(port: int, image: bytes, top_k: int) -> list[str]:
-    boundary = uuid.uuid4().hex
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    connection.request("POST", f"/search?top_k={top_k}", body=multipart(image, boundary),
-                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    body = json.loads(connection.getresponse().read())
-    connection.close()
-    return body["product_ids"]
+        return json.loads(body)
 
 
 def same_results(answers: dict[str, list[list[str]]]) -> dict[str, float]:
@@ -521,7 +511,8 @@ def main() -> int:
             port = free_port()
             peer = start_peer(repo.root, index_dir, port, work / "peer.log")
             try:
-                answers["FastAPI peer"] = [peer_ids(port, p, args.top_k) for p in probes]
+                probe = PeerClient(port, "/search", args.top_k)
+                answers["FastAPI peer"] = [probe(0, p)["product_ids"] for p in probes]
                 rows.update(measure_peer(port, images, args.concurrency, args.requests, args.top_k))
             finally:
                 peer.terminate()

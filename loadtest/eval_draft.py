@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import random
 import time
@@ -27,7 +26,7 @@ from lookalike.repository import Repository
 from lookalike.search import ProductIndex
 from lookalike.shopper import ShopperSimulator, background_photos
 
-from phone_photos import PHONE_FRAMES
+from phone_photos import PHONE_FRAMES, camera_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +47,7 @@ def photos(catalog: Path, count: int, seed: int) -> tuple[list[str], list[bytes]
         ids.append(item.product_id)
         small.append(shot.jpeg())
         frame = PHONE_FRAMES["landscape" if shot.image.width > shot.image.height else "portrait"]
-        big = shot.image.resize(frame, Image.Resampling.BICUBIC)
-        noise = np.random.default_rng(i).normal(0, 3.0, (big.height, big.width, 1)).astype(np.float32)
-        big = Image.fromarray(np.clip(np.asarray(big, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
-        buffer = io.BytesIO()
-        big.save(buffer, format="JPEG", quality=90)
-        phone.append(buffer.getvalue())
+        phone.append(camera_jpeg(shot.image, frame, seed=i, noise=3.0, quality=90))
     return ids, small, phone
 
 

@@ -20,18 +20,27 @@ from PIL import Image
 PHONE_FRAMES = {"landscape": (4032, 3024), "portrait": (3024, 4032)}
 
 
+def camera_jpeg(image: Image.Image, size: tuple[int, int], *, seed: int, noise: float, quality: int) -> bytes:
+    """`image` scaled to a camera frame of `size`, with sensor noise of `noise` (std, 0-255) at that
+    size, as a baseline JPEG."""
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    grain = np.random.default_rng(seed).normal(0, noise, (image.height, image.width, 1))
+    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + grain.astype(np.float32), 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def phone_photo(packshot: Image.Image, seed: int, simulator) -> bytes:
     """One phone-camera JPEG of a packshot; `simulator` is a `ShopperSimulator`."""
     rng = random.Random(seed)
     frame = rng.choice(("landscape", "portrait", "portrait", "screenshot"))
     shot = simulator(packshot, seed, frame=frame)
-    image = shot.image
     if frame in PHONE_FRAMES:
-        image = image.resize(PHONE_FRAMES[frame], Image.Resampling.BICUBIC)
-        noise = np.random.default_rng(seed).normal(0, rng.uniform(2.0, 4.0), (image.height, image.width, 1))
-        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise.astype(np.float32), 0, 255).astype(np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=rng.randint(88, 92))
+        noise = rng.uniform(2.0, 4.0)
+        return camera_jpeg(shot.image, PHONE_FRAMES[frame], seed=seed, noise=noise, quality=rng.randint(88, 92))
+    buffer = io.BytesIO()  # a screenshot: its own pixels, no camera
+    shot.image.save(buffer, format="JPEG", quality=rng.randint(88, 92))
     return buffer.getvalue()
 
 

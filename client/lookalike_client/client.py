@@ -17,7 +17,6 @@ after a timeout, registered again after a server restart), unregistered and remo
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import uuid
 from dataclasses import dataclass
@@ -128,17 +127,21 @@ def _shm() -> Any:
     return shm
 
 
+def _serialized(array: npt.NDArray[Any]) -> bytes:
+    """A BYTES tensor in Triton's layout (each element's 4-byte length, then its bytes), as
+    tritonclient's set_data_from_numpy sends it."""
+    import tritonclient.utils as utils  # pyright: ignore[reportMissingTypeStubs]
+
+    module: Any = utils
+    return bytes(module.serialize_byte_tensor(array).item())
+
+
 SHM_MIN_BYTES = 4 << 20  # a region holds at least this much; it grows to the largest request seen
 
 
 def _region_unknown(err: Exception) -> bool:
     """Whether the server refused a request because it does not know its shared-memory region."""
     return "unable to find shared memory region" in str(err).lower()
-
-
-def serialized_bytes(items: Sequence[bytes]) -> bytes:
-    """Triton's serialised BYTES tensor: each element as a 4-byte little-endian length, then its bytes."""
-    return b"".join(part for data in items for part in (struct.pack("<I", len(data)), data))
 
 
 class LookalikeClient:
@@ -249,12 +252,6 @@ class LookalikeClient:
             if region in self._regions:
                 self._free_regions.append(region)
 
-    def _retire_region(self, region: _Region) -> None:
-        """Out of use for good, still registered and mapped until `close()`."""
-        with self._lock:
-            if region in self._free_regions:
-                self._free_regions.remove(region)
-
     def _forget_regions(self) -> None:
         """After the server lost its registrations: remove this host's regions without unregistering."""
         with self._lock:
@@ -276,7 +273,7 @@ class LookalikeClient:
 
     def _shared_input(self, name: str, array: npt.NDArray[Any]) -> tuple[Any, _Region]:
         """An InferInput whose BYTES data lies in a region held for this request."""
-        raw = serialized_bytes([bytes(x) for x in array.reshape(-1)])
+        raw = _serialized(array)
         region = self._acquire_region(len(raw))
         _shm().set_shared_memory_region(region.handle, [np.frombuffer(raw, dtype=np.uint8)])
         tensor = self._module.InferInput(name, list(array.shape), c.DATATYPES[name])
@@ -345,12 +342,10 @@ class LookalikeClient:
                     self._forget_regions()
                     if attempt == 1:
                         continue
-                elif isinstance(err, (RequestTimeoutError, ServerUnavailableError)):
-                    # the server may still read this region for the abandoned request: never write to
-                    # it again, and unmap it only at close()
-                    self._retire_region(region)
-                else:
+                elif not isinstance(err, (RequestTimeoutError, ServerUnavailableError)):
                     self._release_region(region)
+                # else the server may still read the region for the abandoned request: it is not
+                # released, so never written again, and stays registered until close()
                 raise err from exc
             if region is not None:
                 self._release_region(region)
