@@ -29,16 +29,18 @@ import grpc.experimental.gevent as grpc_gevent
 # every other user of the process (20 users behaved as one).
 grpc_gevent.init_gevent()
 
+import ctypes
 import os
 import random
+import signal
 import struct
+import sys
 import time
 import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-import gevent
 import locust_plugins  # noqa: F401 - adds --check-fail-ratio (exit code on failed requests)
 from locust import User, constant, events, task
 from lookalike_client import InvalidRequestError, LookalikeClient, NotFoundError
@@ -118,21 +120,18 @@ class Shared:
 
 
 @events.init.add_listener
-def _exit_with_the_master(environment: Any, **_: Any) -> None:
-    """A worker that `--processes` forked quits when its master process is gone. Seen here: a forked
-    worker outliving a master that had exited 0, idle for good (and holding the master's stdout)."""
+def _die_with_the_master(environment: Any, **_: Any) -> None:
+    """A worker forked by `--processes` is killed by the kernel when its master process ends
+    (PR_SET_PDEATHSIG). Seen here: a forked worker stuck after a master that had exited 0, holding the
+    master's stdout for good; a watcher greenlet inside the worker did not run any more."""
     from locust.runners import WorkerRunner
 
-    if not isinstance(environment.runner, WorkerRunner):
+    if not isinstance(environment.runner, WorkerRunner) or not getattr(environment.parsed_options, "processes", None):
         return
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            gevent.sleep(1.0)
-        os._exit(0)  # the master is gone: nobody is left to report to
-
-    gevent.spawn(watch)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+        if os.getppid() == 1:  # the master ended before that took effect
+            os._exit(0)
 
 
 @events.test_start.add_listener
