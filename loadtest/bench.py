@@ -488,7 +488,7 @@ def main() -> int:
             grpc_url, http_url = options.grpc_url, options.http_url
             server = lookalike_server(options, log_file=work / "tritonserver.log").start()
             server.wait_ready()
-        with LookalikeClient(grpc_url) as client:
+        with LookalikeClient(grpc_url, timeout_s=120) as client:
             if products_in(repo.latest_index_dir()) == 0:  # none, or the empty one a server starts with
                 if server is None:
                     raise SystemExit(f"the server at {args.url} serves no products: run `make demo` (or `lookalike index`) first")

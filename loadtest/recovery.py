@@ -210,7 +210,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lookalike-recovery-") as tmp:
         serve = Serve.fresh(Path(tmp)).start()
         try:
-            with LookalikeClient(serve.grpc) as client:
+            with LookalikeClient(serve.grpc, timeout_s=120) as client:
                 index_catalog(args.catalog / "catalog.csv", serve.repo, client, progress=False)
             for target in (*MODELS, "tritonserver"):
                 for _ in range(args.repeats):

@@ -24,6 +24,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
+from lookalike_client import contract as c
+
 from .images import over_background
 from .views import CatalogView, view_images
 
@@ -85,14 +87,16 @@ SIDES = ("catalog", "query")
 
 
 class ImageError(ValueError):
-    """An upload that cannot be turned into pixels. `reason` is one of REASONS."""
+    """An upload that cannot be turned into pixels. `reason` is one of REASONS; str() is the message
+    the client gets, "invalid image (REASON): MESSAGE" (the contract's, which the SDK parses)."""
 
-    REASONS = ("empty", "not_an_image", "truncated", "too_large", "unsupported")
+    REASONS = c.IMAGE_ERROR_REASONS
 
     def __init__(self, reason: str, message: str) -> None:
         assert reason in self.REASONS, reason
-        super().__init__(message)
+        super().__init__(f"{c.INVALID_IMAGE} ({reason}): {message}")
         self.reason = reason
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -565,5 +569,5 @@ class Preprocessor:
             except ImageError as exc:
                 if len(items) == 1:
                     raise
-                raise ImageError(exc.reason, f"image {i} of {len(items)}: {exc}") from None
+                raise ImageError(exc.reason, f"image {i} of {len(items)}: {exc.message}") from None
         return out

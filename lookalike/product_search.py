@@ -8,6 +8,7 @@ can change what another request gets back.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -205,16 +206,31 @@ def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM
                          parse_filters(inputs, len(embeddings)))
 
 
-def outputs(result: SearchResult) -> Outputs:
-    return {c.PRODUCT_IDS: result.product_ids, c.SCORES: result.scores}
+def outputs(result: SearchResult, info: bytes = b"{}") -> Outputs:
+    """A request's output tensors: its results, and INDEX_INFO on every row (Triton passes it on only
+    to a client that asked for it by name; the ensembles do not)."""
+    rows = len(result.product_ids)
+    return {c.PRODUCT_IDS: result.product_ids, c.SCORES: result.scores,
+            c.INDEX_INFO: np.full((rows, 1), info, dtype=np.object_)}
+
+
+def index_info(index: ProductIndex, version: int, embedder_model: str) -> dict[str, Any]:
+    """What INDEX_INFO says of a served index version (contract.INDEX_INFO_FIELDS)."""
+    info = {"version": int(version), "products": len(index), "kind": index.kind, "dim": index.dim,
+            "embedder_model": embedder_model, "embedder_fingerprint": index.fingerprint}
+    assert tuple(info) == c.INDEX_INFO_FIELDS
+    return info
 
 
 class ProductSearch:
     """One served index version: what `product_search`'s model.py holds per instance."""
 
-    def __init__(self, index: ProductIndex, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> None:
+    def __init__(self, index: ProductIndex, norm_tolerance: float = DEFAULT_NORM_TOLERANCE, *,
+                 version: int = 0, embedder_model: str = "") -> None:
         self.index = index
         self.norm_tolerance = norm_tolerance
+        self.info = index_info(index, version, embedder_model)
+        self._info_json = json.dumps(self.info, sort_keys=True).encode()
 
     @classmethod
     def load(cls, model_dir: Path, version: str, params: Mapping[str, str], *, instance_kind: str = "CPU",
@@ -231,20 +247,22 @@ class ProductSearch:
                                   gpu_temp_memory_bytes=(temp_mb << 20) if temp_mb is not None else DEFAULT_GPU_TEMP_MEMORY)
         index.set_search_params(ef_search=_optional_int(params, "ef_search"), nprobe=_optional_int(params, "nprobe"),
                                 filter_scan_max_vectors=_optional_int(params, "filter_scan_max_vectors"))
-        expected = EmbedderManifest.load((Path(model_dir) / params["embedder_manifest"]).resolve()).fingerprint
+        manifest = EmbedderManifest.load((Path(model_dir) / params["embedder_manifest"]).resolve())
+        expected = manifest.fingerprint
         if index.fingerprint != expected:
             raise IndexMismatchError(
                 f"index version {version} was built with embedder {index.fingerprint or '?'}, "
                 f"but the embedder is {expected}: run `lookalike index` again"
             )
-        return cls(index, float(params.get("embedding_norm_tolerance", DEFAULT_NORM_TOLERANCE)))
+        return cls(index, float(params.get("embedding_norm_tolerance", DEFAULT_NORM_TOLERANCE)),
+                   version=int(version), embedder_model=manifest.model)
 
     def __call__(self, requests: Sequence[Inputs], log: Log | None = None) -> list[Outcome]:
         """The outcomes of one dynamic batch's requests, in order."""
         return run_together(
             requests,
             parse=lambda inputs: parse_request(inputs, self.index.dim, self.norm_tolerance, self.index),
-            compute=lambda searches: [outputs(r) for r in search_requests(self.index, searches)],
+            compute=lambda searches: [outputs(r, self._info_json) for r in search_requests(self.index, searches)],
             what="search", log=log,
         )
 

@@ -1,30 +1,48 @@
-"""lookalike-client: the thin SDK of lookalike's similar-product image search (tritonclient underneath)."""
+"""lookalike-client: the thin SDK of lookalike's similar-product image search (tritonclient underneath).
+
+`LookalikeClient` for threads, `AsyncLookalikeClient` for an event loop; the same calls, deadlines,
+retries and typed errors (all `LookalikeError`).
+"""
 
 from . import contract
-from .client import LookalikeClient, Match, read_image_bytes
+from .aio import AsyncLookalikeClient
+from .calls import NO_RETRIES, Health, Match, RetryPolicy, SearchResult, ServerInfo
+from .client import LookalikeClient
 from .errors import (
+    InvalidImageError,
     InvalidRequestError,
     LookalikeError,
+    ModelNotReadyError,
     NotFoundError,
     PermissionDeniedError,
     RequestTimeoutError,
     ServerError,
     ServerUnavailableError,
 )
+from .images import ImageLike, read_image_bytes
 from .waiting import wait_for
 
 __all__ = [
     "LookalikeClient",
+    "AsyncLookalikeClient",
     "Match",
+    "SearchResult",
+    "Health",
+    "ServerInfo",
+    "RetryPolicy",
+    "NO_RETRIES",
+    "ImageLike",
     "read_image_bytes",
     "contract",
     "LookalikeError",
-    "NotFoundError",
     "InvalidRequestError",
+    "InvalidImageError",
+    "NotFoundError",
     "PermissionDeniedError",
     "RequestTimeoutError",
     "ServerError",
     "ServerUnavailableError",
+    "ModelNotReadyError",
     "wait_for",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,4 +1,5 @@
-"""A thin client of the lookalike Triton models over gRPC or HTTP (tritonclient underneath).
+"""The sync client of lookalike over gRPC or HTTP (tritonclient underneath), for threads: Django,
+Flask, Celery workers, scripts.
 
     from lookalike_client import LookalikeClient
     with LookalikeClient("localhost:8001") as client:
@@ -6,7 +7,12 @@
             print(match.rank, match.product_id, match.score)
 
 One client may be shared by threads: gRPC channels are thread-safe, and over HTTP each thread gets
-its own connection (tritonclient's HTTP client is gevent-based and must not be shared by threads).
+its own connection (tritonclient's HTTP client is gevent-based and must not be shared by threads);
+a connection whose thread has ended is closed when the next one is made.
+
+Every call has one deadline (`timeout_s`) across its attempts; retryable failures (unreachable,
+reset, a model reloading) are retried within it with backoff and jitter (`RetryPolicy`); a refused
+input never is. Errors are the typed ones of `lookalike_client.errors`.
 
 On the server's own host (a sidecar, a batch job, a benchmark), `shared_memory=True` hands the photos
 to the server through POSIX shared memory instead of the socket: Triton's system shared memory, one
@@ -18,96 +24,44 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any, Sequence, Union, cast
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from . import contract as c
-from .errors import InvalidRequestError, RequestTimeoutError, ServerUnavailableError, translate
+from .calls import (
+    DEFAULT_MANY_BATCH,
+    DEFAULT_MANY_CONCURRENCY,
+    SERVED_MODELS,
+    Call,
+    Health,
+    Match,
+    RetryPolicy,
+    SearchResult,
+    ServerInfo,
+    Settle,
+    embed_call,
+    embedding_dim,
+    index_info_call,
+    many_chunks,
+    metadata_versions,
+    read_many,
+    search_call,
+    server_info,
+    server_version,
+    settle,
+    similar_call,
+)
+from .errors import LookalikeError, RequestTimeoutError, ServerUnavailableError, retryable, translate
+from .images import ImageLike, read_image_bytes
 from .waiting import wait_for
 
-ImageLike = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", IO[bytes]]
-
-
-@dataclass(frozen=True)
-class Match:
-    rank: int
-    product_id: str
-    score: float
-
-
-def read_image_bytes(image: ImageLike) -> bytes:
-    """Returns the encoded bytes of a path, a binary file object or bytes; no decoding happens here."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    if isinstance(image, (str, os.PathLike)):
-        return Path(image).read_bytes()
-    if hasattr(image, "read"):
-        return image.read()
-    raise TypeError(f"expected bytes, a path or a binary file, got {type(image).__name__}")
-
-
-def check_top_k(top_k: object) -> int:
-    """`top_k` as an int, if it is an integer (not a bool) in MIN_TOP_K..MAX_TOP_K; else InvalidRequestError."""
-    value = int(cast(int, top_k)) if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) else None
-    if value is None or not c.MIN_TOP_K <= value <= c.MAX_TOP_K:
-        raise InvalidRequestError(f"top_k must be an integer in {c.MIN_TOP_K}..{c.MAX_TOP_K}, got {top_k!r}")
-    return value
-
-
-def image_batch(images: Sequence[bytes]) -> npt.NDArray[np.object_]:
-    """The [N, 1] object array that carries N encoded images in one request."""
-    batch = np.empty((len(images), 1), dtype=np.object_)
-    for i, data in enumerate(images):
-        batch[i, 0] = data
-    return batch
-
-
-def check_text(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"{what} must be a str, got {type(value).__name__}")
-    return value
-
-
-def string_batch(rows: Sequence[Sequence[str]]) -> npt.NDArray[np.object_]:
-    """[N, W] object array of utf-8 bytes (rows padded with "", which the server ignores)."""
-    width = max((len(row) for row in rows), default=0)
-    batch = np.full((len(rows), max(width, 1)), b"", dtype=np.object_)
-    for i, row in enumerate(rows):
-        for j, value in enumerate(row):
-            batch[i, j] = value.encode("utf-8")
-    return batch
-
-
-def filter_inputs(rows: int, category: str | None, exclude_ids: Sequence[str]) -> dict[str, npt.NDArray[np.object_]]:
-    """The optional CATEGORY / EXCLUDE_IDS tensors of a request of `rows` queries (none when unset)."""
-    inputs: dict[str, npt.NDArray[np.object_]] = {}
-    if category:
-        inputs[c.CATEGORY] = string_batch([[check_text(category, "category")]] * rows)
-    if isinstance(exclude_ids, str):
-        raise InvalidRequestError("exclude_ids must be a sequence of product ids, not one str")
-    excluded = [check_text(pid, "exclude_ids entry") for pid in exclude_ids if pid]
-    if len(excluded) > c.MAX_EXCLUDE_IDS:
-        raise InvalidRequestError(f"exclude_ids holds at most {c.MAX_EXCLUDE_IDS} ids, got {len(excluded)}")
-    if excluded:
-        inputs[c.EXCLUDE_IDS] = string_batch([excluded] * rows)
-    return inputs
-
-
-def decode_ids(raw: npt.NDArray[Any]) -> list[str]:
-    values: list[object] = raw.reshape(-1).tolist()
-    return [v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v) for v in values]
-
-
-def matches(ids: npt.NDArray[Any], scores: npt.NDArray[Any]) -> list[Match]:
-    """One result row -> Matches, best first, without the padding (`contract.NO_PRODUCT_ID`)."""
-    row_scores: list[float] = [float(v) for v in scores.reshape(-1).tolist()]
-    found = [(pid, score) for pid, score in zip(decode_ids(ids), row_scores) if pid != c.NO_PRODUCT_ID]
-    return [Match(rank + 1, pid, float(score)) for rank, (pid, score) in enumerate(found)]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -137,6 +91,7 @@ def _serialized(array: npt.NDArray[Any]) -> bytes:
 
 
 SHM_MIN_BYTES = 4 << 20  # a region holds at least this much; it grows to the largest request seen
+DEFAULT_TIMEOUT_S = 10.0  # a web request's budget: one call's deadline, all its attempts together
 
 
 def _region_unknown(err: Exception) -> bool:
@@ -144,11 +99,50 @@ def _region_unknown(err: Exception) -> bool:
     return "unable to find shared memory region" in str(err).lower()
 
 
-class LookalikeClient:
+class _AttemptTimeout(Exception):
+    """An HTTP attempt that outlived the call's deadline (raised into it by a gevent timer)."""
+
+    def __str__(self) -> str:
+        return "timed out: the call's deadline passed"
+
+
+class ClientOptions:
+    """What the sync and the async client are configured with, checked the same way."""
+
+    def __init__(self, url: str, protocol: str, timeout_s: float, admin_key: str | None,
+                 retry: RetryPolicy | None) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.url = url
+        self.protocol = protocol
+        self.timeout_s = float(timeout_s)
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.admin_key = admin_key if admin_key is not None else os.environ.get(c.ADMIN_KEY_ENV)
+
+    def _admin_headers(self) -> dict[str, str] | None:
+        if not self.admin_key:
+            return None
+        name = c.ADMIN_KEY_HEADER if self.protocol == "http" else f"triton-grpc-protocol-{c.ADMIN_KEY_HEADER}"
+        return {name: self.admin_key}
+
+    def _gave_up(self, err: LookalikeError, attempts: int, started: float) -> LookalikeError:
+        """A retryable error that the call stops at, saying how long it tried."""
+        if attempts == 1:
+            return err
+        again = type(err)(f"{err} (after {attempts} attempts in {time.monotonic() - started:.1f} s)", status=err.status)
+        again.__cause__ = err.__cause__
+        return again
+
+
+class LookalikeClient(ClientOptions):
     """Calls `visual_search`, `similar_products`, `embed_image` and the index reload of a lookalike server.
 
     url: "host:port" of the gRPC (default 8001) or HTTP (default 8000) endpoint.
-    timeout_s: per-request deadline; a request that exceeds it raises RequestTimeoutError.
+    timeout_s: each call's deadline, all its attempts together; past it, RequestTimeoutError (or the
+        last retryable error, when the server stayed unreachable).
+    retry: which failures are retried and how (`RetryPolicy`; `NO_RETRIES` for none).
     admin_key: key for the restricted model-control API (default: $LOOKALIKE_ADMIN_KEY); only
         `reload_index` and `shared_memory` need it, and only when the server is bound beyond loopback.
     shared_memory: send images through system shared memory. Only where the server runs on this
@@ -161,20 +155,15 @@ class LookalikeClient:
         self,
         url: str = "localhost:8001",
         protocol: str = "grpc",
-        timeout_s: float = 30.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         admin_key: str | None = None,
         shared_memory: bool = False,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        if protocol not in ("grpc", "http"):
-            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-        self.url = url
-        self.protocol = protocol
-        self.timeout_s = timeout_s
-        self.admin_key = admin_key if admin_key is not None else os.environ.get(c.ADMIN_KEY_ENV)
-        self._local = threading.local()
+        super().__init__(url, protocol, timeout_s, admin_key, retry)
         self._grpc: Any = None
         self._lock = threading.Lock()
-        self._http_clients: list[Any] = []
+        self._http_by_thread: dict[threading.Thread, Any] = {}
         self.shared_memory = shared_memory
         self._regions: list[_Region] = []  # every region registered, free or held by a request
         self._free_regions: list[_Region] = []
@@ -196,27 +185,98 @@ class LookalikeClient:
 
                     self._grpc = grpcclient.InferenceServerClient(self.url)
                 return self._grpc
-        client = getattr(self._local, "http", None)
+        thread = threading.current_thread()
+        with self._lock:
+            client = self._http_by_thread.get(thread)
+            ended = [t for t in self._http_by_thread if not t.is_alive()] if client is None else []
+            stale = [self._http_by_thread.pop(t) for t in ended]
+        for old in stale:  # connections of threads that have ended (a search_many's workers, say)
+            _close_quietly(old)
         if client is None:
             import tritonclient.http as httpclient  # pyright: ignore[reportMissingTypeStubs]
 
             client = httpclient.InferenceServerClient(
                 self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
             )
-            self._local.http = client
             with self._lock:
-                self._http_clients.append(client)
+                self._http_by_thread[thread] = client
         return client
 
-    def _timeout_kwargs(self) -> dict[str, Any]:
-        # gRPC takes a per-call deadline; HTTP's timeouts were set on the connection.
-        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+    def _drop_thread_client(self) -> None:
+        """After an HTTP attempt was cut short: its connection may hold half a response; never reuse it."""
+        with self._lock:
+            client = self._http_by_thread.pop(threading.current_thread(), None)
+        if client is not None:
+            _close_quietly(client)
 
-    def _admin_headers(self) -> dict[str, str] | None:
-        if not self.admin_key:
-            return None
-        name = c.ADMIN_KEY_HEADER if self.protocol == "http" else f"triton-grpc-protocol-{c.ADMIN_KEY_HEADER}"
-        return {name: self.admin_key}
+    def _bounded(self, budget_s: float, op: Callable[[Any], T]) -> T:
+        """One attempt of `op(tritonclient client)` within `budget_s`; LookalikeError on failure."""
+        client = self._client()
+        try:
+            if self.protocol == "grpc":
+                return op(client)
+            import gevent  # tritonclient's HTTP client runs on this thread's gevent hub
+
+            with gevent.Timeout(budget_s, _AttemptTimeout()):
+                return op(client)
+        except _AttemptTimeout as exc:
+            self._drop_thread_client()
+            raise RequestTimeoutError(str(exc)) from exc
+        except LookalikeError:
+            raise
+        except Exception as exc:  # tritonclient raises its own and transport errors
+            err = translate(exc)
+            if self.protocol == "http" and isinstance(err, (RequestTimeoutError, ServerUnavailableError)):
+                self._drop_thread_client()
+            raise err from exc
+
+    def _retrying(self, op: Callable[[float], T]) -> T:
+        """`op(budget_s)` until it succeeds, fails for good, or the deadline passes (see RetryPolicy)."""
+        started = time.monotonic()
+        deadline = started + self.timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return op(max(deadline - time.monotonic(), 0.001))
+            except LookalikeError as err:
+                wait = self.retry.backoff_s(attempt)
+                if not retryable(err) or attempt >= self.retry.max_attempts or time.monotonic() + wait >= deadline:
+                    raise self._gave_up(err, attempt, started) from err.__cause__
+                time.sleep(wait)
+
+    def _run(self, call: Call) -> Any:
+        return call.parse(self._retrying(lambda budget_s: self._infer_once(call, budget_s)))
+
+    def _infer_once(self, call: Call, budget_s: float) -> dict[str, npt.NDArray[Any]]:
+        module = self._module
+        http = self.protocol == "http"
+        outputs = [module.InferRequestedOutput(name, binary_data=True) if http else module.InferRequestedOutput(name)
+                   for name in call.outputs]
+        timeout = {} if http else {"client_timeout": budget_s}
+        for attempt in (1, 2):
+            infer_inputs, region = self._infer_inputs(call.inputs)
+            try:
+                result = self._bounded(budget_s, lambda client, sent=infer_inputs: client.infer(
+                    call.model, sent, outputs=outputs, **timeout))
+            except LookalikeError as err:
+                if region is None:
+                    raise
+                if _region_unknown(err):
+                    # the server no longer knows our regions (it restarted): forget them all, and try
+                    # once more with a new one
+                    self._forget_regions()
+                    if attempt == 1:
+                        continue
+                elif not isinstance(err, (RequestTimeoutError, ServerUnavailableError)):
+                    self._release_region(region)
+                # else the server may still read the region for the abandoned request: it is not
+                # released, so never written again, and stays registered until close()
+                raise
+            if region is not None:
+                self._release_region(region)
+            return {name: result.as_numpy(name) for name in call.outputs}
+        raise AssertionError("unreachable")  # the second attempt returns or raises
 
     # -- shared memory ---------------------------------------------------------------------------
     def _acquire_region(self, size: int) -> _Region:
@@ -280,31 +340,6 @@ class LookalikeClient:
         tensor.set_shared_memory(region.name, len(raw))
         return tensor, region
 
-    def close(self) -> None:
-        with self._lock:
-            regions = list(self._regions)
-            self._free_regions.clear()
-        if regions:
-            # over HTTP the thread that closes may not own a connection: unregister on a fresh one
-            closer = None if self.protocol == "grpc" else self._module.InferenceServerClient(self.url)
-            for region in regions:
-                self._drop_region(region, closer)
-            if closer is not None:
-                closer.close()
-        with self._lock:
-            if self._grpc is not None:
-                self._grpc.close()
-                self._grpc = None
-            for client in self._http_clients:
-                client.close()
-            self._http_clients.clear()
-
-    def __enter__(self) -> "LookalikeClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _infer_inputs(self, inputs: dict[str, npt.NDArray[Any]]) -> tuple[list[Any], _Region | None]:
         module = self._module
         infer_inputs: list[Any] = []
@@ -322,47 +357,68 @@ class LookalikeClient:
             infer_inputs.append(tensor)
         return infer_inputs, region
 
-    def _infer(self, model: str, inputs: dict[str, npt.NDArray[Any]], outputs: Sequence[str]) -> Any:
-        module = self._module
-        infer_outputs = [
-            module.InferRequestedOutput(name, binary_data=True) if self.protocol == "http" else module.InferRequestedOutput(name)
-            for name in outputs
-        ]
-        for attempt in (1, 2):
-            infer_inputs, region = self._infer_inputs(inputs)
-            try:
-                result = self._client().infer(model, infer_inputs, outputs=infer_outputs, **self._timeout_kwargs())
-            except Exception as exc:  # tritonclient raises its own and transport errors
-                err = translate(exc)
-                if region is None:
-                    raise err from exc
-                if _region_unknown(err):
-                    # the server no longer knows our regions (it restarted): forget them all, and try
-                    # once more with a new one
-                    self._forget_regions()
-                    if attempt == 1:
-                        continue
-                elif not isinstance(err, (RequestTimeoutError, ServerUnavailableError)):
-                    self._release_region(region)
-                # else the server may still read the region for the abandoned request: it is not
-                # released, so never written again, and stays registered until close()
-                raise err from exc
-            if region is not None:
-                self._release_region(region)
-            return result
-        raise AssertionError("unreachable")  # the second attempt returns or raises
+    def close(self) -> None:
+        with self._lock:
+            regions = list(self._regions)
+            self._free_regions.clear()
+        if regions:
+            # over HTTP the thread that closes may not own a connection: unregister on a fresh one
+            closer = None if self.protocol == "grpc" else self._module.InferenceServerClient(self.url)
+            for region in regions:
+                self._drop_region(region, closer)
+            if closer is not None:
+                closer.close()
+        with self._lock:
+            grpc, self._grpc = self._grpc, None
+            clients = list(self._http_by_thread.values())
+            self._http_by_thread.clear()
+        if grpc is not None:
+            grpc.close()
+        for client in clients:
+            _close_quietly(client)
+
+    def __enter__(self) -> "LookalikeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- health ----------------------------------------------------------------------------------
     def is_ready(self, model: str = c.VISUAL_SEARCH_MODEL) -> bool:
         try:
-            client = self._client()
-            return bool(client.is_server_ready() and client.is_model_ready(model))
-        except Exception:
+            return bool(self._bounded(self.timeout_s, lambda cl: cl.is_server_ready() and cl.is_model_ready(model)))
+        except LookalikeError:
             return False
 
     def wait_until_ready(self, timeout_s: float = 120.0, model: str = c.VISUAL_SEARCH_MODEL) -> None:
         """Returns once the server and `model` are ready; ServerUnavailableError after `timeout_s`."""
         wait_for(lambda: self.is_ready(model), timeout_s, what=f"{model} at {self.url}")
+
+    def health(self) -> Health:
+        """Live, ready and each model's readiness, from the server (one attempt each, no retries):
+        for a readiness probe or a status page. Never raises."""
+        try:
+            live = bool(self._bounded(self.timeout_s, lambda cl: cl.is_server_live()))
+            ready = bool(self._bounded(self.timeout_s, lambda cl: cl.is_server_ready()))
+            models = {name: bool(self._bounded(self.timeout_s, lambda cl, n=name: cl.is_model_ready(n)))
+                      for name in SERVED_MODELS}
+        except LookalikeError as err:
+            return Health(live=False, ready=False, models=dict.fromkeys(SERVED_MODELS, False), error=str(err))
+        return Health(live=live, ready=ready, models=models)
+
+    def info(self) -> ServerInfo:
+        """What the server serves: index version and product count, index kind, embedder and its
+        dim, tritonserver's version and each model's readiness, all from the server."""
+        models = self.health().models
+        version = server_version(self._retrying(lambda b: self._bounded(b, lambda cl: cl.get_server_metadata())))
+        dim = embedding_dim(self._retrying(lambda b: self._bounded(b, lambda cl: cl.get_model_metadata(c.EMBEDDER_MODEL))))
+        index = self._run(index_info_call(dim))
+        return server_info(self.url, self.protocol, version, dim, index, models)
+
+    def served_index_versions(self) -> list[int]:
+        """The index versions that `product_search` serves now, from the model's metadata (which,
+        unlike model control, needs no admin key)."""
+        return metadata_versions(self._retrying(lambda b: self._bounded(b, lambda cl: cl.get_model_metadata(c.SEARCH_MODEL))))
 
     # -- inference -------------------------------------------------------------------------------
     def search(self, image: ImageLike, top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
@@ -374,16 +430,51 @@ class LookalikeClient:
 
     def search_batch(self, images: Sequence[ImageLike], top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
                      exclude_ids: Sequence[str] = ()) -> list[list[Match]]:
-        """One request for several images (the same filters for all): cheaper than one each, but one
-        bad image fails them all. For independent images, call `search` from several threads instead
-        (the server batches them)."""
+        """One request for up to 64 images (the same filters for all), all or nothing: one bad image
+        fails the whole call (InvalidImageError naming it by `image_index`). For images that should
+        succeed or fail one by one, use `search_many`."""
         if not images:
             return []
-        top_k = check_top_k(top_k)
-        data = [read_image_bytes(image) for image in images]
-        inputs = {c.IMAGE: image_batch(data), c.TOP_K: np.full((len(data), 1), top_k, dtype=np.int32),
-                  **filter_inputs(len(data), category, exclude_ids)}
-        return self._results(self._infer(c.VISUAL_SEARCH_MODEL, inputs, [c.PRODUCT_IDS, c.SCORES]), len(data))
+        return self._run(search_call([read_image_bytes(image) for image in images], top_k, category, exclude_ids))
+
+    def search_many(self, images: Sequence[ImageLike], top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
+                    exclude_ids: Sequence[str] = (), batch_size: int = DEFAULT_MANY_BATCH,
+                    max_concurrency: int = DEFAULT_MANY_CONCURRENCY) -> list[SearchResult]:
+        """Any number of images, each with its own outcome, in order: requests of up to `batch_size`
+        images, `max_concurrency` of them in flight. An image the server refuses (or that cannot be
+        read) gets `SearchResult(error=InvalidImageError)`; the others get their matches. A failure
+        that is not an image's (the server unreachable past the deadline) is the error of each image
+        of the requests it hit. Each request has its own deadline. Raises only for bad arguments."""
+        search_call([], top_k, category, exclude_ids)  # checks top_k and the filters before any work
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        results: list[SearchResult | None] = [None] * len(images)
+        data = read_many(images, results)
+        readable = [i for i, d in enumerate(data) if d is not None]
+        chunks = [[readable[j] for j in chunk] for chunk in many_chunks(len(readable), batch_size)]
+
+        def drive(chunk: list[int]) -> None:
+            plan: Settle = settle(chunk, results)
+            pending = next(plan)
+            try:
+                while True:
+                    try:
+                        outcome: Any = self._run(search_call([data[i] or b"" for i in pending], top_k, category,
+                                                             exclude_ids))
+                    except LookalikeError as err:
+                        outcome = err
+                    pending = plan.send(outcome)
+            except StopIteration:
+                pass
+
+        if len(chunks) <= 1 or max_concurrency == 1:
+            for chunk in chunks:
+                drive(chunk)
+        else:
+            with ThreadPoolExecutor(max_workers=min(max_concurrency, len(chunks)),
+                                    thread_name_prefix="lookalike-search-many") as pool:
+                list(pool.map(drive, chunks))
+        return [r if r is not None else SearchResult(error=LookalikeError("no result")) for r in results]
 
     def similar(self, product_id: str, top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
                 exclude_ids: Sequence[str] = ()) -> list[Match]:
@@ -397,44 +488,34 @@ class LookalikeClient:
         """`similar` for several products in one request; one unknown id fails them all."""
         if not product_ids:
             return []
-        top_k = check_top_k(top_k)
-        ids = [check_text(pid, "product_id") for pid in product_ids]
-        if any(not pid for pid in ids):
-            raise InvalidRequestError("product_id must not be empty")
-        inputs = {c.PRODUCT_ID: string_batch([[pid] for pid in ids]),
-                  c.TOP_K: np.full((len(ids), 1), top_k, dtype=np.int32), **filter_inputs(len(ids), category, exclude_ids)}
-        return self._results(self._infer(c.SIMILAR_PRODUCTS_MODEL, inputs, [c.PRODUCT_IDS, c.SCORES]), len(ids))
-
-    @staticmethod
-    def _results(result: Any, rows: int) -> list[list[Match]]:
-        ids = result.as_numpy(c.PRODUCT_IDS).reshape(rows, -1)
-        scores = result.as_numpy(c.SCORES).reshape(rows, -1)
-        return [matches(row_ids, row_scores) for row_ids, row_scores in zip(ids, scores)]
+        return self._run(similar_call(product_ids, top_k, category, exclude_ids))
 
     def embed(self, images: Sequence[ImageLike]) -> npt.NDArray[np.float32]:
-        """[N, D] float32 L2-normalised embeddings of N images, in one request."""
-        if not images:
-            raise ValueError("embed needs at least one image")
-        data = [read_image_bytes(image) for image in images]
-        result = self._infer(c.EMBED_IMAGE_MODEL, {c.IMAGE: image_batch(data)}, [c.EMBEDDING])
-        return result.as_numpy(c.EMBEDDING).reshape(len(data), -1)
-
-    def served_index_versions(self) -> list[int]:
-        """The index versions that `product_search` serves now, from the model's metadata (which,
-        unlike model control, needs no admin key)."""
-        try:
-            metadata = self._client().get_model_metadata(c.SEARCH_MODEL, **self._timeout_kwargs())
-        except Exception as exc:
-            raise translate(exc) from exc
-        versions = cast("list[str]", metadata["versions"] if isinstance(metadata, dict) else metadata.versions)
-        return sorted(int(v) for v in versions)
+        """[N, D] float32 L2-normalised embeddings of N images (catalog-side preprocessing), in one request."""
+        return self._run(embed_call([read_image_bytes(image) for image in images]))
 
     # -- model control ---------------------------------------------------------------------------
     def reload_index(self, timeout_s: float = 300.0) -> None:
         """Asks the server to load the newest index version of `product_search`. Requests in flight
-        finish on the old version; Triton swaps in the new one once it is loaded."""
-        kwargs = {"client_timeout": timeout_s} if self.protocol == "grpc" else {}
+        finish on the old version; Triton swaps in the new one once it is loaded. One attempt."""
+        if self.protocol == "grpc":
+            try:
+                self._client().load_model(c.SEARCH_MODEL, headers=self._admin_headers(), client_timeout=timeout_s)
+            except Exception as exc:
+                raise translate(exc) from exc
+            return
+        # over HTTP the timeout belongs to the connection: a loading index gets its own
+        loader = self._module.InferenceServerClient(self.url, connection_timeout=self.timeout_s, network_timeout=timeout_s)
         try:
-            self._client().load_model(c.SEARCH_MODEL, headers=self._admin_headers(), **kwargs)
+            loader.load_model(c.SEARCH_MODEL, headers=self._admin_headers())
         except Exception as exc:
             raise translate(exc) from exc
+        finally:
+            _close_quietly(loader)
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - closing a connection whose thread or server is gone
+        pass

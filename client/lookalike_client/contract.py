@@ -27,6 +27,15 @@ SCORES = "SCORES"  # FP32 [-1]: cosine similarity, descending
 CATEGORY = "CATEGORY"  # TYPE_STRING [1]: only products of this category; "" = any; unknown = no results
 EXCLUDE_IDS = "EXCLUDE_IDS"  # TYPE_STRING [-1]: never these product ids ("" entries pad a row)
 PRODUCT_ID = "PRODUCT_ID"  # TYPE_STRING [1]: similar_products' query, a catalog product id
+# product_search only, an output a client asks for by name (Triton sends only the outputs requested):
+# JSON of the index version that answered, one per row (INDEX_INFO_FIELDS); the client's `info()`.
+INDEX_INFO = "INDEX_INFO"  # TYPE_STRING [1]
+INDEX_INFO_FIELDS = ("version", "products", "kind", "dim", "embedder_model", "embedder_fingerprint")
+# An image the server cannot use is refused with INVALID_ARGUMENT and a message that starts
+# "invalid image (REASON): ", REASON one of IMAGE_ERROR_REASONS; in a request of several images the
+# rest names the first bad one: "image I of N: ...".
+INVALID_IMAGE = "invalid image"
+IMAGE_ERROR_REASONS = ("empty", "not_an_image", "truncated", "too_large", "unsupported")
 # similar_products answers an id that the served index does not hold with INVALID_ARGUMENT, starting:
 UNKNOWN_PRODUCT = "unknown product id"
 # Rows of one request are rectangular. A row that an approximate index could not fill as far as the
@@ -44,6 +53,7 @@ DATATYPES = {
     CATEGORY: "BYTES",
     EXCLUDE_IDS: "BYTES",
     PRODUCT_ID: "BYTES",
+    INDEX_INFO: "BYTES",
 }
 
 # Limits. The server enforces them; the client checks them first to fail fast and cheaply.

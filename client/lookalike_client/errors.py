@@ -9,10 +9,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .contract import UNKNOWN_PRODUCT
+from .contract import INVALID_IMAGE, UNKNOWN_PRODUCT
 
 # Triton prefixes the error of an ensemble's step with the ensemble's name.
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+# The server's image errors (contract.INVALID_IMAGE): "invalid image (REASON): [image I of N: ]TEXT".
+_IMAGE_ERROR = re.compile(re.escape(INVALID_IMAGE) + r" \((\w+)\): (?:image (\d+) of (\d+): )?")
+# Triton's answer for a model that is not loaded (yet, or any more: unloaded, reloading, failed).
+_MODEL_NOT_READY = ("Request for unknown model", "is not ready", "has no available versions")
 
 
 class LookalikeError(Exception):
@@ -31,12 +35,42 @@ class InvalidRequestError(LookalikeError):
     too large or unsupported image, or a TOP_K out of range. Retrying the same input will not help."""
 
 
+class InvalidImageError(InvalidRequestError):
+    """The server could not use an image: `reason` is one of contract.IMAGE_ERROR_REASONS ("empty",
+    "not_an_image", "truncated", "too_large", "unsupported"), or "unreadable" when the client could not
+    read the input (a missing file); `image_index` is the bad image's place in a request of several
+    (None in a request of one)."""
+
+    def __init__(self, message: str = "", *, status: str | None = None, reason: str = "",
+                 image_index: int | None = None) -> None:
+        super().__init__(message, status=status)
+        found = _IMAGE_ERROR.match(self.detail)
+        self.reason = reason or (found.group(1) if found else "")
+        self.image_index = image_index if image_index is not None else (
+            int(found.group(2)) if found and found.group(2) is not None else None)
+
+    def for_item(self) -> "InvalidImageError":
+        """The same error as one image's own, without the "image I of N: " of the request it was in."""
+        found = _IMAGE_ERROR.match(self.detail)
+        text = self.detail if found is None or found.group(2) is None else (
+            f"{INVALID_IMAGE} ({found.group(1)}): {self.detail[found.end():]}")
+        err = InvalidImageError(text, status=self.status, reason=self.reason)
+        err.__cause__ = self.__cause__
+        return err
+
+
 class NotFoundError(InvalidRequestError):
     """similar_products was asked for a product id that the served index does not hold."""
 
 
 class ServerUnavailableError(LookalikeError):
-    """The server could not be reached, is not ready, or refused for lack of capacity. Retry later."""
+    """The server could not be reached (connection refused or reset), is not ready, or refused for
+    lack of capacity. Retryable: the client retries it within the call's deadline."""
+
+
+class ModelNotReadyError(ServerUnavailableError):
+    """The server is up but the model is not loaded: starting, unloaded, being replaced, or failed to
+    load (Triton's "Request for unknown model"). Retryable."""
 
 
 class RequestTimeoutError(LookalikeError):
@@ -54,7 +88,9 @@ class ServerError(LookalikeError):
 _GRPC_STATUS = {
     "StatusCode.INVALID_ARGUMENT": InvalidRequestError,
     "StatusCode.UNAVAILABLE": ServerUnavailableError,
+    "StatusCode.RESOURCE_EXHAUSTED": ServerUnavailableError,
     "StatusCode.DEADLINE_EXCEEDED": RequestTimeoutError,
+    "StatusCode.CANCELLED": RequestTimeoutError,
     "StatusCode.PERMISSION_DENIED": PermissionDeniedError,
     "StatusCode.UNAUTHENTICATED": PermissionDeniedError,
     "StatusCode.NOT_FOUND": ServerUnavailableError,
@@ -62,7 +98,10 @@ _GRPC_STATUS = {
 _HTTP_STATUS = {
     "400": InvalidRequestError,
     "403": PermissionDeniedError,
+    "401": PermissionDeniedError,
     "404": ServerUnavailableError,
+    "429": ServerUnavailableError,
+    "502": ServerUnavailableError,
     "503": ServerUnavailableError,
     "504": RequestTimeoutError,
 }
@@ -73,6 +112,12 @@ def error_class_for_status(status: str | None) -> type[LookalikeError]:
     if status is None:
         return ServerUnavailableError
     return _GRPC_STATUS.get(status) or _HTTP_STATUS.get(status) or ServerError
+
+
+def retryable(err: LookalikeError) -> bool:
+    """Whether trying the same call again may succeed: the server unreachable or reset, a model
+    reloading. Never a refused input, a denied key, a server error or a timeout (the deadline is spent)."""
+    return isinstance(err, ServerUnavailableError)
 
 
 def translate(exc: BaseException) -> LookalikeError:
@@ -90,8 +135,13 @@ def translate(exc: BaseException) -> LookalikeError:
             cls = ServerUnavailableError
     else:
         cls = error_class_for_status(status)
-    if cls is InvalidRequestError and _ENSEMBLE_PREFIX.sub("", str(message)).startswith(UNKNOWN_PRODUCT):
+    detail = _ENSEMBLE_PREFIX.sub("", str(message))
+    if cls is InvalidRequestError and detail.startswith(UNKNOWN_PRODUCT):
         cls = NotFoundError
+    elif cls is InvalidRequestError and _IMAGE_ERROR.match(detail):
+        cls = InvalidImageError
+    elif any(text in detail for text in _MODEL_NOT_READY) and cls in (ServerUnavailableError, InvalidRequestError):
+        cls = ModelNotReadyError
     if "is restricted, expecting header" in str(message):
         cls = PermissionDeniedError  # Triton answers a restricted gRPC protocol with UNAVAILABLE
     err = cls(str(message) if message else type(exc).__name__, status=None if status is None else str(status))

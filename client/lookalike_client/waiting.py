@@ -3,8 +3,9 @@ client's `wait_until_ready`, the launcher's, and the scripts')."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from .errors import ServerUnavailableError
 
@@ -28,4 +29,15 @@ def wait_for(
         if time.monotonic() - started > timeout_s:
             raise ServerUnavailableError(f"{what} not ready after {timeout_s:.0f} s")
         time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+async def wait_for_async(ready: Callable[[], Awaitable[bool]], timeout_s: float, *, what: str,
+                         interval_s: float = 0.25) -> float:
+    """`wait_for` for an event loop: awaits `ready()` every `interval_s` without blocking the loop."""
+    started = time.monotonic()
+    while not await ready():
+        if time.monotonic() - started > timeout_s:
+            raise ServerUnavailableError(f"{what} not ready after {timeout_s:.0f} s")
+        await asyncio.sleep(interval_s)
     return time.monotonic() - started

@@ -31,7 +31,7 @@ def server(tmp_path_factory, catalog):
                             metrics_port=free_port())
     triton = lookalike_server(options, log_file=root / "tritonserver.log")
     with triton:
-        with LookalikeClient(options.grpc_url) as client:
+        with LookalikeClient(options.grpc_url, timeout_s=120) as client:
             report = index_catalog(catalog / "catalog.csv", Repository(repo), client, progress=False)
         triton.index_report = report
         yield triton

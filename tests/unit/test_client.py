@@ -11,8 +11,9 @@ from lookalike_client import (
     ServerError,
     ServerUnavailableError,
 )
-from lookalike_client.client import check_top_k, decode_ids, image_batch, read_image_bytes
+from lookalike_client.calls import check_top_k, decode_ids, image_batch
 from lookalike_client.errors import translate
+from lookalike_client.images import read_image_bytes
 
 
 @pytest.mark.parametrize("status,cls", [

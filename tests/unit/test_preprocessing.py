@@ -173,7 +173,8 @@ DEFAULT_LIMITS = ImageLimits()
 def reason(data, limits=DEFAULT_LIMITS):
     with pytest.raises(ImageError) as info:
         Preprocessor(LETTERBOX, limits)(data)
-    return info.value.reason, str(info.value)
+    assert str(info.value) == f"invalid image ({info.value.reason}): {info.value.message}"  # the contract's form
+    return info.value.reason, info.value.message
 
 
 def test_empty():

@@ -38,7 +38,7 @@ def test_contract_tensors():
     search = load("product_search")
     assert tensors(search.input) == {c.EMBEDDING: ("TYPE_FP32", [-1], True), c.PRODUCT_ID: ("TYPE_STRING", [1], True),
                                      **filters}
-    assert tensors(search.output) == results
+    assert tensors(search.output) == {**results, c.INDEX_INFO: ("TYPE_STRING", [1], False)}
     visual = load("visual_search")
     assert visual.platform == "ensemble"
     assert tensors(visual.input) == {c.IMAGE: ("TYPE_STRING", [1], False), **filters}
