@@ -46,7 +46,7 @@ from .calls import (
     settle,
     similar_call,
 )
-from .client import DEFAULT_TIMEOUT_S, ClientOptions
+from .client import DEFAULT_TIMEOUT_S, ClientOptions, grpc_channel_args
 from .errors import LookalikeError, RequestTimeoutError, retryable, translate
 from .images import ImageLike, read_image_bytes
 from .waiting import wait_for_async
@@ -85,7 +85,7 @@ class AsyncLookalikeClient(ClientOptions):
                                "create one per loop")
         if self._aio is None:
             module = self._module
-            self._aio = (module.InferenceServerClient(self.url) if self.protocol == "grpc" else
+            self._aio = (module.InferenceServerClient(self.url, channel_args=grpc_channel_args()) if self.protocol == "grpc" else
                          module.InferenceServerClient(self.url, conn_timeout=self.timeout_s))
             self._loop = loop
         return self._aio

@@ -94,6 +94,31 @@ SHM_MIN_BYTES = 4 << 20  # a region holds at least this much; it grows to the la
 DEFAULT_TIMEOUT_S = 10.0  # a web request's budget: one call's deadline, all its attempts together
 
 
+# gRPC reconnects to a server that went away with exponential backoff up to 120 s by default, so a
+# client could stay UNAVAILABLE long after the server is back; capped here at 1 s.
+GRPC_MAX_RECONNECT_BACKOFF_MS = 1000
+
+
+def grpc_channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's own channel options (unlimited message size, its keepalive defaults; passing
+    channel_args replaces them all) plus a reconnect backoff that suits a server restart."""
+    import tritonclient.grpc as grpcclient  # pyright: ignore[reportMissingTypeStubs]
+
+    module: Any = grpcclient
+    keepalive = module.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", GRPC_MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
 def _region_unknown(err: Exception) -> bool:
     """Whether the server refused a request because it does not know its shared-memory region."""
     return "unable to find shared memory region" in str(err).lower()
@@ -183,7 +208,7 @@ class LookalikeClient(ClientOptions):
                 if self._grpc is None:
                     import tritonclient.grpc as grpcclient  # pyright: ignore[reportMissingTypeStubs]
 
-                    self._grpc = grpcclient.InferenceServerClient(self.url)
+                    self._grpc = grpcclient.InferenceServerClient(self.url, channel_args=grpc_channel_args())
                 return self._grpc
         thread = threading.current_thread()
         with self._lock:

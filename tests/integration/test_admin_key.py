@@ -1,6 +1,8 @@
 """Model control restricted to the admin key, as `lookalike serve` does beyond loopback (forced on here,
 on loopback, so that no test binds a public address)."""
 
+import asyncio
+
 import pytest
 from PIL import Image
 
@@ -8,7 +10,7 @@ from lookalike.publishing import write_empty_index
 from lookalike.repository import copy_repository
 from lookalike.serve import lookalike_server
 from lookalike.server import ServerOptions, free_port
-from lookalike_client import LookalikeClient, PermissionDeniedError
+from lookalike_client import AsyncLookalikeClient, LookalikeClient, PermissionDeniedError
 from tests.conftest import REPOSITORY, encode
 
 pytestmark = pytest.mark.integration
@@ -32,6 +34,15 @@ def test_model_control_needs_the_admin_key_inference_does_not(tmp_path):
             with LookalikeClient(url, protocol=protocol, admin_key="k3y-for-tests") as admin:
                 admin.reload_index()
                 assert admin.is_ready()
+
+            async def reload(key: str, url: str = url, protocol: str = protocol) -> None:
+                async with AsyncLookalikeClient(url, protocol=protocol, admin_key=key) as client:
+                    await client.reload_index()
+
+            with pytest.raises(PermissionDeniedError) as denied:  # the asyncio client, the same
+                asyncio.run(reload(""))
+            assert denied.value.status is not None and "lookalike-admin-key" in denied.value.detail
+            asyncio.run(reload("k3y-for-tests"))
 
 
 def test_the_supervisor_repairs_with_the_admin_key_where_model_control_is_restricted(tmp_path):

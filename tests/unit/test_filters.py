@@ -1,6 +1,8 @@
 """Filters (CATEGORY, EXCLUDE_IDS), search by product id (similar_products), the stored embeddings and
 IVF-PQ's exact re-ranking, the embedding store of incremental updates and rollback, without a server."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -199,6 +201,16 @@ def test_a_bad_request_of_a_batch_fails_alone(catalog):
     assert "unknown product id 'missing'" in str(outcomes[1].error)
     assert "SKU-00005" not in ids[2] and len(ids[2]) == 10
     assert outcomes[3].outputs[c.PRODUCT_IDS].shape == (1, 0)
+
+
+def test_every_answer_carries_the_index_info(catalog):
+    products, vectors = catalog
+    search = ProductSearch(ProductIndex.build(products, vectors), version=7, embedder_model="lite")
+    outcome, = search([{c.EMBEDDING: vectors[:3]}])
+    info = outcome.outputs[c.INDEX_INFO]
+    assert info.shape == (3, 1) and len(set(info.reshape(-1).tolist())) == 1
+    assert json.loads(info[0, 0]) == {"version": 7, "products": len(products), "kind": "flat", "dim": DIM,
+                                      "embedder_model": "lite", "embedder_fingerprint": search.index.fingerprint}
 
 
 # -- the embedding store and rollback --------------------------------------------------------------
