@@ -21,7 +21,7 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?= fp16
 CALIBRATION ?=
 
-.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-index bench-gpu bench-export loadtest eval eval-candidates eval-preprocessing recovery engine image clean
+.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-sdk bench-index bench-gpu bench-export loadtest eval eval-candidates eval-preprocessing recovery engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
@@ -104,6 +104,14 @@ typecheck: $(VENV)/.setup-done
 # URL=host measures a running server instead (on GRPC_PORT and HTTP_PORT).
 bench: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/bench.py --catalog $(CATALOG)/catalog.csv --out results/bench \
+		$(if $(filter-out 127.0.0.1,$(URL)),--url $(URL) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT))
+
+# The client SDK's search() against the same visual_search request built by hand on raw tritonclient, gRPC
+# and HTTP, sync and asyncio, on a 64x64 PNG and on phone JPEGs, in alternating blocks on one server (its
+# own, as `bench` starts it): latency, client CPU a call, same ids: results/bench/sdk_overhead.{json,md}.
+# URL=host measures a running server instead (on GRPC_PORT and HTTP_PORT).
+bench-sdk: $(EMBEDDER) $(CATALOG)/catalog.csv
+	$(BIN)/python loadtest/sdk_overhead.py --catalog $(CATALOG)/catalog.csv --out results/bench/sdk_overhead \
 		$(if $(filter-out 127.0.0.1,$(URL)),--url $(URL) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT))
 
 # Shopper-photo recall through the server (started like `make demo` if none runs; left running, serving

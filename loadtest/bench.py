@@ -224,13 +224,14 @@ def measure_lookalike(grpc_url: str, http_url: str, images: list[bytes], concurr
                       shared_memory: bool) -> dict:
     """Each protocol through the socket and, with `shared_memory`, with the photos in system shared
     memory (the client on the server's host)."""
-    from lookalike_client import LookalikeClient
+    from lookalike_client import NO_RETRIES, LookalikeClient
 
     rows = {}
     for protocol, shm in [(p, s) for p in protocols for s in ((False, True) if shared_memory else (False,))]:
         url = grpc_url if protocol == "grpc" else http_url
         system = f"lookalike {protocol}" + (" + shm" if shm else "")
-        with LookalikeClient(url, protocol=protocol, timeout_s=300, shared_memory=shm) as client:
+        with LookalikeClient(url, protocol=protocol, timeout_s=300, shared_memory=shm,
+                             retry=NO_RETRIES) as client:
             warm_up(lambda _w, data: client.search(data, top_k=top_k), images)
             for concurrency in concurrencies:
                 before, cpu_before = stats(http_url), cpu_seconds(server_pid)

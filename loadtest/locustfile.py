@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import locust_plugins  # noqa: F401 - adds --check-fail-ratio (exit code on failed requests)
 from locust import User, constant, events, task
-from lookalike_client import InvalidRequestError, LookalikeClient, NotFoundError
+from lookalike_client import NO_RETRIES, InvalidRequestError, LookalikeClient, NotFoundError
 from PIL import Image
 
 from lookalike.catalog import read_catalog
@@ -153,7 +153,9 @@ class LookalikeUser(User):
         host = (self.host or "127.0.0.1").split("://")[-1].rstrip("/").split(":")[0]
         port = options.grpc_port if self.protocol == "grpc" else options.http_port
         self.top_k = options.top_k
-        self.lookalike = LookalikeClient(f"{host}:{port}", protocol=self.protocol, timeout_s=options.request_timeout)
+        # one locust request is one server request: no retries, which would hide an overloaded server
+        self.lookalike = LookalikeClient(f"{host}:{port}", protocol=self.protocol, timeout_s=options.request_timeout,
+                                         retry=NO_RETRIES)
         if not Shared.images:  # a worker process started without test_start's listener having run
             _load(self.environment)
         if Shared.similar_ok is None:

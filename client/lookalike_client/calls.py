@@ -64,8 +64,10 @@ class Health:
 
     @property
     def ok(self) -> bool:
-        """Live, ready and every model ready: the server can answer every call of this SDK."""
-        return self.live and self.ready and all(self.models.values())
+        """Live and every model ready: the server can answer every call of this SDK. Not `ready`:
+        Triton's server readiness also counts models on their way out, so it dips for a second or two
+        while the old index version unloads after each `reload_index`, while every call still works."""
+        return self.live and all(self.models.values())
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ def read_image_bytes(image: ImageLike) -> bytes:
     """The encoded bytes of one image: bytes as they are, a file's contents, or a PIL image / numpy
     array encoded as PNG. No decoding happens here: the server checks the bytes."""
     value: Any = image
+    if type(value) is bytes:  # the common case, not copied (bytes are immutable)
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(cast("bytes", value))
     if isinstance(value, (str, os.PathLike)):
