@@ -47,7 +47,7 @@ from .calls import (
     similar_call,
 )
 from .client import DEFAULT_TIMEOUT_S, ClientOptions, grpc_channel_args
-from .errors import LookalikeError, RequestTimeoutError, retryable, translate
+from .errors import LookalikeError, RequestTimeoutError, translate
 from .images import ImageLike, read_image_bytes
 from .waiting import wait_for_async
 
@@ -110,10 +110,7 @@ class AsyncLookalikeClient(ClientOptions):
             try:
                 return await op(max(deadline - time.monotonic(), 0.001))
             except LookalikeError as err:
-                wait = self.retry.backoff_s(attempt)
-                if not retryable(err) or attempt >= self.retry.max_attempts or time.monotonic() + wait >= deadline:
-                    raise self._gave_up(err, attempt, started) from err.__cause__
-                await asyncio.sleep(wait)
+                await asyncio.sleep(self._wait_before_retry(err, attempt, started, deadline))
 
     async def _run(self, call: Call) -> Any:
         return call.parse(await self._retrying(lambda budget_s: self._infer_once(call, budget_s)))

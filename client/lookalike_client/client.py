@@ -152,6 +152,14 @@ class ClientOptions:
         name = c.ADMIN_KEY_HEADER if self.protocol == "http" else f"triton-grpc-protocol-{c.ADMIN_KEY_HEADER}"
         return {name: self.admin_key}
 
+    def _wait_before_retry(self, err: LookalikeError, attempt: int, started: float, deadline: float) -> float:
+        """After attempt `attempt` failed with `err`: the wait before the next one (RetryPolicy), or
+        raises the error the call ends with (not retryable, out of attempts, or past the deadline)."""
+        wait = self.retry.backoff_s(attempt)
+        if not retryable(err) or attempt >= self.retry.max_attempts or time.monotonic() + wait >= deadline:
+            raise self._gave_up(err, attempt, started) from err.__cause__
+        return wait
+
     def _gave_up(self, err: LookalikeError, attempts: int, started: float) -> LookalikeError:
         """A retryable error that the call stops at, saying how long it tried."""
         if attempts == 1:
@@ -265,10 +273,7 @@ class LookalikeClient(ClientOptions):
             try:
                 return op(max(deadline - time.monotonic(), 0.001))
             except LookalikeError as err:
-                wait = self.retry.backoff_s(attempt)
-                if not retryable(err) or attempt >= self.retry.max_attempts or time.monotonic() + wait >= deadline:
-                    raise self._gave_up(err, attempt, started) from err.__cause__
-                time.sleep(wait)
+                time.sleep(self._wait_before_retry(err, attempt, started, deadline))
 
     def _run(self, call: Call) -> Any:
         return call.parse(self._retrying(lambda budget_s: self._infer_once(call, budget_s)))

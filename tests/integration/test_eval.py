@@ -61,7 +61,8 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
     assert served["by_source"]["photo"]["queries"] == 4
     failed = {f["query"].split("/")[-1].split(" ")[-1]: f["error"] for f in served["failed"]}
     assert set(failed) == {"missing.jpg", "corrupt.jpg", "stranger.jpg"}
-    assert "cannot read" in failed["missing.jpg"] and "InvalidRequestError" in failed["corrupt.jpg"]
+    assert "cannot read" in failed["missing.jpg"]
+    assert "InvalidImageError" in failed["corrupt.jpg"] and "invalid image (truncated)" in failed["corrupt.jpg"]
     assert "not among the catalog" in failed["stranger.jpg"]
     assert product_id not in left_out  # a real photo's product is never left out of the index
     assert served["overall"]["recall@10"] is not None and served["overall"]["recall@10"] <= 7 / 10
