@@ -18,7 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DEFAULT (Lite0: the packaged weights; the others: torchvision's or the HF hub's, downloaded) "
                         "or a state_dict file (.pth, .safetensors) for offline use")
     p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="TensorRT engine precision")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+                   help="int8 with --format onnx: a Q/DQ ONNX (explicit quantization, gated in ONNX Runtime); "
+                        "fp16/int8 with --format tensorrt: the engine's precision")
     p.add_argument("--calibration", type=Path, default=None, help="catalog (CSV or folder) whose images calibrate INT8")
     p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--random-weights", action="store_true",
@@ -57,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
           f"  dim {manifest.dim}, input {list(manifest.input)}, fingerprint {manifest.fingerprint}\n"
           f"  parity ONNX Runtime vs torch on {p['images']} real images: mean cosine {p['mean_cosine']:.7f}, "
           f"max abs diff {p['max_abs_diff']:.2e}")
+    quantized = manifest.quantization
+    if quantized:
+        q, r = quantized["parity_vs_fp32"], quantized["retrieval_check"]
+        print(f"  INT8 Q/DQ ({quantized['calibration_images']} calibration images, {len(quantized['fp32_nodes'])} "
+              f"nodes kept FP32): mean cosine to FP32 {q['mean_cosine']:.4f} on {q['images']} images (gate "
+              f"{q['threshold']}); recall@1 on {r['products']} products {r['recall_at_1_int8']:.3f} vs FP32 "
+              f"{r['recall_at_1_fp32']:.3f} (max loss {r['max_recall_loss']})")
     engine = manifest.tensorrt_engine
     if engine:
         e = engine["parity_vs_onnx"]

@@ -116,8 +116,10 @@ def export_embedder(
     from the checked ONNX file (needs TensorRT and a CUDA GPU)."""
     if fmt not in ("onnx", "tensorrt"):
         raise ExportError(f"format must be onnx or tensorrt, got {fmt!r}")
-    if fmt == "onnx" and precision != "fp32":
-        raise ExportError("ONNX export is fp32; --precision fp16/int8 applies to --format tensorrt")
+    if fmt == "onnx" and precision == "fp16":
+        raise ExportError("ONNX export is fp32 or int8 (Q/DQ); --precision fp16 applies to --format tensorrt")
+    if fmt == "onnx" and precision == "int8" and not calibration_images:
+        raise ExportError("--precision int8 needs --calibration CATALOG (catalog images through our preprocessing)")
     if not images:
         raise ExportError("parity needs at least one real image")
     repo = Repository(Path(repository))
@@ -139,6 +141,9 @@ def export_embedder(
             report = gate(report, "fp32", f"{backbone.name}: the ONNX export")
         except ParityError as exc:
             raise ExportError(str(exc)) from None
+        quantization = None
+        if fmt == "onnx" and precision == "int8":
+            quantization = _quantize(backbone, onnx_path, staging, pixels, calibration_images)
         engine = None
         if fmt == "tensorrt":
             engine = _build_tensorrt(backbone, onnx_path, staging / PLAN_FILE, pixels, precision, max_batch_size,
@@ -175,6 +180,7 @@ def export_embedder(
             fingerprint=fingerprint(embedder_dir),
             parity_onnx_vs_torch=report,
             tensorrt_engine=engine,
+            quantization=quantization,
             export_seconds=round(time.perf_counter() - started, 1),
             exported=utc_now(),
             versions={
@@ -188,6 +194,43 @@ def export_embedder(
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _decodable(preprocessor: Preprocessor, images: Sequence[bytes]) -> np.ndarray:
+    """The pixels of the images that decode (a catalog may hold a few that do not)."""
+    from lookalike.preprocessing import ImageError
+
+    out = []
+    for data in images:
+        try:
+            out.append(preprocessor(data))
+        except ImageError:
+            continue
+    return np.stack(out) if out else np.zeros((0, *preprocessor.output_shape), np.float32)
+
+
+def _quantize(backbone: Backbone, onnx_path: Path, staging: Path, parity_pixels: np.ndarray,
+              calibration_images: Sequence[bytes]) -> dict:
+    """Replaces the checked FP32 `onnx_path` by its Q/DQ INT8 file once that passes its gates: cosine
+    to FP32 on held-out catalog images and the parity photos, and recall@1 on a retrieval check.
+    The last third of the catalog images (at most 128) is held out; the rest (at most 256) calibrates."""
+    from .quantize import QuantizationError, cosine_report, embed, gate_int8, quantize_int8, retrieval_check
+
+    pre = backbone.preprocessing
+    images = list(calibration_images)
+    held_out = min(128, len(images) // 3)
+    calibrate, check = images[: len(images) - held_out][:256], images[len(images) - held_out :]
+    int8_path = staging / "model.int8.onnx"
+    try:
+        report = quantize_int8(onnx_path, int8_path, _decodable(Preprocessor(pre), calibrate))
+        check_pixels = np.concatenate([_decodable(Preprocessor(pre), check), parity_pixels])
+        cosine = cosine_report(embed(onnx_path, check_pixels), embed(int8_path, check_pixels))
+        retrieval = retrieval_check(onnx_path, int8_path, check, pre, pre.for_side("query"))
+        gate_int8(cosine, retrieval, backbone.name)
+    except QuantizationError as exc:
+        raise ExportError(str(exc)) from None
+    os.replace(int8_path, onnx_path)
+    return {**report.to_dict(), "parity_vs_fp32": cosine, "retrieval_check": retrieval}
 
 
 def _build_tensorrt(backbone: Backbone, onnx_path: Path, plan_path: Path, pixels: np.ndarray, precision: str,

@@ -121,6 +121,7 @@ class EmbedderManifest:
     opset: int = 0
     parity_onnx_vs_torch: dict[str, Any] = field(default_factory=dict)
     tensorrt_engine: dict[str, Any] | None = None  # what tensorrt_build recorded, when an engine was built
+    quantization: dict[str, Any] | None = None  # export/quantize.py's report, when model.onnx is Q/DQ INT8
     export_seconds: float = 0.0
     exported: str = ""
     versions: dict[str, str] = field(default_factory=dict)
@@ -150,6 +151,7 @@ class EmbedderManifest:
         values["input"] = tuple(shape)
         _check(data, what, "random_weights", bool, optional=True)
         _check(data, what, "tensorrt_engine", dict, optional=True)
+        _check(data, what, "quantization", dict, optional=True)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -165,3 +165,71 @@ def test_pyright_catches_a_misspelt_flag_and_a_wrong_argument(tmp_path):
         bad.unlink()
     messages = " | ".join(d["message"] for d in report["generalDiagnostics"] if d["severity"] == "error")
     assert "FP61" in messages and "pool_size" in messages, messages
+
+
+# -- INT8 by explicit quantization (Q/DQ ONNX, gated in ONNX Runtime) ------------------------------
+@pytest.fixture(scope="module")
+def int8_repo(tmp_path_factory, images):
+    from lookalike.catalog import read_catalog
+    from lookalike.sample_data import build_sample_catalog
+
+    root = tmp_path_factory.mktemp("int8")
+    build_sample_catalog(root / "catalog", per_category=12, holdout=0)
+    items, _ = read_catalog(root / "catalog" / "catalog.csv")
+    repo = copy_repository(REPOSITORY, root / "model_repository")
+    export_embedder(get_backbone("efficientnet_lite0"), repo.root, images, precision="int8",
+                    calibration_images=[item.image.read_bytes() for item in items])
+    return repo, root / "catalog" / "catalog.csv"
+
+
+def test_int8_export_is_a_qdq_onnx_that_passed_its_gates(int8_repo, images):
+    import onnx
+
+    int8_repo, _ = int8_repo
+    from lookalike_export.quantize import MIN_COSINE_INT8
+
+    manifest = int8_repo.manifest()
+    q = manifest.quantization
+    assert q["precision"] == "int8" and q["format"] == "onnx-qdq" and q["calibration_images"] >= 16
+    assert q["parity_vs_fp32"]["mean_cosine"] >= MIN_COSINE_INT8 and q["retrieval_check"]["products"] >= 20
+    graph = onnx.load(str(int8_repo.onnx_file)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    zero_points = [i for i in graph.initializer if i.name.endswith("_zero_point")]
+    assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)  # symmetric
+    kinds = {onnx.numpy_helper.to_array(z).dtype for z in zero_points}
+    assert kinds <= {np.dtype(np.int8), np.dtype(np.int32)} and np.dtype(np.int8) in kinds  # INT8 (biases INT32)
+    kept = set(q["fp32_nodes"])
+    assert kept and not any(n.name in kept for n in graph.node if n.op_type == "QuantizeLinear")
+    pixels = Preprocessor(get_backbone("efficientnet_lite0").preprocessing).batch(images)
+    out = OnnxEmbedder(int8_repo.onnx_file)(pixels)
+    assert out.shape == (len(images), manifest.dim) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-3)
+
+
+def test_the_int8_embedder_serves_through_visual_search(int8_repo):
+    int8_repo, catalog = int8_repo
+    from lookalike.catalog import read_catalog
+    from lookalike.indexer import index_catalog
+    from lookalike.serve import lookalike_server
+    from lookalike.server import ServerOptions, free_port
+    from lookalike_client import LookalikeClient
+
+    options = ServerOptions(model_repository=int8_repo.root, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port())
+    with lookalike_server(options, log_file=int8_repo.root.parent / "tritonserver.log"):
+        with LookalikeClient(options.grpc_url, timeout_s=120) as client:
+            report = index_catalog(catalog, int8_repo, client, progress=False)
+            info = client.info()
+            assert (info.embedder_fingerprint, info.products) == (int8_repo.manifest().fingerprint, report.products)
+            items, _ = read_catalog(catalog)
+            hits = sum(client.search(item.image, top_k=1)[0].product_id == item.product_id for item in items[:12])
+    assert hits >= 11, f"{hits} of 12 catalog images found themselves with the INT8 embedder"
+
+
+def test_int8_needs_a_calibration_catalog_of_16_images(tmp_path, images):
+    from lookalike_export.quantize import QuantizationError, quantize_int8
+
+    with pytest.raises(ExportError, match="--calibration"):
+        export_embedder(get_backbone("efficientnet_lite0"), tmp_path, images, precision="int8")
+    with pytest.raises(QuantizationError, match="at least 16 images"):
+        quantize_int8(tmp_path / "unused.onnx", tmp_path / "out.onnx", np.zeros((8, 3, 224, 224), np.float32))
