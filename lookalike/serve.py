@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from lookalike_client import contract as c
 
+from .model_configs import VARIANTS_DIR
 from .publishing import ensure_servable_index
 from .repository import Repository
 from .server import LaunchError, ServerOptions, TritonServer, processes_hidden_from_other_users
@@ -26,12 +27,28 @@ def log(message: object) -> None:
     print(f"lookalike: {message}", file=sys.stderr, flush=True)
 
 
+def check_model_config_name(repository: Repository, name: str | None) -> None:
+    """Refuses (LaunchError) a --model-config-name that the embedder has no configs/<name>.pbtxt for:
+    tritonserver would silently fall back to its config.pbtxt, the Python/ONNX Runtime CPU variant,
+    and serve that under the name of, say, a TensorRT engine that was never built."""
+    if not name:
+        return
+    variants = repository.embedder_dir / VARIANTS_DIR
+    if not (variants / f"{name}.pbtxt").is_file():
+        found = sorted(p.stem for p in variants.glob("*.pbtxt")) if variants.is_dir() else []
+        hint = " (built only with an engine: `lookalike export --format tensorrt` or `make engine`)" if name == "tensorrt" else ""
+        raise LaunchError(f"--model-config-name {name}: the embedder has no {VARIANTS_DIR}/{name}.pbtxt{hint}; "
+                          f"it has {', '.join(found) or 'none'} (and config.pbtxt, the Python/ONNX Runtime CPU variant, "
+                          "served without --model-config-name)")
+
+
 def lookalike_server(options: ServerOptions, log_file: Path | None = None) -> TritonServer:
     """tritonserver over `options.model_repository`, whose newest index version is made one it can
     serve before every start (see `ensure_servable_index`)."""
     repository = Repository(Path(options.model_repository))
 
     def prepare() -> None:
+        check_model_config_name(repository, options.model_config_name)
         ensure_servable_index(repository, log=log)
 
     return TritonServer(options, log_file, prepare=prepare)

@@ -50,3 +50,19 @@ def test_serve_prints_urls_when_ready_and_stops_cleanly_on_signal(tmp_path, sig)
             process.kill()
     time.sleep(1)
     assert not tritonservers_under(repo.root), "tritonserver outlived `lookalike serve`"
+
+
+def test_serve_refuses_a_model_config_name_the_embedder_has_no_config_for(tmp_path):
+    """tritonserver would serve config.pbtxt (the Python/ONNX Runtime CPU embedder) in its place."""
+    repo = copy_repository(REPOSITORY, tmp_path / "model_repository")
+    assert not (repo.embedder_dir / "configs" / "tensorrt.pbtxt").exists()  # no engine was built here
+    lookalike = os.path.join(os.path.dirname(sys.executable), "lookalike")
+    done = subprocess.run(
+        [lookalike, "serve", "--model-repository", str(repo.root), "--model-config-name", "tensorrt",
+         "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+         "--health-port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "--model-config-name tensorrt: the embedder has no configs/tensorrt.pbtxt" in done.stderr
+    assert "it has onnxruntime" in done.stderr and not tritonservers_under(repo.root)
