@@ -93,6 +93,7 @@ unit: $(VENV)/.setup-done
 
 lint: $(VENV)/.setup-done
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 	@$(MAKE) --no-print-directory typecheck
 
 # pyright over lookalike/, export/, client/ (strict), the models, loadtest/ and scripts/ (pyrightconfig.json)

@@ -1,0 +1,42 @@
+"""The production files that cannot run here (no Docker engine): the Dockerfile's promises and the
+compose file, parsed. hadolint lints the Dockerfile in `make lint`."""
+
+import re
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def test_the_image_runs_lookalike_as_pid_1_not_root_on_a_repository_volume():
+    text = dockerfile()
+    cmd = re.search(r'^CMD \[(.*)\]$', text, flags=re.M).group(1)
+    assert '"exec lookalike serve --model-repository /models --host 0.0.0.0' in cmd  # docker stop reaches it
+    user = re.findall(r"^USER (\S+)$", text, flags=re.M)
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    assert 'VOLUME ["/models"]' in text and "COPY --chown=1000:1000 model_repository/ /models/" in text
+    assert re.search(r"^HEALTHCHECK .*\n\s+CMD .*/v2/health/ready", text, flags=re.M)
+
+
+def test_the_compose_file_has_what_a_gpu_host_needs():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    service = compose["services"]["lookalike"]
+    assert service["volumes"] == ["./model_repository:/models"]
+    assert service["shm_size"] == "1gb"
+    assert {p.split(":")[1] for p in service["ports"]} == {"8000", "8001", "8002", "8003"}
+    assert ":?" in service["environment"]["LOOKALIKE_ADMIN_KEY"]  # refuses to start without a key
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert service["build"]["args"]["NGC_RELEASE"].startswith("${NGC_RELEASE")
+    assert int(service["stop_grace_period"].rstrip("s")) > 30  # tritonserver's exit timeout
+
+
+def test_the_readme_docker_run_has_the_volume_shm_and_user():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Production on a GPU host"):readme.index("## Search quality")]
+    run = section[section.index("docker run"):section.index("lookalike:24.10")]
+    for flag in ("--gpus all", "--shm-size=1g", '-v "$PWD/model_repository:/models"', "--user", "-e LOOKALIKE_ADMIN_KEY"):
+        assert flag in run, flag
