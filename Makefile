@@ -173,7 +173,8 @@ engine:
 	docker run --rm --gpus all -v $(CURDIR):/src -w /src $(TRT_IMAGE) bash -c '\
 		pip install -q -r docker/requirements-engine.txt && pip install -q --no-deps ./client . && \
 		lookalike export --model $(MODEL) --format tensorrt --precision $(PRECISION) --model-repository $(REPO) \
-			$(if $(CALIBRATION),--calibration $(CALIBRATION))'
+			$(if $(CALIBRATION),--calibration $(CALIBRATION)); status=$$?; \
+		chown -R $(shell id -u):$(shell id -g) $(REPO)/embedder; exit $$status'
 
 # The serving image: NGC tritonserver + the Python backend's dependencies + this repository.
 image:

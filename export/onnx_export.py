@@ -33,6 +33,7 @@ from .parity import ParityError, compare, gate
 
 OPSET = 17
 # The Python-backend adapter of the embedder, as committed in this checkout's model repository.
+TENSORRT_CACHE_DIR = "tensorrt-cache"  # timing caches, kept between engine builds (embedder dir)
 ADAPTER_SOURCE = Path(__file__).resolve().parents[1] / "model_repository" / c.EMBEDDER_MODEL / EMBEDDER_VERSION / "model.py"
 
 
@@ -118,7 +119,7 @@ def export_embedder(
         raise ExportError(f"format must be onnx or tensorrt, got {fmt!r}")
     if fmt == "onnx" and precision == "fp16":
         raise ExportError("ONNX export is fp32 or int8 (Q/DQ); --precision fp16 applies to --format tensorrt")
-    if fmt == "onnx" and precision == "int8" and not calibration_images:
+    if precision == "int8" and not calibration_images:
         raise ExportError("--precision int8 needs --calibration CATALOG (catalog images through our preprocessing)")
     if not images:
         raise ExportError("parity needs at least one real image")
@@ -142,12 +143,12 @@ def export_embedder(
         except ParityError as exc:
             raise ExportError(str(exc)) from None
         quantization = None
-        if fmt == "onnx" and precision == "int8":
+        if precision == "int8":  # the Q/DQ file: served by ONNX Runtime, or what a strongly typed engine is built from
             quantization = _quantize(backbone, onnx_path, staging, pixels, calibration_images)
         engine = None
         if fmt == "tensorrt":
             engine = _build_tensorrt(backbone, onnx_path, staging / PLAN_FILE, pixels, precision, max_batch_size,
-                                     calibration_images)
+                                     embedder_dir / TENSORRT_CACHE_DIR)
         # Checks passed: publish. The model files land first, the manifest last.
         repo.onnx_file.parent.mkdir(exist_ok=True)
         adapter = repo.onnx_file.parent / "model.py"
@@ -234,7 +235,9 @@ def _quantize(backbone: Backbone, onnx_path: Path, staging: Path, parity_pixels:
 
 
 def _build_tensorrt(backbone: Backbone, onnx_path: Path, plan_path: Path, pixels: np.ndarray, precision: str,
-                    max_batch_size: int, calibration_images: Sequence[bytes]) -> dict:
+                    max_batch_size: int, cache_dir: Path) -> dict:
+    """The engine of `onnx_path` (for int8 already the gated Q/DQ file), gated against ONNX Runtime on
+    that same file at the profile's batch sizes 1, opt and max."""
     try:
         from . import tensorrt_build
     except ImportError as exc:
@@ -244,19 +247,18 @@ def _build_tensorrt(backbone: Backbone, onnx_path: Path, plan_path: Path, pixels
     if not torch.cuda.is_available():
         raise ExportError("--format tensorrt needs a CUDA GPU")
     pre = backbone.preprocessing
-    calibration = None
-    if precision == "int8":
-        if not calibration_images:
-            raise ExportError("--precision int8 needs --calibration CATALOG (images through our preprocessing)")
-        calibration_pixels = list(Preprocessor(pre).batch(list(calibration_images)))
-        calibration = tensorrt_build.batches(calibration_pixels, 16)
     try:
         engine = tensorrt_build.build_engine(
             onnx_path, plan_path, height=pre.height, width=pre.width, precision=precision,
-            max_batch_size=max_batch_size, keep_fp32_norms=backbone.keep_fp32_norms, calibration=calibration,
+            max_batch_size=max_batch_size, cache_dir=cache_dir, keep_fp32_norms=backbone.keep_fp32_norms,
         )
-        reference = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])(pixels)
-        engine["parity_vs_onnx"] = tensorrt_build.cosine_gate(reference, tensorrt_build.run_engine(plan_path, pixels), precision)
+        reference = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])
+        gates = {}
+        for batch in tensorrt_build.profile_batches(pixels, engine["profile"]["opt"], max_batch_size):
+            gates[str(len(batch))] = tensorrt_build.cosine_gate(
+                reference(batch), tensorrt_build.run_engine(plan_path, batch), precision, f" at batch {len(batch)}")
+        engine["parity_vs_onnx"] = min(gates.values(), key=lambda g: g["mean_cosine"])
+        engine["parity_by_batch"] = gates
     except tensorrt_build.EngineBuildError as exc:
         raise ExportError(str(exc)) from None
     return engine

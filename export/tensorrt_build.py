@@ -2,22 +2,29 @@
 
 Runs where TensorRT 10 and a CUDA GPU are (NGC's TensorRT image: `make engine`). Nothing here runs on
 the CPU machines of this project; CI type-checks every TensorRT call against `tensorrt-stubs` with
-pyright. Engines are not portable across TensorRT versions or GPU architectures, so the manifest
-records the TensorRT version, the GPU name and its compute capability.
+pyright, and checks that none is one the stubs mark deprecated. Engines are not portable across
+TensorRT versions or GPU architectures, so the manifest records the TensorRT version, the GPU name and
+its compute capability.
 
 - Builder + network from the ONNX parser, one optimisation profile min 1 / opt / max = max_batch_size
-  (Triton may batch up to max_batch_size), a timing cache kept beside the engine for faster rebuilds.
-- FP16: for ViT, LayerNorm, softmax and the final L2 normalisation are pinned to FP32 (layer precision
-  constraints, obeyed), since in FP16 they overflow and silently lose accuracy.
-- INT8: entropy calibration (IInt8EntropyCalibrator2) on catalog images through our own preprocessing;
-  the calibration cache is saved and reused.
-- Gate: mean cosine vs the ONNX output >= 0.999 (FP16) or 0.99 (INT8), else nothing is written.
+  (Triton may batch up to max_batch_size).
+- TF32 off unless asked (`allow_tf32`): an "fp32" engine computes in FP32.
+- INT8: explicit quantization. The ONNX is the Q/DQ file of `quantize.py` (gated in ONNX Runtime);
+  the network is strongly typed, so TensorRT takes the precisions the file states: no calibrator
+  (implicit calibration is deprecated since TensorRT 10.1) and no precision flags.
+- FP16: `BuilderFlag.FP16` with LayerNorm, softmax and reductions pinned to FP32 for ViT. Deprecated in
+  TensorRT 10.12 (superseded by strongly typed FP16 networks): the one deprecated path left, named in
+  `DEPRECATED_ALLOWED` and in issue 13.
+- The timing cache lives in `cache_dir` (the embedder's `tensorrt-cache/`, kept between builds), one
+  file per TensorRT version and GPU; a cache TensorRT refuses is reported and rebuilt.
+- Gate: mean cosine vs ONNX Runtime >= MIN_COSINE[precision] at batch 1, opt and max, else nothing is
+  written.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable
 
 import numpy as np
 import tensorrt as trt
@@ -35,36 +42,17 @@ class EngineBuildError(RuntimeError):
     pass
 
 
-class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-    """Feeds preprocessed catalog images to TensorRT's INT8 calibration, one batch at a time."""
-
-    def __init__(self, batches: Iterator[np.ndarray], batch_size: int, cache_file: Path) -> None:
-        trt.IInt8EntropyCalibrator2.__init__(self)
-        self._batches = batches
-        self._batch_size = batch_size
-        self._cache_file = cache_file
-        self._device: torch.Tensor | None = None
-
-    def get_batch_size(self) -> int:
-        return self._batch_size
-
-    # TensorRT ends calibration when get_batch returns None; the stubs type the result as list[int].
-    def get_batch(self, names: list[str]) -> list[int] | None:  # pyright: ignore[reportIncompatibleMethodOverride]
-        batch = next(self._batches, None)
-        if batch is None:
-            return None
-        self._device = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda()
-        return [int(self._device.data_ptr())]
-
-    def read_calibration_cache(self) -> bytes:
-        return self._cache_file.read_bytes() if self._cache_file.exists() else b""
-
-    def write_calibration_cache(self, cache: memoryview | bytes) -> None:
-        self._cache_file.write_bytes(bytes(cache))
+# Deprecated TensorRT APIs this module still uses, on purpose (the test of deprecated calls allows them).
+# All of them are the FP16 path's (BuilderFlag.FP16 and the FP32 pins of ViT's norms), deprecated in 10.12.
+DEPRECATED_ALLOWED = ("BuilderFlag.FP16", "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "set_output_type",
+                      "ILayer.precision")
 
 
-def _parse(builder: trt.Builder, onnx_path: Path, logger: trt.ILogger) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+def _parse(builder: trt.Builder, onnx_path: Path, logger: trt.ILogger,
+           strongly_typed: bool = False) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
+    # explicit batch is the only mode in TensorRT 10; strongly typed: the ONNX's types are the engine's
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -84,6 +72,13 @@ def _pin_fp32(network: trt.INetworkDefinition) -> int:
     return pinned
 
 
+def timing_cache_file(cache_dir: Path) -> Path:
+    """This TensorRT's and this GPU's timing cache in `cache_dir`."""
+    major, minor = torch.cuda.get_device_capability()
+    gpu = "".join(ch if ch.isalnum() else "-" for ch in torch.cuda.get_device_name())
+    return cache_dir / f"trt-{trt.__version__}-{gpu}-sm{major}{minor}.timing-cache"
+
+
 def build_engine(
     onnx_path: Path,
     plan_path: Path,
@@ -92,20 +87,27 @@ def build_engine(
     width: int,
     precision: str,
     max_batch_size: int,
+    cache_dir: Path,
     opt_batch_size: int = 16,
     keep_fp32_norms: bool = False,
-    calibration: Iterator[np.ndarray] | None = None,
-    calibration_batch_size: int = 16,
+    allow_tf32: bool = False,
     workspace_bytes: int = 4 << 30,
+    log: Callable[[str], None] = print,
 ) -> dict:
-    """Builds and writes the engine; returns what the manifest records about it."""
+    """Builds and writes the engine; returns what the manifest records about it. For "int8",
+    `onnx_path` must be a Q/DQ ONNX (export/quantize.py)."""
     if precision not in MIN_COSINE:
         raise ValueError(f"precision must be one of {tuple(MIN_COSINE)}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network, _parser = _parse(builder, onnx_path, logger)
+    strongly_typed = precision == "int8"
+    network, _parser = _parse(builder, onnx_path, logger, strongly_typed=strongly_typed)
+    if strongly_typed and not any(network.get_layer(i).type == trt.LayerType.QUANTIZE for i in range(network.num_layers)):
+        raise EngineBuildError(f"{onnx_path} has no Q/DQ layers: INT8 engines are built from quantize.py's Q/DQ ONNX")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if not allow_tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
 
     profile = builder.create_optimization_profile()
     opt = max(1, min(opt_batch_size, max_batch_size))
@@ -113,42 +115,42 @@ def build_engine(
                       trt.Dims([max_batch_size, 3, height, width]))
     config.add_optimization_profile(profile)
 
-    cache_path = plan_path.with_suffix(".timing-cache")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_path = timing_cache_file(cache_dir)
     timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    cache_reused = cache_path.exists()
+    if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        log(f"tensorrt: the timing cache {cache_path} does not fit this TensorRT or GPU: rebuilding it")
+        timing_cache = config.create_timing_cache(b"")
+        cache_reused = False
+        if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+            raise EngineBuildError("TensorRT refused an empty timing cache")
 
     pinned = 0
-    if precision in ("fp16", "int8"):
+    if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
         if keep_fp32_norms:
             pinned = _pin_fp32(network)
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    calibrator: EntropyCalibrator | None = None
-    if precision == "int8":
-        if calibration is None:
-            raise EngineBuildError("INT8 needs calibration images (--calibration CATALOG)")
-        config.set_flag(trt.BuilderFlag.INT8)
-        calibrator = EntropyCalibrator(calibration, calibration_batch_size, plan_path.with_suffix(".calibration-cache"))
-        config.int8_calibrator = calibrator
-        calibration_profile = builder.create_optimization_profile()
-        shape = trt.Dims([calibration_batch_size, 3, height, width])
-        calibration_profile.set_shape(c.PIXELS, shape, shape, shape)
-        config.set_calibration_profile(calibration_profile)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT could not build a {precision} engine from {onnx_path}")
     plan_path.write_bytes(bytes(memoryview(serialized)))
-    cache_path.write_bytes(bytes(memoryview(timing_cache.serialize())))
+    staged = cache_path.with_name(cache_path.name + ".tmp")
+    staged.write_bytes(bytes(memoryview(timing_cache.serialize())))
+    staged.replace(cache_path)
     major, minor = torch.cuda.get_device_capability()
     return {
         "precision": precision,
+        "strongly_typed": strongly_typed,
+        "tf32": allow_tf32,
         "tensorrt": trt.__version__,
         "gpu": torch.cuda.get_device_name(),
         "compute_capability": f"{major}.{minor}",
         "profile": {"min": 1, "opt": opt, "max": max_batch_size},
         "fp32_layers": pinned,
-        "calibration_cache": calibrator is not None,
+        "timing_cache": {"file": cache_path.name, "reused": cache_reused},
     }
 
 
@@ -161,7 +163,8 @@ def run_engine(plan_path: Path, pixels: np.ndarray) -> np.ndarray:
         raise EngineBuildError(f"cannot deserialize {plan_path} (other TensorRT version or GPU?)")
     context = engine.create_execution_context()
     inputs = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).cuda()
-    context.set_input_shape(c.PIXELS, tuple(inputs.shape))
+    if not context.set_input_shape(c.PIXELS, tuple(inputs.shape)):
+        raise EngineBuildError(f"the engine refused input shape {list(inputs.shape)} (outside its profile?)")
     dim = int(engine.get_tensor_shape(c.EMBEDDING)[-1])
     outputs = torch.empty((inputs.shape[0], dim), dtype=torch.float32, device="cuda")
     context.set_tensor_address(c.PIXELS, int(inputs.data_ptr()))
@@ -173,15 +176,15 @@ def run_engine(plan_path: Path, pixels: np.ndarray) -> np.ndarray:
     return outputs.cpu().numpy()
 
 
-def cosine_gate(reference: np.ndarray, candidate: np.ndarray, precision: str) -> dict:
+def profile_batches(pixels: np.ndarray, opt: int, max_batch_size: int) -> list[np.ndarray]:
+    """The gate's inputs at the profile's batch sizes 1, opt and max (the images repeated to fill)."""
+    sizes = sorted({1, max(1, min(opt, max_batch_size)), max_batch_size})
+    return [np.resize(pixels, (size, *pixels.shape[1:])).astype(np.float32) for size in sizes]
+
+
+def cosine_gate(reference: np.ndarray, candidate: np.ndarray, precision: str, what: str = "") -> dict:
     """The engine's outputs against ONNX Runtime's on the same pixels, gated at MIN_COSINE[precision]."""
     try:
-        return gate(compare(reference, candidate), precision, f"the {precision} engine (vs ONNX)")
+        return gate(compare(reference, candidate), precision, f"the {precision} engine (vs ONNX){what}")
     except ParityError as exc:
         raise EngineBuildError(str(exc)) from None
-
-
-def batches(pixels: Sequence[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    """Full batches only: the calibration profile has a fixed batch size."""
-    for start in range(0, len(pixels) - batch_size + 1, batch_size):
-        yield np.stack(pixels[start : start + batch_size])

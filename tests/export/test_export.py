@@ -167,6 +167,49 @@ def test_pyright_catches_a_misspelt_flag_and_a_wrong_argument(tmp_path):
     assert "FP61" in messages and "pool_size" in messages, messages
 
 
+def deprecated_tensorrt_apis() -> set[str]:
+    """What tensorrt-stubs' docstrings mark [DEPRECATED]: classes, their enum members and methods, as
+    "Class", "Class.MEMBER" and "method" (the stubs mark them in text, not with @deprecated)."""
+    import re
+
+    stub = (ROOT / ".typecheck" / "tensorrt_bindings" / "tensorrt.pyi").read_text().splitlines()
+    found, cls, last = set(), "", ""
+    for line in stub:
+        if m := re.match(r"^class (\w+)", line):
+            cls, last = m.group(1), m.group(1)
+        elif m := re.match(r"^\s+def (\w+)\(", line):
+            last = m.group(1)
+        elif m := re.match(r"^ {6}(\w+) : ", line):
+            last = f"{cls}.{m.group(1)}"
+        if "[DEPRECATED]" not in line:
+            continue
+        if m := re.search(r":ivar (\w+):", line):  # an attribute
+            found.add(f"{cls}.{m.group(1)}")
+        elif line.strip().startswith("[DEPRECATED]") or re.match(r"^ {6}\w+ : \[DEPRECATED\]", line):
+            found.add(last)  # the class, member or method whose text this is (not a passing mention)
+    return found
+
+
+def test_the_tensorrt_build_uses_no_deprecated_api_but_the_named_ones():
+    import ast
+    import re
+
+    deprecated = deprecated_tensorrt_apis()
+    assert {"BuilderFlag.FP16", "IInt8EntropyCalibrator2", "CalibrationAlgoType"} <= deprecated  # the parser works
+    source = (ROOT / "export" / "tensorrt_build.py").read_text()  # not imported: TensorRT is not installed here
+    allowed = next(ast.literal_eval(node.value) for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                   and any(getattr(t, "id", "") == "DEPRECATED_ALLOWED" for t in node.targets))
+    def offending(code: str) -> list[str]:
+        used = set(re.findall(r"trt\.(\w+(?:\.\w+)?)", code)) | set(re.findall(r"\.(\w+)\(", code))
+        used |= {name.split(".")[0] for name in used}
+        return sorted(u for u in used if u in deprecated and u not in allowed)
+
+    assert not offending(source), f"deprecated TensorRT APIs in export/tensorrt_build.py: {offending(source)}"
+    # negative control: the implicit INT8 calibration this module used before is caught
+    old = "class C(trt.IInt8EntropyCalibrator2): pass\nconfig.set_flag(trt.BuilderFlag.INT8)\nconfig.set_calibration_profile(p)"
+    assert {"IInt8EntropyCalibrator2", "BuilderFlag.INT8", "set_calibration_profile"} <= set(offending(old)), offending(old)
+
+
 # -- INT8 by explicit quantization (Q/DQ ONNX, gated in ONNX Runtime) ------------------------------
 @pytest.fixture(scope="module")
 def int8_repo(tmp_path_factory, images):
