@@ -114,9 +114,10 @@ def embed(onnx_path: Path, pixels: np.ndarray, batch: int = 16) -> np.ndarray:
 
 
 def cosine_report(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
-    cos = (reference * candidate).sum(1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(candidate, axis=1)
-    return {"images": len(cos), "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-            "threshold": MIN_COSINE_INT8}
+    """parity.compare's report of INT8 against FP32, with this gate's threshold."""
+    from .parity import compare
+
+    return {**compare(reference, candidate), "threshold": MIN_COSINE_INT8}
 
 
 def recall_at_1(gallery: np.ndarray, queries: np.ndarray) -> float:
@@ -150,9 +151,8 @@ def retrieval_check(fp32_onnx: Path, int8_onnx: Path, packshots: Sequence[bytes]
             continue
     if len(gallery) < 20:
         raise QuantizationError(f"the retrieval check needs at least 20 catalog images that decode, got {len(gallery)}")
-    g, q = np.stack(gallery), np.stack(photos)
-    fp32 = recall_at_1(embed(fp32_onnx, g), embed(fp32_onnx, q))
-    int8 = recall_at_1(embed(int8_onnx, g), embed(int8_onnx, q))
+    both = np.concatenate([np.stack(gallery), np.stack(photos)])  # one session and one pass per model
+    fp32, int8 = (recall_at_1(*np.split(embed(path, both), 2)) for path in (fp32_onnx, int8_onnx))
     return {"products": len(gallery), "recall_at_1_fp32": fp32, "recall_at_1_int8": int8,
             "max_recall_loss": MAX_RECALL_LOSS}
 

@@ -125,8 +125,7 @@ Arrays = dict[str, "npt.NDArray[Any]"]
 
 @dataclass(frozen=True)
 class Call:
-    """One request: the model, its input arrays by name, the outputs wanted, and what to make of them.
-    `images`: how many images it carries (shared memory sends IMAGE through a region)."""
+    """One request: the model, its input arrays by name, the outputs wanted, and what to make of them."""
 
     model: str
     inputs: Arrays
