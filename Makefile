@@ -18,8 +18,8 @@ TRT_STUBS := tensorrt-stubs==10.13.0.35.1
 # NGC images of one release: the engine must be built with the TensorRT of the Triton image that serves it.
 NGC_RELEASE ?= 24.10
 TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
-PRECISION ?= fp16
-CALIBRATION ?=
+PRECISION ?=
+ENGINE_ARGS ?=
 
 .PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-sdk bench-index bench-gpu bench-export loadtest eval eval-candidates eval-preprocessing recovery engine image clean
 .DEFAULT_GOAL := demo
@@ -168,13 +168,19 @@ bench-export: $(VENV)/.setup-done
 	$(BIN)/python loadtest/export_bench.py --out results
 
 # --- production (GPU host with Docker and the NVIDIA container toolkit) ---------------------------
-# TensorRT engine for the embedder, built inside NGC's TensorRT image on the GPU that will serve it.
+# TensorRT engine for the embedder, built inside NGC's TensorRT image on the GPU that will serve it, from
+# the model.onnx `make export` wrote on the host (never exported again: same fingerprint, the indexes stay
+# valid). PRECISION: fp32 | fp16 | int8 (int8 needs the Q/DQ export: lookalike export --precision int8
+# --calibration CATALOG); empty: int8 for a Q/DQ model.onnx, else fp16. The checkout is copied inside
+# the container, so that nothing in it becomes root's; the embedder's new files are handed back to you.
 engine:
+	test -f $(EMBEDDER) || { echo "make engine: no $(EMBEDDER): run make export (on the host) first" >&2; exit 1; }
 	docker run --rm --gpus all -v $(CURDIR):/src -w /src $(TRT_IMAGE) bash -c '\
-		pip install -q -r docker/requirements-engine.txt && pip install -q --no-deps ./client . && \
-		lookalike export --model $(MODEL) --format tensorrt --precision $(PRECISION) --model-repository $(REPO) \
-			$(if $(CALIBRATION),--calibration $(CALIBRATION)); status=$$?; \
-		chown -R $(shell id -u):$(shell id -g) $(REPO)/embedder; exit $$status'
+		mkdir /tmp/src && tar -C /src --exclude=./.venv --exclude=./node_modules --exclude=./data \
+			--exclude=./model_repository --exclude=./.typecheck -cf - . | tar -C /tmp/src -xf - && \
+		pip install -q -r docker/requirements-engine.txt && pip install -q --no-deps /tmp/src/client /tmp/src && \
+		lookalike engine --model-repository $(REPO) $(if $(PRECISION),--precision $(PRECISION)) $(ENGINE_ARGS); \
+		status=$$?; chown -R $(shell id -u):$(shell id -g) $(REPO)/embedder; exit $$status'
 
 # The serving image: NGC tritonserver + the Python backend's dependencies + this repository.
 image:
@@ -183,6 +189,6 @@ image:
 clean: stop
 	rm -rf $(VENV) data $(RUN) results $(REPO)/embedder/config.pbtxt $(REPO)/embedder/configs \
 		$(REPO)/embedder/1/model.onnx $(REPO)/embedder/1/model.plan $(REPO)/embedder/*.json \
-		$(REPO)/embedder/1/*.timing-cache $(REPO)/embedder/1/*.calibration-cache node_modules .typecheck
+		$(REPO)/embedder/tensorrt-cache node_modules .typecheck
 	find $(REPO)/product_search -mindepth 1 -maxdepth 1 -type d -name '[0-9]*' -exec rm -rf {} +
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

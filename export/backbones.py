@@ -25,8 +25,6 @@ class Backbone:
     build: Callable[[str | None], nn.Module]
     weights_source: str
     license: str = ""
-    # TensorRT FP16/INT8: keep LayerNorm, softmax and reductions in FP32 (transformers overflow in FP16).
-    keep_fp32_norms: bool = False
     # How the feature map becomes one vector, as recorded in the manifest ("token": a transformer's token).
     pooling: str = "avg"
 
@@ -135,8 +133,7 @@ def _torchvision_entries() -> dict[str, "Backbone"]:
 
     return {
         "resnet50": _torchvision_backbone("resnet50", 2048, ResNet50_Weights.DEFAULT, _resnet50),
-        "vit_b_16": _torchvision_backbone("vit_b_16", 768, ViT_B_16_Weights.DEFAULT, _vit_b_16,
-                                          keep_fp32_norms=True, pooling="token"),
+        "vit_b_16": _torchvision_backbone("vit_b_16", 768, ViT_B_16_Weights.DEFAULT, _vit_b_16, pooling="token"),
     }
 
 
@@ -302,7 +299,6 @@ def _timm_entries() -> dict[str, "Backbone"]:
             build=_dinov2_vits14,
             weights_source=f"timm {_DINOV2} (Hugging Face hub {_timm_hub_id(_DINOV2)}; Meta DINOv2, Apache-2.0)",
             license="Apache-2.0",
-            keep_fp32_norms=True,
             pooling="token",
         ),
         "clip_vit_b16": Backbone(
@@ -320,7 +316,6 @@ def _timm_entries() -> dict[str, "Backbone"]:
             build=_clip_vit_b16,
             weights_source=f"timm {_CLIP_B16} (Hugging Face hub {_timm_hub_id(_CLIP_B16)}; OpenAI CLIP, MIT)",
             license="MIT",
-            keep_fp32_norms=True,
             pooling="token",
         ),
     }

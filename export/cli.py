@@ -74,3 +74,50 @@ def run(args: argparse.Namespace) -> int:
     if manifest.random_weights:
         print("  WARNING: random weights (for testing the export machinery only)")
     return 0
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    from .engine import ENGINE_PRECISIONS, OPT_BATCH_SIZE
+
+    p.add_argument("--precision", default=None, choices=ENGINE_PRECISIONS,
+                   help="default: int8 when model.onnx is the Q/DQ export (lookalike export --precision int8), "
+                        "else fp16 (an FP16-typed copy of model.onnx, made here)")
+    p.add_argument("--allow-tf32", action="store_true", help="let FP32 layers use TF32 (off: fp32 means FP32)")
+    p.add_argument("--opt-batch", type=int, default=OPT_BATCH_SIZE, help="the profile's opt batch size (min 1, max: the export's)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="catalog (CSV or folder) whose images feed the gates (default: the packaged sample photos)")
+    p.add_argument("--gate-images", type=int, default=16)
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    """`lookalike engine`: the TensorRT engine of the embedder in the model repository, from its own
+    model.onnx (never re-exported), gated, with the fingerprint unchanged."""
+    from lookalike.catalog import read_catalog
+    from lookalike.images import encode
+
+    from .engine import EngineError, build_repository_engine
+
+    try:
+        if args.images is not None:
+            items, _ = read_catalog(args.images)
+            images = [item.image.read_bytes() for item in items[: args.gate_images]]
+        else:
+            from lookalike.sample_data import real_photos
+
+            images = [encode(image) for _, image in list(real_photos())[: args.gate_images]]
+        manifest = build_repository_engine(args.model_repository, images, args.precision,
+                                           allow_tf32=args.allow_tf32, opt_batch_size=args.opt_batch)
+    except (EngineError, ValueError, OSError) as exc:
+        print(f"lookalike engine: {exc}", file=sys.stderr)
+        return 1
+    engine = manifest.tensorrt_engine or {}
+    e = engine["parity_vs_onnx"]
+    print(f"TensorRT {engine['tensorrt']} {engine['precision']} engine (strongly typed, TF32 "
+          f"{'on' if engine['tf32'] else 'off'}) on {engine['gpu']} (sm {engine['compute_capability']}) -> "
+          f"{Path(args.model_repository) / c.EMBEDDER_MODEL}\n"
+          f"  from {engine['built_from']['file']} (fingerprint {manifest.fingerprint}, unchanged)\n"
+          f"  worst mean cosine vs ONNX Runtime at batch {'/'.join(engine['parity_by_batch'])}: {e['mean_cosine']:.6f} "
+          f"(gate {e['threshold']}); timing cache {engine['timing_cache']['file']} "
+          f"({'reused' if engine['timing_cache']['reused'] else 'new'})\n"
+          f"  serve it: lookalike serve --model-config-name tensorrt (the NGC tritonserver image)")
+    return 0

@@ -29,11 +29,11 @@ from lookalike.repository import Repository
 from lookalike_client import contract as c
 
 from .backbones import Backbone
+from .engine import TENSORRT_CACHE_DIR, decodable_pixels
 from .parity import ParityError, compare, gate
 
 OPSET = 17
 # The Python-backend adapter of the embedder, as committed in this checkout's model repository.
-TENSORRT_CACHE_DIR = "tensorrt-cache"  # timing caches, kept between engine builds (embedder dir)
 ADAPTER_SOURCE = Path(__file__).resolve().parents[1] / "model_repository" / c.EMBEDDER_MODEL / EMBEDDER_VERSION / "model.py"
 
 
@@ -147,7 +147,7 @@ def export_embedder(
             quantization = _quantize(backbone, onnx_path, staging, pixels, calibration_images)
         engine = None
         if fmt == "tensorrt":
-            engine = _build_tensorrt(backbone, onnx_path, staging / PLAN_FILE, pixels, precision, max_batch_size,
+            engine = _build_tensorrt(backbone, onnx_path, staging, pixels, precision, max_batch_size,
                                      embedder_dir / TENSORRT_CACHE_DIR)
         # Checks passed: publish. The model files land first, the manifest last.
         repo.onnx_file.parent.mkdir(exist_ok=True)
@@ -197,19 +197,6 @@ def export_embedder(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _decodable(preprocessor: Preprocessor, images: Sequence[bytes]) -> np.ndarray:
-    """The pixels of the images that decode (a catalog may hold a few that do not)."""
-    from lookalike.preprocessing import ImageError
-
-    out = []
-    for data in images:
-        try:
-            out.append(preprocessor(data))
-        except ImageError:
-            continue
-    return np.stack(out) if out else np.zeros((0, *preprocessor.output_shape), np.float32)
-
-
 def _quantize(backbone: Backbone, onnx_path: Path, staging: Path, parity_pixels: np.ndarray,
               calibration_images: Sequence[bytes]) -> dict:
     """Replaces the checked FP32 `onnx_path` by its Q/DQ INT8 file once that passes its gates: cosine
@@ -223,8 +210,8 @@ def _quantize(backbone: Backbone, onnx_path: Path, staging: Path, parity_pixels:
     calibrate, check = images[: len(images) - held_out][:256], images[len(images) - held_out :]
     int8_path = staging / "model.int8.onnx"
     try:
-        report = quantize_int8(onnx_path, int8_path, _decodable(Preprocessor(pre), calibrate))
-        check_pixels = np.concatenate([_decodable(Preprocessor(pre), check), parity_pixels])
+        report = quantize_int8(onnx_path, int8_path, decodable_pixels(Preprocessor(pre), calibrate))
+        check_pixels = np.concatenate([decodable_pixels(Preprocessor(pre), check), parity_pixels])
         cosine = cosine_report(embed(onnx_path, check_pixels), embed(int8_path, check_pixels))
         retrieval = retrieval_check(onnx_path, int8_path, check, pre, pre.for_side("query"))
         gate_int8(cosine, retrieval, backbone.name)
@@ -234,31 +221,15 @@ def _quantize(backbone: Backbone, onnx_path: Path, staging: Path, parity_pixels:
     return {**report.to_dict(), "parity_vs_fp32": cosine, "retrieval_check": retrieval}
 
 
-def _build_tensorrt(backbone: Backbone, onnx_path: Path, plan_path: Path, pixels: np.ndarray, precision: str,
+def _build_tensorrt(backbone: Backbone, onnx_path: Path, staging: Path, pixels: np.ndarray, precision: str,
                     max_batch_size: int, cache_dir: Path) -> dict:
-    """The engine of `onnx_path` (for int8 already the gated Q/DQ file), gated against ONNX Runtime on
-    that same file at the profile's batch sizes 1, opt and max."""
-    try:
-        from . import tensorrt_build
-    except ImportError as exc:
-        raise ExportError(
-            f"--format tensorrt needs TensorRT ({exc}); build engines in NGC's TensorRT image: make engine"
-        ) from None
-    if not torch.cuda.is_available():
-        raise ExportError("--format tensorrt needs a CUDA GPU")
+    """`staging/model.plan` of the checked `onnx_path` (for int8 already the gated Q/DQ file), the same
+    build and gate as `lookalike engine` (engine.py)."""
+    from .engine import EngineError, build_gated_engine
+
     pre = backbone.preprocessing
     try:
-        engine = tensorrt_build.build_engine(
-            onnx_path, plan_path, height=pre.height, width=pre.width, precision=precision,
-            max_batch_size=max_batch_size, cache_dir=cache_dir, keep_fp32_norms=backbone.keep_fp32_norms,
-        )
-        reference = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])
-        gates = {}
-        for batch in tensorrt_build.profile_batches(pixels, engine["profile"]["opt"], max_batch_size):
-            gates[str(len(batch))] = tensorrt_build.cosine_gate(
-                reference(batch), tensorrt_build.run_engine(plan_path, batch), precision, f" at batch {len(batch)}")
-        engine["parity_vs_onnx"] = min(gates.values(), key=lambda g: g["mean_cosine"])
-        engine["parity_by_batch"] = gates
-    except tensorrt_build.EngineBuildError as exc:
+        return build_gated_engine(onnx_path, staging, pixels, precision, height=pre.height, width=pre.width,
+                                  max_batch_size=max_batch_size, cache_dir=cache_dir, what=backbone.name)
+    except EngineError as exc:
         raise ExportError(str(exc)) from None
-    return engine

@@ -8,17 +8,18 @@ its compute capability.
 
 - Builder + network from the ONNX parser, one optimisation profile min 1 / opt / max = max_batch_size
   (Triton may batch up to max_batch_size).
-- TF32 off unless asked (`allow_tf32`): an "fp32" engine computes in FP32.
-- INT8: explicit quantization. The ONNX is the Q/DQ file of `quantize.py` (gated in ONNX Runtime);
-  the network is strongly typed, so TensorRT takes the precisions the file states: no calibrator
-  (implicit calibration is deprecated since TensorRT 10.1) and no precision flags.
-- FP16: `BuilderFlag.FP16` with LayerNorm, softmax and reductions pinned to FP32 for ViT. Deprecated in
-  TensorRT 10.12 (superseded by strongly typed FP16 networks): the one deprecated path left, named in
-  `DEPRECATED_ALLOWED` and in issue 13.
+- Every network is strongly typed: TensorRT takes the precisions the ONNX states, with no precision
+  flags (`BuilderFlag.FP16`/`INT8` are deprecated since 10.12/10.1) and no per-layer pins.
+  - fp32: the FP32 ONNX; TF32 off unless asked (`allow_tf32`), so an "fp32" engine computes in FP32.
+  - fp16: the FP16-typed ONNX of `fp16.py` (normalisations, softmax, reductions and the head FP32).
+  - int8: the Q/DQ ONNX of `quantize.py` (gated in ONNX Runtime); no calibrator (implicit calibration
+    is deprecated since 10.1).
+  The parsed network is checked against the precision asked for (Q/DQ layers for int8, FP16 tensors
+  for fp16, neither for fp32).
 - The timing cache lives in `cache_dir` (the embedder's `tensorrt-cache/`, kept between builds), one
   file per TensorRT version and GPU; a cache TensorRT refuses is reported and rebuilt.
-- Gate: mean cosine vs ONNX Runtime >= MIN_COSINE[precision] at batch 1, opt and max, else nothing is
-  written.
+- Gate (`engine.py`): mean cosine vs ONNX Runtime >= MIN_COSINE[precision] at batch 1, opt and max,
+  else nothing is written.
 """
 
 from __future__ import annotations
@@ -34,25 +35,22 @@ from lookalike_client import contract as c
 
 from .parity import MIN_COSINE, ParityError, compare, gate
 
-# Layer types kept in FP32 in reduced-precision engines of transformer models.
-FP32_LAYER_TYPES = (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE)
-
 
 class EngineBuildError(RuntimeError):
     pass
 
 
-# Deprecated TensorRT APIs this module still uses, on purpose (the test of deprecated calls allows them).
-# All of them are the FP16 path's (BuilderFlag.FP16 and the FP32 pins of ViT's norms), deprecated in 10.12.
-DEPRECATED_ALLOWED = ("BuilderFlag.FP16", "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "set_output_type",
-                      "ILayer.precision")
+# Deprecated TensorRT APIs this module still uses (the test of deprecated calls allows them): none.
+DEPRECATED_ALLOWED = ()
 
 
-def _parse(builder: trt.Builder, onnx_path: Path, logger: trt.ILogger,
-           strongly_typed: bool = False) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _parse(builder: trt.Builder, onnx_path: Path, logger: trt.ILogger) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
     # explicit batch is the only mode in TensorRT 10; strongly typed: the ONNX's types are the engine's
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -60,16 +58,14 @@ def _parse(builder: trt.Builder, onnx_path: Path, logger: trt.ILogger,
     return network, parser
 
 
-def _pin_fp32(network: trt.INetworkDefinition) -> int:
-    pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in FP32_LAYER_TYPES:
-            layer.precision = trt.DataType.FLOAT
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.DataType.FLOAT)
-            pinned += 1
-    return pinned
+def network_precision(network: trt.INetworkDefinition) -> str:
+    """int8 when the network has Q/DQ layers, fp16 when a layer computes an FP16 tensor, else fp32."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    if any(layer.type == trt.LayerType.QUANTIZE for layer in layers):
+        return "int8"
+    if any(layer.get_output(j).dtype == trt.DataType.HALF for layer in layers for j in range(layer.num_outputs)):
+        return "fp16"
+    return "fp32"
 
 
 def timing_cache_file(cache_dir: Path) -> Path:
@@ -89,21 +85,21 @@ def build_engine(
     max_batch_size: int,
     cache_dir: Path,
     opt_batch_size: int = 16,
-    keep_fp32_norms: bool = False,
     allow_tf32: bool = False,
     workspace_bytes: int = 4 << 30,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Builds and writes the engine; returns what the manifest records about it. For "int8",
-    `onnx_path` must be a Q/DQ ONNX (export/quantize.py)."""
+    """Builds and writes the engine; returns what the manifest records about it. `onnx_path` states the
+    precision: FP32, FP16-typed (export/fp16.py) or Q/DQ INT8 (export/quantize.py)."""
     if precision not in MIN_COSINE:
         raise ValueError(f"precision must be one of {tuple(MIN_COSINE)}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    strongly_typed = precision == "int8"
-    network, _parser = _parse(builder, onnx_path, logger, strongly_typed=strongly_typed)
-    if strongly_typed and not any(network.get_layer(i).type == trt.LayerType.QUANTIZE for i in range(network.num_layers)):
-        raise EngineBuildError(f"{onnx_path} has no Q/DQ layers: INT8 engines are built from quantize.py's Q/DQ ONNX")
+    network, _parser = _parse(builder, onnx_path, logger)
+    stated = network_precision(network)
+    if stated != precision:
+        source = {"int8": "quantize.py's Q/DQ ONNX", "fp16": "fp16.py's FP16-typed ONNX", "fp32": "the FP32 ONNX"}
+        raise EngineBuildError(f"{onnx_path} is a {stated} network: {precision} engines are built from {source[precision]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if not allow_tf32:
@@ -126,13 +122,6 @@ def build_engine(
         if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
             raise EngineBuildError("TensorRT refused an empty timing cache")
 
-    pinned = 0
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-        if keep_fp32_norms:
-            pinned = _pin_fp32(network)
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT could not build a {precision} engine from {onnx_path}")
@@ -143,13 +132,12 @@ def build_engine(
     major, minor = torch.cuda.get_device_capability()
     return {
         "precision": precision,
-        "strongly_typed": strongly_typed,
+        "strongly_typed": True,
         "tf32": allow_tf32,
         "tensorrt": trt.__version__,
         "gpu": torch.cuda.get_device_name(),
         "compute_capability": f"{major}.{minor}",
         "profile": {"min": 1, "opt": opt, "max": max_batch_size},
-        "fp32_layers": pinned,
         "timing_cache": {"file": cache_path.name, "reused": cache_reused},
     }
 
@@ -174,12 +162,6 @@ def run_engine(plan_path: Path, pixels: np.ndarray) -> np.ndarray:
         raise EngineBuildError("TensorRT execution failed")
     stream.synchronize()
     return outputs.cpu().numpy()
-
-
-def profile_batches(pixels: np.ndarray, opt: int, max_batch_size: int) -> list[np.ndarray]:
-    """The gate's inputs at the profile's batch sizes 1, opt and max (the images repeated to fill)."""
-    sizes = sorted({1, max(1, min(opt, max_batch_size)), max_batch_size})
-    return [np.resize(pixels, (size, *pixels.shape[1:])).astype(np.float32) for size in sizes]
 
 
 def cosine_gate(reference: np.ndarray, candidate: np.ndarray, precision: str, what: str = "") -> dict:

@@ -120,7 +120,7 @@ class EmbedderManifest:
     max_batch_size: int = 64
     opset: int = 0
     parity_onnx_vs_torch: dict[str, Any] = field(default_factory=dict)
-    tensorrt_engine: dict[str, Any] | None = None  # what tensorrt_build recorded, when an engine was built
+    tensorrt_engine: dict[str, Any] | None = None  # what export/engine.py recorded, when an engine was built
     quantization: dict[str, Any] | None = None  # export/quantize.py's report, when model.onnx is Q/DQ INT8
     export_seconds: float = 0.0
     exported: str = ""

@@ -1,4 +1,4 @@
-"""The `lookalike` command: serve | export | index | query | similar | eval | sample-catalog.
+"""The `lookalike` command: serve | export | engine | index | query | similar | eval | sample-catalog.
 
 Every subcommand is a thin layer over a `lookalike` module, except `export`, which this CLI dispatches
 to the export package (`lookalike_export.cli`, torch imported only when it runs): that dispatch is the
@@ -223,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_repository(p)
     export_cli.add_arguments(p)
     p.set_defaults(func=export_cli.run)
+
+    p = sub.add_parser("engine", help="build the embedder's TensorRT engine from its exported model.onnx "
+                       "(on a GPU with TensorRT: make engine), gated, fingerprint unchanged")
+    _add_repository(p)
+    export_cli.add_engine_arguments(p)
+    p.set_defaults(func=export_cli.run_engine)
 
     p = sub.add_parser("index", help="embed a catalog through the server and serve it as a new index version "
                        "(incremental: unchanged images are not embedded again), or --rollback")

@@ -110,7 +110,7 @@ def copy_repository(source: Path, target: Path, *, with_indexes: bool = False) -
     """A copy of a model repository (for tests and benchmarks), by default without index versions."""
 
     def ignore(directory: str, names: list[str]) -> set[str]:
-        skipped = {n for n in names if n == "__pycache__" or n == REJECTED_DIR or n.startswith((STAGING_PREFIX, ".export-"))}
+        skipped = {n for n in names if n == "__pycache__" or n == REJECTED_DIR or n.startswith((STAGING_PREFIX, ".export-", ".engine-"))}
         if not with_indexes and Path(directory).name == c.SEARCH_MODEL:
             skipped |= {n for n in names if n.isdigit()}
         return skipped

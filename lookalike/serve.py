@@ -36,10 +36,12 @@ def check_model_config_name(repository: Repository, name: str | None) -> None:
     variants = repository.embedder_dir / VARIANTS_DIR
     if not (variants / f"{name}.pbtxt").is_file():
         found = sorted(p.stem for p in variants.glob("*.pbtxt")) if variants.is_dir() else []
-        hint = " (built only with an engine: `lookalike export --format tensorrt` or `make engine`)" if name == "tensorrt" else ""
+        hint = " (written with an engine: `make engine`, i.e. `lookalike engine`)" if name == "tensorrt" else ""
         raise LaunchError(f"--model-config-name {name}: the embedder has no {VARIANTS_DIR}/{name}.pbtxt{hint}; "
                           f"it has {', '.join(found) or 'none'} (and config.pbtxt, the Python/ONNX Runtime CPU variant, "
                           "served without --model-config-name)")
+    if name == "tensorrt" and not repository.plan_file.is_file():
+        raise LaunchError(f"--model-config-name tensorrt: {repository.plan_file} is missing (build it: `make engine`)")
 
 
 def lookalike_server(options: ServerOptions, log_file: Path | None = None) -> TritonServer:

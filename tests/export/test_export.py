@@ -66,6 +66,37 @@ def test_dynamic_batch_gives_the_same_embeddings(repo, images):
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
 
+def test_fp16_onnx_of_each_backbone_keeps_norms_and_head_fp32(repo, images, tmp_path):
+    """The FP16-typed file `lookalike engine --precision fp16` builds from: FP32 in and out, LayerNorm,
+    softmax, GeM and the L2 norm in FP32, FP16 Conv/MatMul; checked in ONNX Runtime against FP32."""
+    import onnx
+    from onnx import TensorProto
+
+    from lookalike_export.fp16 import check_fp16, convert_fp16
+
+    report = convert_fp16(repo.onnx_file, tmp_path / "model.fp16.onnx")
+    pixels = Preprocessor(repo.preprocessing()).batch(images)
+    check = check_fp16(repo.onnx_file, tmp_path / "model.fp16.onnx", pixels, repo.manifest().model)
+    assert check["mean_cosine"] >= 0.999 and report["fp16_weights"] > 10
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "model.fp16.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    types |= {i.name: i.data_type for i in model.graph.initializer}
+    first_input = {n.op_type: set() for n in model.graph.node}
+    for n in model.graph.node:
+        if n.input:  # Constant nodes have none
+            first_input[n.op_type].add(types.get(n.input[0]))
+    assert {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]} == {TensorProto.FLOAT}
+    assert first_input["ReduceL2"] == {TensorProto.FLOAT}
+    compute = first_input.get("Conv", set()) | first_input.get("MatMul", set())
+    assert compute == {TensorProto.FLOAT16}
+    for sensitive in ("LayerNormalization", "Softmax", "Pow", "ReduceMean"):
+        assert first_input.get(sensitive, {TensorProto.FLOAT}) == {TensorProto.FLOAT}, sensitive
+    out = OnnxEmbedder(tmp_path / "model.fp16.onnx")(pixels)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)  # normalised in FP32
+    print(f"\n{repo.manifest().model}: FP16 ONNX {report['fp16_weights']} FP16 weights, {report['fp32_nodes']} FP32 nodes, "
+          f"{report['casts_inserted']} casts; mean cosine to FP32 {check['mean_cosine']:.6f}")
+
+
 def test_weights_file_loads_a_state_dict(tmp_path):
     from torchvision.models import resnet50
 
@@ -119,16 +150,24 @@ def _tensorrt_missing_reason() -> str | None:
 
 
 @pytest.mark.skipif(_tensorrt_missing_reason() is not None, reason=str(_tensorrt_missing_reason()))
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_tensorrt_engine_passes_its_gate(tmp_path, images, precision):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tensorrt_engine_from_the_exported_onnx_passes_its_gate(tmp_path, images, precision):
+    from lookalike_export.engine import build_repository_engine
+
     repo = copy_repository(REPOSITORY, tmp_path / "model_repository")
-    calibration = images * 8 if precision == "int8" else ()
-    manifest = export_embedder(get_backbone("efficientnet_lite0"), repo.root, images, fmt="tensorrt",
-                               precision=precision, calibration_images=calibration)
+    if precision == "int8":
+        export_embedder(get_backbone("efficientnet_lite0"), repo.root, images, precision="int8",
+                        calibration_images=images * 8)
+    before = repo.manifest()
+    manifest = build_repository_engine(repo.root, images, precision)
     engine = manifest.tensorrt_engine
-    assert engine["parity_vs_onnx"]["mean_cosine"] >= engine["parity_vs_onnx"]["threshold"]
-    assert (repo.embedder_dir / "1" / "model.plan").exists()
-    assert (repo.embedder_dir / "configs" / "tensorrt.pbtxt").exists()
+    assert engine["precision"] == precision and engine["strongly_typed"] and not engine["tf32"]
+    assert set(engine["parity_by_batch"]) == {"1", "16", str(before.max_batch_size)}
+    assert all(g["mean_cosine"] >= g["threshold"] for g in engine["parity_by_batch"].values())
+    assert manifest.fingerprint == before.fingerprint and (repo.embedder_dir / "configs" / "tensorrt.pbtxt").exists()
+    assert not engine["timing_cache"]["reused"]
+    again = build_repository_engine(repo.root, images, precision).tensorrt_engine
+    assert again["timing_cache"]["reused"]  # kept in the embedder's tensorrt-cache/
 
 
 # -- TensorRT API calls, type-checked against tensorrt-stubs -----------------------------------------
@@ -197,6 +236,7 @@ def test_the_tensorrt_build_uses_no_deprecated_api_but_the_named_ones():
     deprecated = deprecated_tensorrt_apis()
     assert {"BuilderFlag.FP16", "IInt8EntropyCalibrator2", "CalibrationAlgoType"} <= deprecated  # the parser works
     source = (ROOT / "export" / "tensorrt_build.py").read_text()  # not imported: TensorRT is not installed here
+    around = "".join((ROOT / "export" / name).read_text() for name in ("engine.py", "fp16.py", "onnx_export.py"))
     allowed = next(ast.literal_eval(node.value) for node in ast.parse(source).body if isinstance(node, ast.Assign)
                    and any(getattr(t, "id", "") == "DEPRECATED_ALLOWED" for t in node.targets))
     def offending(code: str) -> list[str]:
@@ -204,10 +244,15 @@ def test_the_tensorrt_build_uses_no_deprecated_api_but_the_named_ones():
         used |= {name.split(".")[0] for name in used}
         return sorted(u for u in used if u in deprecated and u not in allowed)
 
+    assert allowed == ()  # FP16 is strongly typed now: nothing deprecated is left
     assert not offending(source), f"deprecated TensorRT APIs in export/tensorrt_build.py: {offending(source)}"
+    assert not offending(around), f"deprecated TensorRT APIs around it: {offending(around)}"
     # negative control: the implicit INT8 calibration this module used before is caught
     old = "class C(trt.IInt8EntropyCalibrator2): pass\nconfig.set_flag(trt.BuilderFlag.INT8)\nconfig.set_calibration_profile(p)"
     assert {"IInt8EntropyCalibrator2", "BuilderFlag.INT8", "set_calibration_profile"} <= set(offending(old)), offending(old)
+    # and the FP16 path it used until the strongly typed FP16 network
+    old = "config.set_flag(trt.BuilderFlag.FP16)\nlayer.set_output_type(0, trt.DataType.FLOAT)"
+    assert {"BuilderFlag.FP16", "set_output_type"} <= set(offending(old)), offending(old)
 
 
 # -- INT8 by explicit quantization (Q/DQ ONNX, gated in ONNX Runtime) ------------------------------

@@ -174,6 +174,6 @@ def test_default_weights_offline_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("name", list(TIMM))
 def test_registry_entry(name):
     backbone = BACKBONES[name]
-    assert backbone.keep_fp32_norms  # transformers: LayerNorm/softmax stay FP32 in TensorRT FP16
+    assert backbone.pooling == "token"  # the class token after the final norm
     assert backbone.license == {"dinov2_vits14": "Apache-2.0", "clip_vit_b16": "MIT"}[name]
     assert TIMM[name][0] in backbone.weights_source and backbone.license in backbone.weights_source

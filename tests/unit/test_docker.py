@@ -40,3 +40,20 @@ def test_the_readme_docker_run_has_the_volume_shm_and_user():
     run = section[section.index("docker run"):section.index("lookalike:24.10")]
     for flag in ("--gpus all", "--shm-size=1g", '-v "$PWD/model_repository:/models"', "--user", "-e LOOKALIKE_ADMIN_KEY"):
         assert flag in run, flag
+
+
+def pins(path) -> dict[str, str]:
+    lines = [line.split("#")[0].strip() for line in (ROOT / path).read_text().splitlines()]
+    return {re.sub(r"\[.*\]", "", line.split("==")[0]).lower(): line.split("==")[1] for line in lines if line}
+
+
+def test_make_engine_builds_from_the_hosts_onnx_and_never_exports():
+    import subprocess
+
+    dry = subprocess.run(["make", "-n", "engine", "PRECISION=fp16"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "lookalike engine --model-repository model_repository --precision fp16" in dry
+    assert "lookalike export" not in dry  # another torch would change model.onnx and the fingerprint
+    assert "chown -R" in dry and "--exclude=./.venv" in dry  # files handed back; the checkout copied, not built in
+    engine, serve = pins("docker/requirements-engine.txt"), pins("docker/requirements-serve.txt")
+    assert not {"timm", "efficientnet-lite-pytorch", "torchvision", "huggingface_hub"} & set(engine)  # no export
+    assert {name: engine[name] for name in engine.keys() & serve.keys()} == {name: serve[name] for name in engine.keys() & serve.keys()}
