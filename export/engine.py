@@ -15,7 +15,6 @@ manifest's `tensorrt_engine` are written; failed: nothing is. The timing cache s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import tempfile
@@ -24,14 +23,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from lookalike.artifacts import PLAN_FILE, ArtifactError, EmbedderManifest, fingerprint
+from lookalike.artifacts import PLAN_FILE, ArtifactError, EmbedderManifest, file_digest, fingerprint
 from lookalike.model_configs import write_embedder_configs
 from lookalike.preprocessing import Preprocessor
 from lookalike.repository import Repository
 
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+from .parity import MIN_COSINE
+
+ENGINE_PRECISIONS = tuple(MIN_COSINE)  # fp32, fp16, int8: each with its gate
 TENSORRT_CACHE_DIR = "tensorrt-cache"  # the embedder dir's timing caches, kept between builds
 OPT_BATCH_SIZE = 16
+STAGING_PREFIX = ".engine-"  # in the embedder dir (same file system: the plan is moved, not copied)
 
 
 class EngineError(RuntimeError):
@@ -52,14 +54,6 @@ def engine_precision(manifest: EmbedderManifest, requested: str | None) -> str:
         raise EngineError(f"model.onnx is the Q/DQ INT8 export, whose engine is int8 (the file states its "
                           f"precisions): build --precision int8, or export FP32 again for a {requested} engine")
     return requested
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def decodable_pixels(preprocessor: Preprocessor, images: Sequence[bytes]) -> np.ndarray:
@@ -120,7 +114,7 @@ def build_gated_engine(onnx_path: Path, staging: Path, pixels: np.ndarray, preci
     engine["parity_vs_onnx"] = min(gates.values(), key=lambda g: g["mean_cosine"])
     engine["parity_by_batch"] = gates
     engine["network_onnx"] = network
-    engine["built_from"] = {"file": onnx_path.name, "sha256": sha256(onnx_path)}
+    engine["built_from"] = {"file": onnx_path.name, **file_digest(onnx_path)}
     return engine
 
 
@@ -151,7 +145,9 @@ def build_repository_engine(
     pixels = decodable_pixels(Preprocessor(pre), images)
     if not len(pixels):
         raise EngineError(f"the engine's gate needs images, and none of the {len(images)} given decodes")
-    staging = Path(tempfile.mkdtemp(prefix=".engine-", dir=repo.embedder_dir))
+    for stale in repo.embedder_dir.glob(f"{STAGING_PREFIX}*"):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=repo.embedder_dir))
     try:
         log(f"building the {precision} TensorRT engine from {repo.onnx_file} (fingerprint {manifest.fingerprint})")
         record = build(repo.onnx_file, staging, pixels, precision, height=pre.height, width=pre.width,

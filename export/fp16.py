@@ -61,12 +61,14 @@ def name_nodes(model: Any) -> None:
             taken.add(name)
 
 
-def fp32_nodes(model: Any) -> list[str]:
-    """Names of the nodes kept in FP32 (see the module docstring), in graph (topological) order."""
+def fp32_nodes(model: Any, types: dict[str, int] | None = None) -> list[str]:
+    """Names of the nodes kept in FP32 (see the module docstring), in graph (topological) order.
+    `types`: `_elem_types(model)`, when the caller has it already."""
     from onnx import TensorProto
 
     floating = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
-    integer = {name for name, elem in _elem_types(model).items() if elem not in floating}
+    types = _elem_types(model) if types is None else types
+    integer = {name for name, elem in types.items() if elem not in floating}
     # Known without the input's values: weights, constants, shapes and what is computed from them only
     # (a transformer's 1/sqrt(head dim)); a node on those alone is not numerically sensitive.
     static = {init.name for init in model.graph.initializer}
@@ -98,9 +100,10 @@ def convert_fp16(fp32_onnx: Path, out: Path) -> dict[str, Any]:
     graph = model.graph
     name_nodes(model)
     _constants_to_initializers(graph)
-    keep = set(fp32_nodes(model))
     types = _elem_types(model)
+    keep = set(fp32_nodes(model, types))
     original_nodes = len(graph.node)
+    original_casts = sum(n.op_type == "Cast" for n in graph.node)
     FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
     initializers = {init.name: init for init in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -178,7 +181,7 @@ def convert_fp16(fp32_onnx: Path, out: Path) -> dict[str, Any]:
         "tool": "lookalike_export.fp16 (FP32 inputs, outputs and sensitive nodes; FP16 elsewhere)",
         "nodes": original_nodes,
         "fp32_nodes": len(keep),
-        "casts_inserted": len(casts) + sum(n.name.endswith("_to_fp32") for n in graph.node),
+        "casts_inserted": sum(n.op_type == "Cast" for n in graph.node) - original_casts,
         "fp16_weights": len(half_copies),
         "weights_clamped_to_fp16_range": clamped,
     }

@@ -110,6 +110,14 @@ def test_a_built_engine_is_published_with_the_fingerprint_unchanged(repo, images
     assert not list(repo.embedder_dir.glob(".engine-*"))
 
 
+def test_a_killed_builds_staging_is_swept_by_the_next(repo, images):
+    leftover = repo.embedder_dir / ".engine-killed"
+    leftover.mkdir()
+    (leftover / "model.fp16.onnx").write_bytes(b"half written")
+    build_repository_engine(repo.root, images, "fp16", build=plan_writer([]), log=lambda _: None)
+    assert not leftover.exists() and repo.plan_file.exists()
+
+
 def test_a_failed_build_publishes_nothing(repo, images):
     before = snapshot(repo.embedder_dir)
 

@@ -69,22 +69,20 @@ def test_dynamic_batch_gives_the_same_embeddings(repo, images):
 def test_fp16_onnx_of_each_backbone_keeps_norms_and_head_fp32(repo, images, tmp_path):
     """The FP16-typed file `lookalike engine --precision fp16` builds from: FP32 in and out, LayerNorm,
     softmax, GeM and the L2 norm in FP32, FP16 Conv/MatMul; checked in ONNX Runtime against FP32."""
-    import onnx
     from onnx import TensorProto
 
     from lookalike_export.fp16 import check_fp16, convert_fp16
+    from tests.unit.test_fp16 import node_types  # element types of each node's inputs
 
     report = convert_fp16(repo.onnx_file, tmp_path / "model.fp16.onnx")
     pixels = Preprocessor(repo.preprocessing()).batch(images)
     check = check_fp16(repo.onnx_file, tmp_path / "model.fp16.onnx", pixels, repo.manifest().model)
     assert check["mean_cosine"] >= 0.999 and report["fp16_weights"] > 10
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "model.fp16.onnx")))
-    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
-    types |= {i.name: i.data_type for i in model.graph.initializer}
+    model, inputs = node_types(tmp_path / "model.fp16.onnx")
     first_input = {n.op_type: set() for n in model.graph.node}
     for n in model.graph.node:
         if n.input:  # Constant nodes have none
-            first_input[n.op_type].add(types.get(n.input[0]))
+            first_input[n.op_type].add(inputs[n.name or n.op_type][0])
     assert {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]} == {TensorProto.FLOAT}
     assert first_input["ReduceL2"] == {TensorProto.FLOAT}
     compute = first_input.get("Conv", set()) | first_input.get("MatMul", set())
