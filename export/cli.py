@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from lookalike_client import contract as c
+
+if TYPE_CHECKING:
+    from lookalike.catalog import CatalogItem
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         calibration: list[bytes] = []
         if args.calibration is not None:
             items, _ = read_catalog(args.calibration)
-            calibration = [item.image.read_bytes() for item in items[: args.calibration_images]]
+            calibration = read_catalog_images(items, args.calibration_images, "lookalike export")
         manifest = export_embedder(backbone, args.model_repository, images,
                                    weights=None if args.random_weights else args.weights,
                                    max_batch_size=args.max_batch, fmt=args.format, precision=args.precision,
@@ -76,6 +80,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_catalog_images(items: Sequence[CatalogItem], count: int, command: str) -> list[bytes]:
+    """The bytes of the first `count` catalog images that are regular files within the server's default
+    upload limit (`ImageLimits().max_bytes`); each one refused is skipped, saying why, on stderr."""
+    from lookalike.preprocessing import ImageLimits
+    from lookalike_client.files import FileRefusedError, read_file
+
+    max_bytes = ImageLimits().max_bytes
+    images: list[bytes] = []
+    for item in items:
+        if len(images) >= count:
+            break
+        try:
+            images.append(read_file(item.image, max_bytes))
+        except FileRefusedError as exc:
+            print(f"{command}: skipped {item.where}: {exc}", file=sys.stderr)
+    return images
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from .engine import ENGINE_PRECISIONS, OPT_BATCH_SIZE
 
@@ -100,7 +122,7 @@ def run_engine(args: argparse.Namespace) -> int:
     try:
         if args.images is not None:
             items, _ = read_catalog(args.images)
-            images = [item.image.read_bytes() for item in items[: args.gate_images]]
+            images = read_catalog_images(items, args.gate_images, "lookalike engine")
         else:
             from lookalike.sample_data import real_photos
 

@@ -30,6 +30,7 @@ import grpc.experimental.gevent as grpc_gevent
 grpc_gevent.init_gevent()
 
 import ctypes
+import io
 import os
 import random
 import signal
@@ -38,12 +39,12 @@ import sys
 import time
 import warnings
 import zlib
-from pathlib import Path
 from typing import Any, Callable
 
 import locust_plugins  # noqa: F401 - adds --check-fail-ratio (exit code on failed requests)
 from locust import User, constant, events, task
-from lookalike_client import NO_RETRIES, InvalidRequestError, LookalikeClient, NotFoundError
+from lookalike_client import NO_RETRIES, FileRefusedError, InvalidRequestError, LookalikeClient, NotFoundError
+from lookalike_client.files import read_file
 from PIL import Image
 
 from lookalike.catalog import read_catalog
@@ -73,24 +74,36 @@ def read_images(source: str, limit: int = MAX_IMAGES, limits: ImageLimits = SERV
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"--images {source}: {exc}") from None
     random.Random(0).shuffle(items)
-    kept = [item for item in items if servable(item.image, limits)][:limit]
-    if len(kept) < min(limit, len(items)):
+    images: list[bytes] = []
+    product_ids: list[str] = []
+    for item in items:
+        if len(images) >= limit:
+            break
+        try:  # a regular file within the server's byte limit, or it is not read
+            data = read_file(item.image, limits.max_bytes)
+        except FileRefusedError as exc:
+            print(f"--images {source}: skipped {item.where}: {exc}")
+            continue
+        if servable(data, limits):
+            images.append(data)
+            product_ids.append(item.product_id)
+    if len(images) < min(limit, len(items)):
         print(f"--images {source}: left out images over the server's default limits ({limits.max_bytes:,} bytes, "
               f"{limits.max_pixels:,} pixels): the good-image tasks expect an answer")
-    if not kept:
+    if not images:
         raise SystemExit(f"--images {source}: no usable image files found")
-    return [item.image.read_bytes() for item in kept], [item.product_id for item in kept]
+    return images, product_ids
 
 
-def servable(path: Path, limits: ImageLimits) -> bool:
+def servable(data: bytes, limits: ImageLimits) -> bool:
     """Whether an image is within the server's limits (preprocess's max_image_bytes / max_image_pixels),
-    read from its size and header only."""
-    if path.stat().st_size > limits.max_bytes:
+    judged from its size and header only."""
+    if len(data) > limits.max_bytes:
         return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is what is checked here
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 return image.width * image.height <= limits.max_pixels
     except Exception:  # noqa: BLE001 - unreadable here: the server would refuse it too
         return False

@@ -48,6 +48,8 @@ class Serve:
     options: ServerOptions
     log: Path
     process: subprocess.Popen | None = None
+    args: list[str] = field(default_factory=list)  # more `lookalike serve` arguments
+    env: dict[str, str] | None = None  # its environment (default: this process's)
 
     @classmethod
     def fresh(cls, workdir: Path, source: Path = ROOT / "model_repository") -> "Serve":
@@ -64,10 +66,11 @@ class Serve:
     def http(self) -> str:
         return self.options.http_url
 
-    def health(self, path: str = "/ready") -> tuple[int, dict]:
+    def health(self, path: str = "/ready", headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://{self.options.client_host}:{self.options.health_port}{path}",
+                                         headers=headers or {})
         try:
-            with urllib.request.urlopen(f"http://{self.options.client_host}:{self.options.health_port}{path}",
-                                        timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
@@ -77,9 +80,11 @@ class Serve:
     def start(self, wait: bool = True) -> "Serve":
         o = self.options
         args = [LOOKALIKE, "serve", "--model-repository", str(self.repo.root), "--http-port", str(o.http_port),
-                "--grpc-port", str(o.grpc_port), "--metrics-port", str(o.metrics_port), "--health-port", str(o.health_port)]
+                "--grpc-port", str(o.grpc_port), "--metrics-port", str(o.metrics_port), "--health-port", str(o.health_port),
+                *self.args]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log,
+                                            env=None if self.env is None else {**os.environ, **self.env})
         if wait:
             self.wait_ready()
         return self
@@ -115,7 +120,8 @@ class Serve:
         return [line for line in self.text().splitlines() if line.startswith("lookalike")]
 
     def status(self) -> dict:
-        return self.health("/status")[1]
+        key = (self.env or {}).get(c.ADMIN_KEY_ENV)
+        return self.health("/status", {c.ADMIN_KEY_HEADER: key} if key else None)[1]
 
     def tritonserver_pid(self) -> int:
         return int(self.status()["tritonserver_pid"])

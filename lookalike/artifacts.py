@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,13 +188,16 @@ class IndexMeta:
     # Per-category sub-indexes of a graph index (category -> file name in the version directory), for
     # filtered search (`lookalike.search`).
     subindexes: dict[str, str] = field(default_factory=dict)
+    # A random id given when the index is built: which index a server serves, beyond its version number
+    # (another model repository may have a version of the same number). "" for older versions.
+    index_id: str = ""
 
     @classmethod
     def new(cls, *, dim: int, count: int, vectors: int, factory: str, embedder_fingerprint: str,
             search: dict[str, int] | None = None, subindexes: dict[str, str] | None = None) -> "IndexMeta":
         return cls(dim=dim, count=count, vectors=vectors, factory=factory,
                    embedder_fingerprint=embedder_fingerprint, created=utc_now(), search=dict(search or {}),
-                   subindexes=dict(subindexes or {}))
+                   subindexes=dict(subindexes or {}), index_id=uuid.uuid4().hex)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "IndexMeta":
@@ -214,6 +218,7 @@ class IndexMeta:
             metric=str(data.get("metric", "inner_product")),
             embedder_fingerprint=str(data.get("embedder_fingerprint") or ""), created=str(data.get("created", "")),
             files=files, search=dict(search), subindexes=dict(subindexes),
+            index_id=str(data.get("index_id") or ""),
         )
 
     def to_dict(self) -> dict[str, Any]:

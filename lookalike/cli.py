@@ -30,6 +30,13 @@ def printable(text: str) -> str:
     )
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _add_repository(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", type=Path, default=default_repository(),
                         help="Triton model repository (default: $LOOKALIKE_MODEL_REPOSITORY or ./model_repository)")
@@ -56,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, health_port=args.health_port or None,
         tritonserver=args.tritonserver,
         model_config_name=args.model_config_name, log_verbose=args.log_verbose,
+        restrict_admin=True if args.require_admin_key else None,
     )
     try:
         return serve_forever(options)
@@ -94,7 +102,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                        "nprobe": args.nprobe}
             report = index_catalog(args.catalog, repository, client, index=args.index, index_options=options,
                                    factory=args.index_factory, batch_size=args.batch_size,
-                                   concurrency=args.concurrency, progress=not args.quiet, reuse=not args.full)
+                                   concurrency=args.concurrency, progress=not args.quiet, reuse=not args.full,
+                                   keep_versions=args.keep_versions)
     except (LookalikeError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(printable(f"lookalike index: {exc}"), file=sys.stderr)
         return 1
@@ -108,8 +117,16 @@ def cmd_index(args: argparse.Namespace) -> int:
           f"{report.recategorized} recategorized; images: {report.reused} reused, {report.embedded} embedded, "
           f"{report.failed} failed")
     print(f"indexed {report.products} products ({report.images} images, {report.vectors} vectors, "
-          f"{len(report.problems)} rows skipped) in "
-          f"{report.seconds:.1f} s; {c.SEARCH_MODEL} now serves version {report.version}")
+          f"{len(report.problems)} rows skipped) in {report.seconds:.1f} s as index version {report.version}")
+    if report.superseded_by is not None:
+        print(f"{c.SEARCH_MODEL} loaded version {report.version}, and now serves version {report.superseded_by}, "
+              "which another `lookalike index` published meanwhile (confirmed by the server)")
+    else:
+        print(f"{c.SEARCH_MODEL} now serves version {report.version} ({report.products} products; confirmed by the server)")
+    if report.pruned:
+        print(f"removed index version(s) {', '.join(map(str, report.pruned))} (the newest {args.keep_versions} are kept)")
+    for version, servers in sorted(report.kept_for.items()):
+        print(printable(f"kept index version {version}: still served by {'; '.join(map(str, servers))}"))
     return 0
 
 
@@ -174,8 +191,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             report = run_eval(options, Repository(args.model_repository), client)
-    except (LookalikeError, PublishError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"lookalike eval: {exc}", file=sys.stderr)
+    except (LookalikeError, PublishError, OSError, ValueError, RuntimeError) as exc:
+        print(printable(f"lookalike eval: {exc}"), file=sys.stderr)
         return 1
     paths = write_reports(report, args.out, options.failures)
     for line in paths[1].read_text().splitlines():
@@ -213,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--health-port", type=int, default=8003,
                    help="the supervisor's GET /ready, /live, /status (0: off). Point readiness probes here: "
                         "unlike Triton's, /ready turns 503 while a model process is dead or being replaced")
+    p.add_argument("--require-admin-key", action="store_true",
+                   help=f"require ${c.ADMIN_KEY_ENV} for model control and /status on loopback too (a host whose "
+                        "other users reach loopback); beyond loopback it is always required")
     p.add_argument("--tritonserver", default=None, help="tritonserver binary (default: on PATH, else nvidia-pytriton's)")
     p.add_argument("--model-config-name", default=None,
                    help="serve configs/<name>.pbtxt where a model has one, e.g. 'onnxruntime' in the NGC image")
@@ -237,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rollback", action="store_true",
                    help="serve the previous index version again (the newest is set aside), instead of indexing")
     p.add_argument("--full", action="store_true", help="embed every image again, even those the store holds")
+    p.add_argument("--keep-versions", type=_at_least_one, default=2,
+                   help="index versions kept on disk, the new one included (default 2: one step of --rollback); "
+                        "older ones are deleted, except a version that another lookalike serve on this repository "
+                        "still serves")
     _add_repository(p)
     _add_url(p)
     p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf-pq"),

@@ -32,9 +32,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from lookalike_client import LookalikeClient, LookalikeError
+from lookalike_client import FileRefusedError, LookalikeClient, LookalikeError
+from lookalike_client.contract import quoted
+from lookalike_client.files import open_file, read_file
 
-from .catalog import CatalogItem, read_catalog
+from .catalog import CatalogItem, Problem, csv_records, read_catalog
 from .indexer import build_index, embed_items
 from .preprocessing import ImageError, ImageLimits, decode
 from .publishing import publish_index
@@ -119,32 +121,45 @@ class ColourHistogram:
         return hist / (float(np.linalg.norm(hist)) + 1e-12)
 
 
-def read_queries(path: Path) -> list[Query]:
-    """Real shopper photos: CSV `image,product_id`, images relative to the CSV. Unreadable rows become
-    queries with an error (counted as misses), never silently dropped."""
-    queries = []
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"image", "product_id"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: needs the columns image,product_id (found {reader.fieldnames})")
-        for line, row in enumerate(reader, start=2):
-            name = (row.get("image") or "").strip()
-            product_id = (row.get("product_id") or "").strip()
-            file = (path.parent / name) if name else None
+def read_queries(path: Path, max_bytes: int = ImageLimits().max_bytes) -> list[Query]:
+    """Real shopper photos: CSV `image,product_id`, images relative to the CSV (or absolute). Unreadable
+    rows become queries with an error (counted as misses), never silently dropped: a line the CSV
+    parser refuses, an image that is not a regular file (a FIFO, a device, a directory: never opened)
+    or is over `max_bytes` (never read)."""
+    queries: list[Query] = []
+
+    def refused(problem: Problem) -> None:  # a line the CSV parser refused
+        queries.append(Query(problem.where, "", None, {"source": "photo"}, error=f"cannot read: {problem.reason}"))
+
+    with open_file(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as handle:
+        records = csv_records(csv.reader(handle), path.name, refused)
+        first = next(records, None)
+        fieldnames = [cell.strip() for cell in first[1]] if first is not None and first[0] == 1 else None
+        if not fieldnames or not {"image", "product_id"} <= set(fieldnames):
+            raise ValueError(f"{path}: needs the columns image,product_id (found {fieldnames})")
+        image_at, id_at = fieldnames.index("image"), fieldnames.index("product_id")
+        for line, row in records:
+            if not row:
+                continue
+            name = row[image_at].strip() if image_at < len(row) else ""
+            product_id = row[id_at].strip() if id_at < len(row) else ""
+            where = f"{path.name}:{line} {name if len(name) <= 200 else quoted(name)}"
             try:
-                if file is None:
+                if not name:
                     raise OSError("no image given")
-                queries.append(Query(str(file), product_id, file.read_bytes(), {"source": "photo"}))
+                data = read_file(name, max_bytes, base=path.parent)
             except OSError as exc:
-                queries.append(Query(f"{path.name}:{line} {name}", product_id, None, {"source": "photo"},
-                                     error=f"cannot read: {getattr(exc, 'strerror', None) or exc}"))
+                reason = exc.reason if isinstance(exc, FileRefusedError) else exc.strerror or exc
+                queries.append(Query(where, product_id, None, {"source": "photo"}, error=f"cannot read: {reason}"))
+                continue
+            queries.append(Query(str(path.parent / name), product_id, data, {"source": "photo"}))
     return queries
 
 
 def _packshot(item: CatalogItem, limits: ImageLimits, config) -> Image.Image | None:
     """The catalog image, decoded as the server would (None if it refuses it), shrunk for simulation."""
     try:
-        image = decode(item.image.read_bytes(), config, limits)
+        image = decode(read_file(item.image, limits.max_bytes), config, limits)
     except (OSError, ImageError):
         return None
     image.thumbnail((PACKSHOT_MAX_SIDE, PACKSHOT_MAX_SIDE))
@@ -186,7 +201,7 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
         by_id.setdefault(item.product_id, item)
     categories = {item.product_id: item.category for item in good}
 
-    queries: list[Query] = read_queries(options.queries_csv) if options.queries_csv is not None else []
+    queries: list[Query] = read_queries(options.queries_csv, limits.max_bytes) if options.queries_csv is not None else []
     for query in queries:  # a photo of a product the server cannot have indexed is a miss with a reason
         if not query.error and query.product_id not in by_id:
             query.error = f"product id {query.product_id!r} is not among the catalog's indexed products"
@@ -243,7 +258,7 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
 
     log(f"publishing an evaluation index of {len(indexed)} products ({len(left_out)} left out)")
     manifest = repository.manifest()
-    eval_version = publish_index(repository, build_index(indexed, indexed_vectors, manifest), client)
+    eval_version = publish_index(repository, build_index(indexed, indexed_vectors, manifest), client).version
 
     try:
         log(f"searching {len(queries)} queries through visual_search, one at a time")
@@ -252,7 +267,7 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
         throughput = _throughput(client, loadable, options.concurrency, options.top_k) if options.concurrency > 0 else None
     finally:  # whatever happened, the server is left with the whole catalog
         log(f"restoring the index of the whole catalog ({len(good)} products)")
-        full_version = publish_index(repository, build_index(good, vectors, manifest), client)
+        full_version = publish_index(repository, build_index(good, vectors, manifest), client).version
 
     # the colour-histogram baseline on the same queries and the same indexed products
     hist_index = ProductIndex.build([Product(i) for i in hist_ids], np.stack(hist_vectors)) if hist_vectors else None

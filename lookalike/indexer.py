@@ -10,6 +10,7 @@ every unusable row is reported with its reason and the rest go on.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,13 +19,14 @@ from typing import Sequence
 
 import numpy as np
 
-from lookalike_client import InvalidRequestError, LookalikeClient
+from lookalike_client import FileRefusedError, InvalidRequestError, LookalikeClient
+from lookalike_client.files import open_file, read_file
 
-from .artifacts import VECTORS_FILE, ArtifactError, EmbedderManifest, IndexMeta, file_digest
+from .artifacts import VECTORS_FILE, ArtifactError, EmbedderManifest, IndexMeta
 from .catalog import CatalogItem, Problem, read_catalog
 from .index_types import IndexChoice, choose
 from .preprocessing import ImageError, ImageLimits, PreprocessConfig
-from .publishing import clean_stale_staging, publish_index
+from .publishing import ServingRecord, check_server, clean_stale_staging, publish_index
 from .repository import Repository
 from .search import CorruptIndexError, Product, ProductIndex, load_products
 
@@ -59,6 +61,11 @@ class IndexReport:
     reused: int = 0
     embedded: int = 0
     previous: int | None = None  # the version compared against
+    # After publishing, each confirmed by the server: versions deleted, versions kept because another
+    # server on the repository still serves them, and a newer version another run published meanwhile.
+    pruned: list[int] = field(default_factory=list)
+    kept_for: dict[int, list[ServingRecord]] = field(default_factory=dict)
+    superseded_by: int | None = None
 
     @property
     def failed(self) -> int:
@@ -105,17 +112,22 @@ class EmbeddingStore:
 
 
 def content_hash(path: Path) -> str:
-    return file_digest(path)["sha256"]
+    """The sha256 of a regular file's content, streamed in 1 MiB chunks; FileRefusedError (an OSError)
+    for anything else (a FIFO, a device: never opened)."""
+    digest = hashlib.sha256()
+    with open_file(path, what="image") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _read(item: CatalogItem, max_bytes: int) -> bytes | Problem:
-    """The file's bytes, unless it is over the server's upload limit: checked from its size first,
-    so that an oversized file is never read into memory."""
+    """The file's bytes, unless it is not a regular file or is over the server's upload limit:
+    checked from its size first, so that an oversized file is never read into memory."""
     try:
-        size = item.image.stat().st_size
-        if size > max_bytes:
-            return Problem(item.where, f"{item.image.name}: image too large: {size:,} bytes, the limit is {max_bytes:,} bytes")
-        return item.image.read_bytes()
+        return read_file(item.image, max_bytes)
+    except FileRefusedError as exc:
+        return Problem(item.where, f"{item.image.name}: {exc.reason}")
     except OSError as exc:
         return Problem(item.where, f"cannot read {item.image}: {exc.strerror or exc}")
 
@@ -220,6 +232,9 @@ def index_catalog(
     started = time.perf_counter()
     manifest = repository.manifest()
     clean_stale_staging(repository, log=lambda m: print(f"lookalike index: {m}", file=sys.stderr))
+    # Before anything is read or embedded: the server serves this repository, with this embedder.
+    client.wait_until_ready(timeout_s=120.0)
+    check_server(repository, client)
     items, problems = read_catalog(catalog)
     limits = repository.image_limits()
     config = repository.preprocessing()
@@ -257,13 +272,18 @@ def index_catalog(
         choice = choose(index, rows, manifest.dim, **(index_options or {}))
     for i, item, _ in good:
         if i not in hashes:  # embedded although not hashed before (a file that appeared meanwhile)
-            hashes[i] = content_hash(item.image)
+            try:
+                hashes[i] = content_hash(item.image)
+            except OSError:  # and changed again since: indexed, but not reused by the next run
+                hashes[i] = ""
     built = build_index([item for _, item, _ in good], [v for _, _, v in good], manifest, choice=choice,
                         hashes=[hashes[i] for i, _, _ in good])
     report = IndexReport(0, len(built), problems, 0.0, choice, rows, len(good), reused=len(known),
                          embedded=len(embedded))
     compare_versions(repository, built, report)
-    report.version = publish_index(repository, built, client, keep_versions=keep_versions)
+    published = publish_index(repository, built, client, keep_versions=keep_versions)
+    report.version, report.pruned, report.kept_for = published.version, published.pruned, published.kept_for
+    report.superseded_by = published.superseded_by
     report.seconds = time.perf_counter() - started
     return report
 

@@ -56,6 +56,13 @@ def read(path: Path) -> Any:
     return parse(Path(path).read_text())
 
 
+def to_json(config: Any) -> dict[str, Any]:
+    """A ModelConfig as Triton's JSON form of it (what its load API takes as a `config` parameter)."""
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
 def to_text(config: Any, comment: str = "") -> str:
     """config.pbtxt text of a ModelConfig, after an optional comment (one `# ` line per line)."""
     header = "".join(f"# {line}\n" for line in comment.splitlines())

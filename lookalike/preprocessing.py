@@ -101,7 +101,7 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 20 * 1024 * 1024  # encoded bytes per image
+    max_bytes: int = c.MAX_IMAGE_BYTES  # encoded bytes per image
     max_pixels: int = 64_000_000  # decoded width * height (8000 x 8000), against decompression bombs
 
     @classmethod

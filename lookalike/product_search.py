@@ -197,8 +197,8 @@ def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM
         ids = tuple(row[0] for row in rows)
         if index is not None:
             for pid in ids:
-                if pid not in index:
-                    raise UnknownProductError(f"{c.UNKNOWN_PRODUCT} {pid!r}: not in the served index "
+                if pid not in index:  # quoted: the message never grows with the id (gRPC sends it in a header)
+                    raise UnknownProductError(f"{c.UNKNOWN_PRODUCT} {c.quoted(pid)}: not in the served index "
                                               f"({len(index)} products)")
         return SearchRequest(None, resolve_top_k(inputs.get(c.TOP_K), len(ids)), parse_filters(inputs, len(ids)), ids)
     embeddings = check_embeddings(required(inputs, c.EMBEDDING), dim, norm_tolerance)
@@ -207,8 +207,8 @@ def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM
 
 
 def outputs(result: SearchResult, info: bytes = b"{}") -> Outputs:
-    """A request's output tensors: its results, and INDEX_INFO on every row (Triton passes it on only
-    to a client that asked for it by name; the ensembles do not)."""
+    """A request's output tensors: its results, and INDEX_INFO on every row (Triton passes on the
+    outputs a client names, every output to one that names none; the ensembles never pass it on)."""
     rows = len(result.product_ids)
     return {c.PRODUCT_IDS: result.product_ids, c.SCORES: result.scores,
             c.INDEX_INFO: np.full((rows, 1), info, dtype=np.object_)}
@@ -217,7 +217,8 @@ def outputs(result: SearchResult, info: bytes = b"{}") -> Outputs:
 def index_info(index: ProductIndex, version: int, embedder_model: str) -> dict[str, Any]:
     """What INDEX_INFO says of a served index version (contract.INDEX_INFO_FIELDS)."""
     info = {"version": int(version), "products": len(index), "kind": index.kind, "dim": index.dim,
-            "embedder_model": embedder_model, "embedder_fingerprint": index.fingerprint}
+            "embedder_model": embedder_model, "embedder_fingerprint": index.fingerprint,
+            "index_id": index.meta.index_id}
     assert tuple(info) == c.INDEX_INFO_FIELDS
     return info
 

@@ -6,6 +6,15 @@ Triton serves the highest-numbered version directory. A version that cannot be s
 file, another embedder's index, a version the server refused to load) is therefore never left in
 place above a good one: it is moved, not deleted, to `product_search/.rejected/<version>-<UTC time>/`
 with a REJECTED.txt that says why, where Triton does not look and an operator can inspect it.
+
+Nothing is claimed that the server did not confirm. Before `lookalike index` embeds anything, the server
+must serve this repository (the index version it serves is one of this repository's, by its id) with
+this embedder (`check_server`); after the reload, the server's INDEX_INFO must name the version just
+written, with its id and product count (`confirm_served`), or that version is set aside.
+
+Every running `lookalike serve` records which version it serves in `product_search/.serving/`
+(`record_serving`, kept fresh by its supervisor), so that pruning old versions keeps, and names, a
+version that another server on the same repository still serves.
 """
 
 from __future__ import annotations
@@ -16,14 +25,16 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from lookalike_client import LookalikeClient, LookalikeError
+from lookalike_client import LookalikeClient, LookalikeError, ServerInfo
 from lookalike_client import contract as c
 
+from .artifacts import ArtifactError, IndexMeta
 from .repository import STAGING_OWNER_FILE, STAGING_PREFIX, Repository
 from .search import CorruptIndexError, ProductIndex, check_index_dir
 
@@ -37,7 +48,80 @@ STALE_UNKNOWN_STAGING_S = 3600.0
 
 
 class PublishError(RuntimeError):
-    """A new index version that the server did not take; it has been set aside."""
+    """A new index version that the server did not take (or did not confirm); it has been set aside."""
+
+
+class ServerMismatchError(RuntimeError):
+    """The server does not serve this model repository, or serves another embedder: indexing through it
+    would write a version it never loads, or mix two embedding spaces in one index."""
+
+
+# -- which servers serve which version -------------------------------------------------------------
+SERVING_HEARTBEAT_S = 30.0  # a running `lookalike serve` rewrites its record at least this often
+STALE_SERVING_S = 120.0  # a record from another host not rewritten for this long is ignored
+
+
+@dataclass(frozen=True)
+class ServingRecord:
+    """`lookalike serve` (host, pid) serves index `version`; `server_id` is its tritonserver's id (in the
+    server's metadata, `ServerInfo.server_id`), `urls` where its clients reach it."""
+
+    host: str
+    pid: int
+    version: int
+    server_id: str = ""
+    urls: tuple[str, ...] = ()
+    updated: float = 0.0
+
+    def __str__(self) -> str:
+        where = f" ({', '.join(self.urls)})" if self.urls else ""
+        return f"lookalike serve pid {self.pid} on {self.host}{where}"
+
+
+def _serving_file(repository: Repository, host: str, pid: int) -> Path:
+    return repository.serving_dir / f"{host}-{pid}.json"
+
+
+def record_serving(repository: Repository, version: int, server_id: str = "", urls: tuple[str, ...] = ()) -> Path:
+    """Records (atomically) that this process serves index `version` of `repository`."""
+    host, pid = socket.gethostname(), os.getpid()
+    repository.serving_dir.mkdir(exist_ok=True)
+    target = _serving_file(repository, host, pid)
+    staged = target.with_name(f".{target.name}.tmp")
+    staged.write_text(json.dumps({"host": host, "pid": pid, "version": int(version), "server_id": server_id,
+                                  "urls": list(urls), "updated": time.time()}))
+    os.replace(staged, target)
+    return target
+
+
+def clear_serving(repository: Repository) -> None:
+    """Removes this process's record (`lookalike serve` stopping)."""
+    _serving_file(repository, socket.gethostname(), os.getpid()).unlink(missing_ok=True)
+
+
+def serving_records(repository: Repository, now: float | None = None) -> list[ServingRecord]:
+    """The records of servers that may still serve: on this host, whose process is alive (the record of
+    one that is gone is removed); from another host, rewritten within STALE_SERVING_S."""
+    now = time.time() if now is None else now
+    records = []
+    if not repository.serving_dir.is_dir():
+        return records
+    for path in sorted(repository.serving_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            record = ServingRecord(str(data["host"]), int(data["pid"]), int(data["version"]),
+                                   str(data.get("server_id", "")), tuple(str(u) for u in data.get("urls", ())),
+                                   float(data["updated"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if record.host == socket.gethostname():
+            if not _pid_alive(record.pid):
+                path.unlink(missing_ok=True)
+                continue
+        elif now - record.updated > STALE_SERVING_S:
+            continue
+        records.append(record)
+    return records
 
 
 def version_problem(directory: Path, fingerprint: str) -> str | None:
@@ -90,10 +174,11 @@ def write_index_version(repository: Repository, save: Callable[[Path], None]) ->
     return version
 
 
-def prune_index_versions(repository: Repository, keep: int = 2) -> list[int]:
-    """Deletes all but the newest `keep` index versions (Triton serves only the newest)."""
+def prune_index_versions(repository: Repository, keep: int = 2, protected: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Deletes all but the newest `keep` index versions (Triton serves only the newest), except the
+    `protected` ones (served by another server); returns the versions deleted."""
     versions = repository.index_versions()
-    removed = versions[:-keep] if keep > 0 else versions
+    removed = [v for v in (versions[:-keep] if keep > 0 else versions) if v not in protected]
     for version in removed:
         shutil.rmtree(repository.search_dir / str(version), ignore_errors=True)
     return removed
@@ -201,10 +286,82 @@ def ensure_servable_index(repository: Repository, log: Log = print) -> int:
     return version
 
 
-def publish_index(repository: Repository, index: ProductIndex, client: LookalikeClient, *, keep_versions: int = 2) -> int:
-    """Writes `index` as the next version, has the running server load it and prunes old versions.
-    If the server does not load it (refused, no admin key, unreachable), the version is set aside
-    before the error is raised, so that a restart cannot serve what the server never accepted."""
+def index_id_of(directory: Path) -> str | None:
+    """The id of the index version in `directory` ("" for one built before ids), None when unreadable."""
+    try:
+        return IndexMeta.load(directory).index_id
+    except (ArtifactError, OSError):
+        return None
+
+
+def _describe(info: ServerInfo) -> str:
+    return (f"index version {info.index_version} ({info.products} products, id {info.index_id or 'none'}, "
+            f"embedder {info.embedder_model} {info.embedder_fingerprint})")
+
+
+def check_server(repository: Repository, client: LookalikeClient) -> ServerInfo:
+    """Before indexing (nothing is embedded or written yet): the server at `client.url` must serve this
+    repository, i.e. an index version that this repository holds under the same number and id, with
+    the embedder of this repository's manifest. Raises ServerMismatchError naming both sides."""
+    manifest = repository.manifest()
+    info = client.info()
+    if info.embedder_fingerprint != manifest.fingerprint:
+        raise ServerMismatchError(
+            f"the server at {client.url} serves embedder {info.embedder_model} (fingerprint "
+            f"{info.embedder_fingerprint}), but {repository.embedder_dir} holds {manifest.model} (fingerprint "
+            f"{manifest.fingerprint}): its embeddings would not be of this index's embedding space; nothing was "
+            "embedded or written")
+    local = index_id_of(repository.search_dir / str(info.index_version))
+    if local is None or local != info.index_id:
+        held = f"holds another index under that number (id {local or 'none'})" if local is not None else \
+            f"has no such version (it has {', '.join(map(str, repository.index_versions())) or 'none'})"
+        raise ServerMismatchError(
+            f"the server at {client.url} serves {_describe(info)}, but {repository.search_dir} {held}: the server "
+            "serves another model repository. `lookalike index` writes into --model-repository and has the server "
+            "load it from there, so give the server's own (or the volume mounted into its container); nothing was "
+            "embedded or written")
+    return info
+
+
+@dataclass
+class Publication:
+    """What `publish_index` did, each part confirmed: the version written and the server's own
+    INDEX_INFO after the reload; versions deleted, and versions kept because a server still serves them."""
+
+    version: int
+    served: ServerInfo
+    pruned: list[int] = field(default_factory=list)
+    kept_for: dict[int, list[ServingRecord]] = field(default_factory=dict)
+    superseded_by: int | None = None  # a newer version that another `lookalike index` published meanwhile
+
+
+def confirm_served(repository: Repository, client: LookalikeClient, version: int, index: ProductIndex) -> tuple[ServerInfo, int | None]:
+    """After the reload: the server's INDEX_INFO must name `version` with `index`'s id and product count.
+    Returns (what it serves, None), or (what it serves, its version) when a newer version of this
+    repository, published meanwhile by another `lookalike index`, already replaced ours. Anything else
+    sets `version` aside and raises PublishError."""
+    try:
+        info = client.info()
+    except LookalikeError as exc:
+        raise PublishError(f"the server took the load of index version {version}, but its INDEX_INFO could not be "
+                           f"read to confirm it ({type(exc).__name__}: {exc}); the version stays in place") from exc
+    if (info.index_version, info.index_id, info.products) == (version, index.meta.index_id, len(index)):
+        return info, None
+    if info.index_version > version and index_id_of(repository.search_dir / str(info.index_version)) == info.index_id:
+        return info, info.index_version
+    why = (f"after loading, the server at {client.url} serves {_describe(info)}, not index version {version} "
+           f"({len(index)} products, id {index.meta.index_id})")
+    where = set_aside(repository, version, why)
+    raise PublishError(f"{why}: version {version} was set aside in {where}, where no restart serves it")
+
+
+def publish_index(repository: Repository, index: ProductIndex, client: LookalikeClient, *,
+                  keep_versions: int = 2) -> Publication:
+    """Writes `index` as the next version, has the running server load it, confirms through INDEX_INFO
+    that the server serves it (`confirm_served`), then prunes old versions except those another server
+    on this repository still serves (`serving_records`). If the server does not load it (refused, no
+    admin key, unreachable) or serves something else afterwards, the version is set aside before the
+    error is raised, so that a restart cannot serve what the server never accepted."""
     version = write_index_version(repository, index.save)
     try:
         client.reload_index()
@@ -214,8 +371,16 @@ def publish_index(repository: Repository, index: ProductIndex, client: Lookalike
             where = set_aside(repository, version, f"the server did not load index version {version}: {why}")
             raise PublishError(f"the server did not load index version {version} ({why}); it was set aside in "
                                f"{where}, where no restart serves it") from exc
-    prune_index_versions(repository, keep=keep_versions)
-    return version
+    served, superseded_by = confirm_served(repository, client, version, index)
+    # The server just reloaded may not have rewritten its record yet: known by its id, it is not "another".
+    others = [r for r in serving_records(repository) if not (served.server_id and r.server_id == served.server_id)]
+    kept_for: dict[int, list[ServingRecord]] = {}
+    for record in others:
+        kept_for.setdefault(record.version, []).append(record)
+    pruned = prune_index_versions(repository, keep=keep_versions, protected=set(kept_for))
+    newest = set(repository.index_versions()[-keep_versions:]) if keep_versions > 0 else set()
+    kept_for = {v: r for v, r in kept_for.items() if v not in newest and v in repository.index_versions()}
+    return Publication(version, served, pruned, kept_for, superseded_by)
 
 
 def _serves(client: LookalikeClient, version: int) -> bool:
@@ -247,16 +412,30 @@ def rollback_index(repository: Repository, client: LookalikeClient) -> tuple[int
     for stale in [v for v in versions[:-1] if v > earlier[-1]]:  # unservable ones in between
         set_aside(repository, stale, f"index version {stale} cannot be served; set aside by a rollback")
     where = set_aside(repository, newest, f"rolled back by `lookalike index --rollback` to version {earlier[-1]}")
+    target = earlier[-1]
+
+    def put_back(why: str, cause: Exception | None) -> RollbackError:
+        (where / REASON_FILE).unlink(missing_ok=True)
+        os.rename(where, repository.search_dir / str(newest))
+        try:
+            client.reload_index()
+        except LookalikeError:
+            pass
+        error = RollbackError(f"{why}; version {newest} was put back")
+        error.__cause__ = cause
+        return error
+
     try:
         client.reload_index()
     except LookalikeError as exc:
-        if not _serves(client, earlier[-1]):
-            (where / REASON_FILE).unlink(missing_ok=True)
-            os.rename(where, repository.search_dir / str(newest))
-            try:
-                client.reload_index()
-            except LookalikeError:
-                pass
-            raise RollbackError(f"the server did not load index version {earlier[-1]} ({type(exc).__name__}: {exc}); "
-                                f"version {newest} was put back") from exc
-    return newest, earlier[-1]
+        if not _serves(client, target):
+            raise put_back(f"the server did not load index version {target} ({type(exc).__name__}: {exc})", exc) from exc
+    try:
+        info = client.info()
+    except LookalikeError as exc:
+        raise RollbackError(f"the server took the load of index version {target}, but its INDEX_INFO could not be "
+                            f"read to confirm it ({type(exc).__name__}: {exc})") from exc
+    if (info.index_version, info.index_id) != (target, index_id_of(repository.search_dir / str(target))):
+        raise put_back(f"after loading, the server at {client.url} serves {_describe(info)}, not index version {target} "
+                       "of this repository", None)
+    return newest, target

@@ -11,6 +11,7 @@ embedder's generated configs in `lookalike.model_configs`, writing and choosing 
       product_search/  config.pbtxt, model.py                               (committed)
                        <N>/model.py + index files                           (written by `lookalike index`)
                        .staging-*/, .rejected/                              (being written, set aside)
+                       .serving/<host>-<pid>.json       (which version each `lookalike serve` serves)
       embed_image/, visual_search/                                          (committed ensembles)
 """
 
@@ -31,6 +32,8 @@ from .preprocessing import ImageLimits, PreprocessConfig
 STAGING_PREFIX = ".staging-"
 STAGING_OWNER_FILE = ".owner.json"
 REJECTED_DIR = ".rejected"
+# Inside product_search/: one record per running `lookalike serve` of the version it serves (`publishing`).
+SERVING_DIR = ".serving"
 
 
 def default_repository() -> Path:
@@ -91,6 +94,24 @@ class Repository:
         ignores it, as it ignores every non-numeric directory."""
         return self.search_dir / REJECTED_DIR
 
+    @property
+    def serving_dir(self) -> Path:
+        return self.search_dir / SERVING_DIR
+
+    def models(self) -> list[str]:
+        """The models of the repository: its folders with a config.pbtxt."""
+        return sorted(p.parent.name for p in self.root.glob(f"*/{model_configs.CONFIG_FILE}"))
+
+    def ensembles_using(self, model: str) -> list[str]:
+        """The ensembles that have `model` as a step (tritonserver reloads a step from its config on disk
+        when such an ensemble is loaded plainly)."""
+        users = []
+        for name in self.models():
+            config = model_configs.read(self.root / name / model_configs.CONFIG_FILE)
+            if any(step.model_name == model for step in config.ensemble_scheduling.step):
+                users.append(name)
+        return users
+
     def index_versions(self) -> list[int]:
         if not self.search_dir.is_dir():
             return []
@@ -110,7 +131,8 @@ def copy_repository(source: Path, target: Path, *, with_indexes: bool = False) -
     """A copy of a model repository (for tests and benchmarks), by default without index versions."""
 
     def ignore(directory: str, names: list[str]) -> set[str]:
-        skipped = {n for n in names if n == "__pycache__" or n == REJECTED_DIR or n.startswith((STAGING_PREFIX, ".export-", ".engine-"))}
+        skipped = {n for n in names if n in ("__pycache__", REJECTED_DIR, SERVING_DIR)
+                   or n.startswith((STAGING_PREFIX, ".export-", ".engine-"))}
         if not with_indexes and Path(directory).name == c.SEARCH_MODEL:
             skipped |= {n for n in names if n.isdigit()}
         return skipped

@@ -546,7 +546,7 @@ class ProductIndex:
         does not hold it."""
         position = self._position.get(product_id)
         if position is None:
-            raise UnknownProductError(f"{c.UNKNOWN_PRODUCT} {product_id!r}: the served index (of {len(self)} products) "
+            raise UnknownProductError(f"{c.UNKNOWN_PRODUCT} {c.quoted(product_id)}: the served index (of {len(self)} products) "
                                       "does not hold it")
         start, count = int(self._starts[position]), int(self.vectors[position])
         if self.stored is not None:

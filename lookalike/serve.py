@@ -67,7 +67,9 @@ def serve_forever(options: ServerOptions, supervision: "SupervisorOptions | None
     health = None
     if options.health_port:
         try:
-            health = HealthServer(lambda: current["supervisor"], options.host, options.health_port).start()
+            # /status beyond loopback needs the admin key, as Triton's admin API does; /ready and /live never.
+            health = HealthServer(lambda: current["supervisor"], options.host, options.health_port,
+                                  status_key=options.effective_admin_key, require_key=options.restricted, log=log).start()
         except OSError as exc:
             log(f"health port {options.host}:{options.health_port}: {exc.strerror or exc} (another server running?)")
             return 1

@@ -22,12 +22,12 @@ import sysconfig
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Sequence
 
 from lookalike_client import ServerUnavailableError, wait_for
 from lookalike_client import contract as c
 
-from .stubs import kill_stubs_of
+from .stubs import ProcUnreadable, kill_stubs_of
 
 # APIs that change or expose server state: restricted to holders of the admin key when the server is
 # reachable beyond loopback (whoever reaches the port could otherwise unload the models).
@@ -54,6 +54,13 @@ class ServerOptions:
     restrict_admin: bool | None = None
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
+    server_id: str | None = None  # tritonserver's --id, in its metadata; default `lookalike:<host>:<pid>`
+
+    @property
+    def triton_id(self) -> str:
+        """The id tritonserver reports in its metadata (`ServerInfo.server_id`): the launcher's host and
+        pid, so that a client can tell which `lookalike serve` it talks to (`publishing.ServingRecord`)."""
+        return self.server_id or f"lookalike:{socket.gethostname()}:{os.getpid()}"
 
     @property
     def restricted(self) -> bool:
@@ -148,14 +155,16 @@ def find_tritonserver(explicit: str | None = None) -> Binary:
     return Binary(binary, {"LD_LIBRARY_PATH": ld, "PATH": path}, _prepare_wheel_backends(root))
 
 
-def build_command(options: ServerOptions, binary: Binary) -> list[str]:
+def build_command(options: ServerOptions, binary: Binary, models: Sequence[str] | None = None) -> list[str]:
+    """tritonserver's command line; `models`: the models to load at start (default: all of them)."""
     repo = Path(options.model_repository).resolve()
     args = [
         str(binary.path),
+        f"--id={options.triton_id}",
         f"--model-repository={repo}",
         # Explicit control: every model at start, then `load_model` swaps in new index versions.
         "--model-control-mode=explicit",
-        "--load-model=*",
+        *([f"--load-model={m}" for m in models] if models is not None else ["--load-model=*"]),
         "--strict-readiness=true",
         "--exit-timeout-secs=30",
         f"--http-address={options.host}",
@@ -232,7 +241,9 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self._log_handle: IO[bytes] | None = None
 
-    def start(self) -> "TritonServer":
+    def start(self, models: Sequence[str] | None = None) -> "TritonServer":
+        """Starts tritonserver (after `prepare`) loading `models` (default: every model of the
+        repository; the supervisor holds some back to load them itself, pinned)."""
         opts = self.options
         for name, port in (("http", opts.http_port), ("grpc", opts.grpc_port), ("metrics", opts.metrics_port)):
             if not port_is_free(opts.host, port):
@@ -240,7 +251,7 @@ class TritonServer:
         if self.prepare is not None:
             self.prepare()
         binary = find_tritonserver(opts.tritonserver)
-        command = build_command(opts, binary)
+        command = build_command(opts, binary, models)
         env = {**os.environ, **binary.env}
         # One process per model instance already; keep OpenMP from spinning on idle cores.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -260,14 +271,28 @@ class TritonServer:
         except OSError:
             return False
 
+    def wait_live(self, timeout_s: float = 300.0) -> None:
+        """Until tritonserver answers (its models may still be loading, or held back)."""
+        def live() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://{self.options.http_url}/v2/health/live", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        self._wait(live, timeout_s, "tritonserver")
+
     def wait_ready(self, timeout_s: float = 300.0, model: str = c.VISUAL_SEARCH_MODEL) -> None:
+        self._wait(lambda: self.ready(model), timeout_s, model)
+
+    def _wait(self, check: Callable[[], bool], timeout_s: float, what: str) -> None:
         def exited() -> str | None:
             if self.process is not None and self.process.poll() is not None:
-                return f"tritonserver exited with code {self.process.returncode} before {model} was ready"
+                return f"tritonserver exited with code {self.process.returncode} before {what} was ready"
             return None
 
         try:
-            wait_for(lambda: self.ready(model), timeout_s, what=model, abort=exited)
+            wait_for(check, timeout_s, what=what, abort=exited)
         except ServerUnavailableError as exc:
             raise LaunchError(f"{exc}" + (f"; see {self.log_file}" if self.log_file else "")) from None
 
@@ -284,7 +309,12 @@ class TritonServer:
                     self.process.kill()
                     self.process.wait()
             code = self.process.returncode
-            leftovers = kill_stubs_of(self.process.pid)
+            try:
+                leftovers = kill_stubs_of(self.process.pid)
+            except ProcUnreadable as exc:  # never a reason to fail a stop (or the supervisor's restart)
+                leftovers = []
+                print(f"lookalike: could not look for model processes that tritonserver (pid {self.process.pid}) "
+                      f"left running: {exc}", file=sys.stderr, flush=True)
             if leftovers:
                 print(f"lookalike: killed {len(leftovers)} model process(es) that tritonserver (pid "
                       f"{self.process.pid}) left running: {leftovers}", file=sys.stderr, flush=True)

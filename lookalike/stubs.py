@@ -8,14 +8,35 @@ model, version and instance it serves, and which tritonserver started it.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 STUB_BINARY = "triton_python_backend_stub"
 DEAD_STATES = frozenset("ZXx")  # zombie, dead
 STOPPED_STATES = frozenset("Tt")  # stopped by a signal, or by a tracer
+# A /proc entry that is not there (any more) means the process is gone; any other failure (too many
+# open files, no memory, permission) means only that this process could not look.
+GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH})
+
+
+class ProcUnreadable(OSError):
+    """/proc could not be read for a reason of the reader's own (EMFILE, ENFILE, ENOMEM, EACCES, ...):
+    says nothing about the process looked at, which must not be taken for dead."""
+
+    def __init__(self, what: str, cause: OSError) -> None:
+        super().__init__(cause.errno, f"cannot read {what}: {cause.strerror or cause}")
+        self.cause = cause
+
+
+def _gone_or_raise(what: str, exc: OSError) -> None:
+    """Returns when `exc` says the process is gone; raises ProcUnreadable otherwise."""
+    if exc.errno in GONE_ERRNOS:
+        return
+    raise ProcUnreadable(what, exc) from exc
 
 
 @dataclass(frozen=True, order=True)
@@ -47,17 +68,20 @@ class StubProcess:
 
 
 def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat from field 3 (state) on; None when the process no longer exists."""
+    """/proc/<pid>/stat from field 3 (state) on; None when the process no longer exists (ProcUnreadable
+    when it could not be read for another reason)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read().decode(errors="replace")
-    except OSError:
+    except OSError as exc:
+        _gone_or_raise(f"/proc/{pid}/stat", exc)
         return None
     return stat.rsplit(")", 1)[-1].split()  # the name in parentheses may hold spaces
 
 
 def read_state(pid: int) -> str | None:
-    """The one-letter state of a process (R, S, D, T, Z, ...), None when it no longer exists."""
+    """The one-letter state of a process (R, S, D, T, Z, ...), None when it no longer exists. Raises
+    ProcUnreadable when /proc could not be read (never None then: "I could not look" is not "gone")."""
     fields = _stat_fields(pid)
     return fields[0] if fields else None
 
@@ -66,7 +90,8 @@ def _argv(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             return [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
-    except OSError:
+    except OSError as exc:
+        _gone_or_raise(f"/proc/{pid}/cmdline", exc)
         return []
 
 
@@ -76,20 +101,22 @@ def _children(pid: int) -> list[int]:
     out: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+    except OSError as exc:
+        _gone_or_raise(f"/proc/{pid}/task", exc)
         return out
     for tid in tasks:
         try:
             with open(f"/proc/{pid}/task/{tid}/children") as handle:
                 out += [int(p) for p in handle.read().split()]
-        except OSError:
-            continue
+        except OSError as exc:
+            _gone_or_raise(f"/proc/{pid}/task/{tid}/children", exc)
     return out
 
 
 def list_stubs(server_pid: int) -> list[StubProcess]:
     """The model instances' stubs that tritonserver `server_pid` started (children or grandchildren,
-    in case a launcher shell stands between). Zombies have lost their command line: not listed."""
+    in case a launcher shell stands between). Zombies have lost their command line: not listed.
+    Raises ProcUnreadable when /proc could not be read: a partial listing is never returned."""
     stubs: list[StubProcess] = []
     for child in _children(server_pid):
         for pid in [child, *_children(child)]:
@@ -100,17 +127,40 @@ def list_stubs(server_pid: int) -> list[StubProcess]:
     return stubs
 
 
-def kill_stubs_of(server_pid: int) -> list[int]:
+def kill_stubs_of(server_pid: int, attempts: int = 20, retry_s: float = 0.25) -> list[int]:
     """SIGKILLs the stubs that tritonserver `server_pid`, now gone, left running; returns their pids.
 
     A stub is meant to exit when its tritonserver does, but its health thread first takes a mutex in
     shared memory without a timeout: when tritonserver died holding it (SIGKILL, OOM), the stub
-    waits forever, holding its memory. Its command line names the tritonserver that started it."""
+    waits forever, holding its memory. Its command line names the tritonserver that started it.
+
+    When /proc cannot be read (this process out of file descriptors, say), it tries again `attempts`
+    times, `retry_s` apart, then raises ProcUnreadable: the caller decides, nothing is assumed."""
+    for attempt in range(attempts):
+        try:
+            return _kill_stubs_of(server_pid)
+        except ProcUnreadable:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(retry_s)
+    return []
+
+
+def _kill_stubs_of(server_pid: int) -> list[int]:
     killed = []
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError as exc:
+        raise ProcUnreadable("/proc", exc) from exc
+    for entry in entries:
         if not entry.isdigit():
             continue
-        argv = _argv(int(entry))
+        try:
+            argv = _argv(int(entry))
+        except ProcUnreadable as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):  # another user's process: not a stub of ours
+                continue
+            raise
         if len(argv) > 5 and os.path.basename(argv[0]) == STUB_BINARY and argv[5] == str(server_pid):
             try:
                 os.kill(int(entry), signal.SIGKILL)

@@ -21,27 +21,49 @@ new stubs are not there afterwards, or when tritonserver itself exits, tritonser
 on the same repository and ports; more than `max_restarts` restarts within `restart_window_s` and
 the supervisor gives up (`lookalike serve` exits non-zero, for an orchestrator to take over).
 
+A repair keeps the index version that served: a stub's model is reloaded at the dead stub's version
+(a config override with a specific version policy), and a restarted tritonserver loads
+`product_search` at the version it served before (held back at start, then loaded pinned, then its
+ensembles). Moving to a newer version on disk is `lookalike index`'s decision (or `--rollback`'s),
+never a repair's; when the version that served is gone from disk, the repair says so and serves the
+newest. The version served is recorded in the repository (`publishing.record_serving`), so that
+`lookalike index` does not delete it under this server.
+
+"I could not look" is never "it died": /proc or tritonserver's API failing for a reason of the
+supervisor's own (out of file descriptors, say) is logged and retried; nothing is killed over it.
+
 Readiness. `HealthServer` answers GET /ready with 200 only while tritonserver reports ready, no
 stub is dead and no recovery is under way (503 and the reason otherwise), GET /live with 200 while
-the supervisor runs, and GET /status with the incidents so far, as JSON.
+the supervisor runs, and GET /status with the incidents so far, as JSON (beyond loopback: only with
+the admin key). It cannot be exhausted: one event loop, no thread per connection, a connection cap
+and a read timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import hmac
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from lookalike_client import contract as c
 
-from .stubs import DEAD_STATES, STOPPED_STATES, StubId, StubProcess, list_stubs, read_state
+from . import model_configs
+from .publishing import SERVING_HEARTBEAT_S, clear_serving, record_serving, version_problem
+from .repository import Repository
+from .stubs import DEAD_STATES, STOPPED_STATES, ProcUnreadable, StubId, StubProcess, list_stubs, read_state
 
 if TYPE_CHECKING:
     from .server import TritonServer
@@ -49,6 +71,8 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 RECOVERY_PARAMETER = "lookalike_recovery"
+# The models that clients call: /ready is 200 only while each of them is.
+CLIENT_MODELS = (c.VISUAL_SEARCH_MODEL, c.SIMILAR_PRODUCTS_MODEL, c.EMBED_IMAGE_MODEL)
 
 
 class SupervisorGaveUp(RuntimeError):
@@ -57,6 +81,23 @@ class SupervisorGaveUp(RuntimeError):
 
 class AdminError(RuntimeError):
     pass
+
+
+class LocalResourceError(AdminError):
+    """A call to tritonserver failed for a reason of this process's own (out of file descriptors or
+    memory): it says nothing about tritonserver."""
+
+
+# errnos that say "this process could not", not "the other side is gone"
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def _local_errno(exc: BaseException) -> int | None:
+    """The errno of `exc` (or of the OSError urllib wrapped in it) when it is one of LOCAL_ERRNOS."""
+    for candidate in (exc, getattr(exc, "reason", None), exc.__cause__, exc.__context__):
+        if isinstance(candidate, OSError) and candidate.errno in LOCAL_ERRNOS:
+            return candidate.errno
+    return None
 
 
 @dataclass
@@ -117,6 +158,12 @@ class StubWatch:
         """A dead stub whose version is still served: a crash, not an unload."""
         self.crashed.add(dead.pid)
 
+    def retry(self, dead: DeadStub) -> None:
+        """Report this dead stub again next round: it could not be dealt with this time (the supervisor
+        could not ask tritonserver, for a reason of its own)."""
+        self.reported.discard(dead.pid)
+        self.crashed.discard(dead.pid)
+
     def tracked(self) -> list[int]:
         return [process.pid for process in list(self.current.values())]
 
@@ -150,16 +197,19 @@ class TritonAdmin:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
         except OSError as exc:
+            if _local_errno(exc) is not None:
+                raise LocalResourceError(f"{method} {path}: {exc}") from exc
             raise AdminError(f"{method} {path}: {exc}") from exc
 
     def ok(self, path: str) -> bool:
+        """Whether GET `path` answers 200; False when tritonserver does not answer. LocalResourceError
+        when this process could not ask."""
         try:
             return self._call("GET", path, timeout_s=2.0)[0] == 200
+        except LocalResourceError:
+            raise
         except AdminError:
             return False
-
-    def server_ready(self) -> bool:
-        return self.ok("/v2/health/ready")
 
     def model_states(self) -> dict[tuple[str, str], str]:
         """(model, version) -> READY | LOADING | UNLOADING | UNAVAILABLE, from the repository index."""
@@ -168,18 +218,38 @@ class TritonAdmin:
             raise AdminError(f"repository index: HTTP {status}: {body[:200]!r}")
         return {(m["name"], str(m.get("version", ""))): m.get("state", "") for m in json.loads(body)}
 
-    def reload(self, model: str, token: str, timeout_s: float = 300.0) -> None:
+    def reload(self, model: str, token: str, version: str | None = None, timeout_s: float = 300.0) -> None:
         """Loads `model` again even though nothing changed on disk: with its served config, in which
-        only RECOVERY_PARAMETER differs from the config it was loaded with."""
+        only RECOVERY_PARAMETER differs from the config it was loaded with, and, given a `version`,
+        that version pinned (else tritonserver would load the newest version on disk)."""
         status, body = self._call("GET", f"/v2/models/{model}/config")
         if status != 200:
             raise AdminError(f"config of {model}: HTTP {status}: {body[:200]!r}")
         config = json.loads(body)
         config.setdefault("parameters", {})[RECOVERY_PARAMETER] = {"string_value": token}
-        status, body = self._call("POST", f"/v2/repository/models/{model}/load",
-                                  {"parameters": {"config": json.dumps(config)}}, timeout_s=timeout_s)
+        if version is not None:
+            config["version_policy"] = pinned_policy(version)
+        self.load(model, config, timeout_s=timeout_s)
+
+    def load(self, model: str, config: dict[str, Any] | None = None, timeout_s: float = 300.0) -> None:
+        """Loads `model`, with `config` (Triton's JSON of a ModelConfig) instead of its config.pbtxt."""
+        body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
+        status, answer = self._call("POST", f"/v2/repository/models/{model}/load", body, timeout_s=timeout_s)
         if status != 200:
-            raise AdminError(f"reload of {model}: HTTP {status}: {body[:300].decode(errors='replace')}")
+            raise AdminError(f"load of {model}: HTTP {status}: {answer[:300].decode(errors='replace')}")
+
+
+def pinned_policy(version: str | int) -> dict[str, Any]:
+    """A version policy that serves exactly `version`."""
+    return {"specific": {"versions": [int(version)]}}
+
+
+def disk_config(repository: Repository, model: str, version: int | None = None) -> dict[str, Any]:
+    """`model`'s config.pbtxt as Triton's JSON (for a load with a config), `version` pinned if given."""
+    config = model_configs.to_json(model_configs.read(repository.root / model / model_configs.CONFIG_FILE))
+    if version is not None:
+        config["version_policy"] = pinned_policy(version)
+    return config
 
 
 # -- the supervisor -------------------------------------------------------------------------------
@@ -214,6 +284,7 @@ class Supervisor:
         self.options = options or SupervisorOptions()
         self.log = log
         self.admin = TritonAdmin(server.options.http_url, server.options.effective_admin_key)
+        self.repository = Repository(Path(server.options.model_repository))
         self.watch = StubWatch(self.options.stopped_grace_s)
         self.incidents: list[Incident] = []
         self.busy: str | None = None  # what the supervisor is repairing right now
@@ -222,11 +293,18 @@ class Supervisor:
         # killed stub held it), so its shutdown may run into --exit-timeout-secs and exit with 1.
         self.replaced_after_crash = 0
         self.restarts: list[float] = []
+        # The product_search version that tritonserver serves (READY in its repository index), as last
+        # seen: what a restart loads again.
+        self.serving: int | None = None
+        self._recorded: tuple[int, float] | None = None  # (version, when) of the record in the repository
         self._lock = threading.Lock()
         self._last_scan = 0.0
         self._orphans: dict[int, float] = {}  # superseded stub pid -> when first seen so
         self._ready_since: float | None = time.monotonic()  # of the current tritonserver; None: failed to start
         self._quick_restarts = 0
+        self._blind_since: float | None = None  # when /proc or tritonserver's API last became unreadable to us
+        self._blind_logged = 0.0
+        self._blind_rounds = 0
 
     # -- state for /ready and /status --------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
@@ -237,8 +315,16 @@ class Supervisor:
             return False, self.busy
         if not self.watch.healthy():
             return False, "a Python-backend stub is dead"
-        if not self.admin.server_ready() or not self.admin.ok(f"/v2/models/{c.VISUAL_SEARCH_MODEL}/ready"):
-            return False, "tritonserver reports not ready"
+        try:
+            # Live, and each model that clients call ready. Not Triton's server readiness: it also counts
+            # a model version on its way out, so it dips for a second after every index swap.
+            if not self.admin.ok("/v2/health/live"):
+                return False, "tritonserver does not answer"
+            for model in CLIENT_MODELS:
+                if not self.admin.ok(f"/v2/models/{model}/ready"):
+                    return False, f"tritonserver reports {model} not ready"
+        except LocalResourceError as exc:
+            return False, f"the supervisor cannot check tritonserver: {exc}"
         return True, "ready"
 
     def status(self) -> dict:
@@ -247,7 +333,7 @@ class Supervisor:
             incidents = [asdict(i) for i in self.incidents[-50:]]
         return {"ready": ready, "reason": reason, "tritonserver_pid": getattr(self.server.process, "pid", None),
                 "stubs": {str(stub): p.pid for stub, p in sorted(list(self.watch.current.items()))},
-                "restarts": len(self.restarts), "incidents": incidents}
+                "index_version": self.serving, "restarts": len(self.restarts), "incidents": incidents}
 
     def _record(self, incident: Incident) -> Incident:
         with self._lock:
@@ -257,17 +343,44 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Watches and repairs until `stop` is set. Raises SupervisorGaveUp after too many restarts."""
-        while not stop.wait(self.options.interval_s):
-            process = self.server.process
-            if process is None or process.poll() is not None:
-                if stop.is_set():
-                    return
-                self._restart(f"tritonserver exited with code {None if process is None else process.returncode}", stop)
-                continue
-            self.check(stop)
+        try:
+            while not stop.wait(self.options.interval_s):
+                process = self.server.process
+                if process is None or process.poll() is not None:
+                    if stop.is_set():
+                        return
+                    self._restart(f"tritonserver exited with code {None if process is None else process.returncode}", stop)
+                    continue
+                try:
+                    self.check(stop)
+                except (ProcUnreadable, LocalResourceError) as exc:
+                    self._cannot_look(exc)
+                    continue
+                self._can_look_again()
+        finally:
+            self.close()
+
+    def _cannot_look(self, exc: OSError | AdminError) -> None:
+        """/proc or tritonserver's API could not be read for a reason of this process's own: nothing
+        is concluded from it. Logged when it starts and every 10 s while it lasts."""
+        now = time.monotonic()
+        self._blind_rounds += 1
+        if self._blind_since is None:
+            self._blind_since = now
+        if now - self._blind_logged >= 10.0:
+            self._blind_logged = now
+            self.log(f"cannot watch tritonserver for {now - self._blind_since:.0f} s: {exc}; "
+                     "retrying (tritonserver is left alone; this is the supervisor's own trouble)")
+
+    def _can_look_again(self) -> None:
+        if self._blind_since is not None:
+            self.log(f"watching tritonserver again after {time.monotonic() - self._blind_since:.1f} s "
+                     f"({self._blind_rounds} round(s) skipped)")
+            self._blind_since, self._blind_logged, self._blind_rounds = None, 0.0, 0
 
     def check(self, stop: threading.Event | None = None) -> list[DeadStub]:
-        """One round: find dead stubs, tell them from unloaded ones, repair their models."""
+        """One round: find dead stubs, tell them from unloaded ones, repair their models. Raises
+        ProcUnreadable / LocalResourceError when it could not look: then nothing is concluded."""
         now = time.monotonic()
         pid = self.server.process.pid if self.server.process else None
         if pid is None:
@@ -276,6 +389,7 @@ class Supervisor:
         if now - self._last_scan >= self.options.scan_every_s:
             found = list_stubs(pid)
             self._last_scan = now
+            self._refresh_serving()
         states = {p: read_state(p) for p in {f.pid for f in found} | set(self.watch.tracked())}
         self.watch.add(found, states)
         if found:
@@ -285,6 +399,10 @@ class Supervisor:
             return []
         try:
             served = self.admin.model_states()
+        except LocalResourceError:
+            for d in dead:  # looked at again next round, when the supervisor can ask
+                self.watch.retry(d)
+            raise
         except AdminError as exc:
             process = self.server.process
             if process is not None and process.poll() is not None:  # its stubs died with it
@@ -303,15 +421,72 @@ class Supervisor:
             self._recover(model, [d for d in crashed if d.stub.model == model], stop)
         return crashed
 
+    # -- the version served ------------------------------------------------------------------------
+    def _refresh_serving(self) -> None:
+        """Which product_search version tritonserver serves, from its repository index (the newest READY
+        one while a swap has two), recorded in the repository when it changes and every
+        SERVING_HEARTBEAT_S. Unchanged while tritonserver does not answer."""
+        try:
+            states = self.admin.model_states()
+        except LocalResourceError:
+            raise
+        except AdminError:
+            return
+        ready = [int(v) for (model, v), state in states.items() if model == c.SEARCH_MODEL and state == "READY" and v.isdigit()]
+        if ready:
+            self.serving = max(ready)
+        self._publish_serving()
+
+    def _publish_serving(self) -> None:
+        if self.serving is None:
+            return
+        now = time.monotonic()
+        if self._recorded is not None and self._recorded[0] == self.serving and now - self._recorded[1] < SERVING_HEARTBEAT_S:
+            return
+        options = self.server.options
+        try:
+            record_serving(self.repository, self.serving, options.triton_id, (options.grpc_url, options.http_url))
+        except OSError as exc:
+            if self._recorded is None or self._recorded[0] != self.serving:
+                self.log(f"cannot record the index version served in {self.repository.serving_dir}: {exc} "
+                         "(`lookalike index` may then delete it under this server)")
+        self._recorded = (self.serving, now)
+
+    def close(self) -> None:
+        """Removes this server's record of the version it serves (it is stopping)."""
+        try:
+            clear_serving(self.repository)
+        except OSError:
+            pass
+
+    def _pin(self, model: str, version: str) -> str | None:
+        """The version of `model` to load again in a repair: the one that served, while it is still on
+        disk; None (and the reason logged) when it is gone, so that the newest is loaded instead."""
+        if (self.repository.root / model / version).is_dir():
+            return version
+        self.log(f"{model} version {version}, which served, is no longer on disk: the repair loads the newest "
+                 "version instead")
+        return None
+
+    # -- repairs -----------------------------------------------------------------------------------
     def _recover(self, model: str, dead: list[DeadStub], stop: threading.Event | None) -> None:
         what = "; ".join(f"stub {d.stub} pid {d.pid} {d.how}" for d in dead)
-        incident = self._record(Incident(time.time(), what, action=f"reload {model}"))
+        version = self._pin(model, max((d.stub.version for d in dead), key=lambda v: int(v) if v.isdigit() else -1))
+        kept = f" version {version}" if version is not None else ""
+        incident = self._record(Incident(time.time(), what, action=f"reload {model}{kept}"))
         self.busy = f"recovering {model}: {what}"
-        self.log(f"{what}: reloading {model}")
+        self.log(f"{what}: reloading {model}{kept}")
         started = time.monotonic()
         try:
-            self._while_tritonserver_runs(lambda: self.admin.reload(model, token=f"{time.time():.6f}"),
+            self._while_tritonserver_runs(lambda: self.admin.reload(model, token=f"{time.time():.6f}", version=version),
                                           self.options.reload_timeout_s, f"reloading {model}")
+        except LocalResourceError as exc:  # the supervisor's own trouble: try again next round
+            incident.failed = f"could not ask tritonserver: {exc}"
+            self.log(f"reloading {model}: {incident.failed}; trying again")
+            for d in dead:
+                self.watch.retry(d)
+            self.busy = None
+            return
         except AdminError as exc:
             incident.failed = str(exc)
             self.log(f"reloading {model} failed: {exc}")
@@ -395,61 +570,228 @@ class Supervisor:
         self._last_scan = 0.0
         self.replaced_after_crash = 0
         try:
-            self.server.start()
-            self.server.wait_ready(self.options.ready_timeout_s)
+            pinned = self._start_serving_the_same_version()
         except Exception as exc:  # noqa: BLE001 - the next round sees the dead process and tries again
             incident.failed = str(exc)
             self.log(f"restarting tritonserver failed: {exc}")
             self._ready_since = None
             self.busy = None
             return
+        if pinned is not None:
+            incident.action += f" ({c.SEARCH_MODEL} kept at index version {pinned})"
         incident.recovered_after_s = round(time.monotonic() - started, 2)
         self._ready_since = time.monotonic()
         self.busy = None
-        self.log(f"tritonserver restarted; ready after {incident.recovered_after_s:.1f} s")
+        self.log(f"tritonserver restarted; ready after {incident.recovered_after_s:.1f} s"
+                 + (f", serving index version {pinned} as before" if pinned is not None else ""))
+
+    def _version_to_pin(self) -> int | None:
+        """The product_search version a restart must load again: the one that served, when a plain start
+        would load another (a newer one on disk). None when there is nothing to pin, or when it cannot
+        be served any more (gone, damaged: logged, and the restart serves the newest servable)."""
+        version = self.serving
+        versions = self.repository.index_versions()
+        if version is None or not versions or version == max(versions):
+            return None
+        if version not in versions:
+            self.log(f"index version {version}, which served, is no longer on disk: the restart serves the newest "
+                     "servable version")
+            return None
+        try:
+            problem = version_problem(self.repository.search_dir / str(version), self.repository.manifest().fingerprint)
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        if problem is not None:
+            self.log(f"index version {version}, which served, cannot be served any more ({problem}): the restart "
+                     "serves the newest servable version")
+            return None
+        return version
+
+    def _start_serving_the_same_version(self) -> int | None:
+        """Starts tritonserver again and waits until it is ready, serving the product_search version that
+        served before (`_version_to_pin`): product_search and the ensembles over it are held back at
+        start (tritonserver would load its newest version), then product_search is loaded with that
+        version pinned, then the ensembles, each with its own config (a plain load of an ensemble
+        reloads its steps from disk). Returns the version pinned, or None for a plain start."""
+        version = self._version_to_pin()
+        if version is None:
+            self.server.start()
+            self.server.wait_ready(self.options.ready_timeout_s)
+            return None
+        held = [c.SEARCH_MODEL, *self.repository.ensembles_using(c.SEARCH_MODEL)]
+        self.server.start(models=[m for m in self.repository.models() if m not in held])
+        self.server.wait_live(self.options.ready_timeout_s)
+        self.admin.load(c.SEARCH_MODEL, disk_config(self.repository, c.SEARCH_MODEL, version),
+                        timeout_s=self.options.reload_timeout_s)
+        for ensemble in held[1:]:
+            self.admin.load(ensemble, disk_config(self.repository, ensemble), timeout_s=self.options.reload_timeout_s)
+        self.server.wait_ready(self.options.ready_timeout_s)
+        self.serving = version
+        return version
 
 
 # -- /ready, /live, /status ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class HealthLimits:
+    """What one client of the health port can hold: it is probed every few seconds by load balancers
+    and Kubernetes, and reachable by whoever reaches the host when bound beyond loopback."""
+
+    max_connections: int = 64  # open at once; a new one beyond drops the oldest that has sent nothing yet
+    read_timeout_s: float = 5.0  # for a request's line and headers, and for writing the answer
+    max_request_bytes: int = 8192  # request line and headers
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
 class HealthServer:
     """GET /ready (200 or 503), /live (200), /status (JSON) for load balancers and orchestrators:
-    unlike Triton's own endpoints, /ready turns 503 while a stub is dead or being replaced."""
+    unlike Triton's own endpoints, /ready turns 503 while a stub is dead or being replaced.
 
-    def __init__(self, supervisor_ref: Callable[[], Supervisor | None], host: str, port: int) -> None:
-        get = supervisor_ref
+    One asyncio event loop in a thread of its own serves every connection: an idle socket costs a file
+    descriptor and a few KB, never a thread; at most `limits.max_connections` are open (a new one drops
+    the oldest that has not sent its request yet, so probes get through a flood of idle connections);
+    a request's head must arrive within `limits.read_timeout_s` and fit `limits.max_request_bytes`;
+    each connection gets one answer and is closed. Readiness is computed in a small thread pool, one
+    computation at a time, shared by the probes that arrive meanwhile. /ready and /live need nothing
+    (probes cannot carry a secret); /status needs `status_key` in the admin-key header when one is
+    given (`lookalike serve` gives it beyond loopback, as for Triton's admin API)."""
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                supervisor = get()
-                if self.path in ("/live", "/v2/health/live"):
-                    self._send(200, {"live": True})
-                elif self.path in ("/ready", "/v2/health/ready"):
-                    ready, reason = supervisor.readiness() if supervisor else (False, "starting")
-                    self._send(200 if ready else 503, {"ready": ready, "reason": reason})
-                elif self.path == "/status":
-                    self._send(200, supervisor.status() if supervisor else {"ready": False, "reason": "starting"})
-                else:
-                    self._send(404, {"error": "GET /ready, /live or /status"})
-
-            def _send(self, code: int, body: dict) -> None:
-                data = json.dumps(body, indent=1).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - probes every second: not logged
-                pass
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="lookalike-health", daemon=True)
+    def __init__(self, supervisor_ref: Callable[[], Supervisor | None], host: str, port: int, *,
+                 status_key: str | None = None, require_key: bool = False, limits: HealthLimits | None = None,
+                 log: Log = lambda _m: None) -> None:
+        self.get = supervisor_ref
+        self.limits = limits or HealthLimits()
+        self.require_key = require_key or status_key is not None
+        self.status_key = status_key
+        self.log = log
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family, backlog=128)  # OSError: in use
+        self.sock.setblocking(False)
+        self.port = int(self.sock.getsockname()[1])
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._loop_error)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lookalike-health")
+        self.thread = threading.Thread(target=self._serve, name="lookalike-health", daemon=True)
+        self._waiting: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()  # no request received yet
+        self._open: set[asyncio.StreamWriter] = set()
+        self._readiness: asyncio.Future[tuple[bool, str]] | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._started = threading.Event()
+        self._last_loop_error = 0.0
 
     def start(self) -> "HealthServer":
         self.thread.start()
+        self._started.wait(10.0)
         return self
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(timeout=10.0)
+            self.thread.join(10.0)
+        self.pool.shutdown(wait=False)
+        self.sock.close()
 
+    # -- the loop ----------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self._server = self.loop.run_until_complete(
+            asyncio.start_server(self._handle, sock=self.sock, limit=self.limits.max_request_bytes))
+        self._started.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._open):
+            writer.transport.abort()
+        self.loop.call_soon(self.loop.stop)
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's own errors (accept() out of file descriptors: it pauses accepting for a second and
+        tries again), logged at most every 10 s."""
+        now = time.monotonic()
+        if now - self._last_loop_error >= 10.0:
+            self._last_loop_error = now
+            self.log(f"health port: {context.get('message')}: {context.get('exception')}")
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered = False
+        head = b""
+        self._open.add(writer)
+        self._waiting[writer] = None
+        if len(self._open) > self.limits.max_connections and self._waiting:
+            oldest = next(iter(self._waiting))
+            self._waiting.pop(oldest)
+            oldest.transport.abort()  # its _handle sees the connection lost and cleans up
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.limits.read_timeout_s)
+            except asyncio.LimitOverrunError:
+                code, body = 431, {"error": f"request line and headers over {self.limits.max_request_bytes} bytes"}
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                return  # idle, gone, or dropped for a newer connection
+            else:
+                self._waiting.pop(writer, None)
+                code, body = await self._answer(head)
+            data = json.dumps(body, indent=1).encode()
+            head_only = head.startswith(b"HEAD ")
+            writer.write(f"HTTP/1.1 {code} {_REASONS.get(code, '')}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+                         + (b"" if head_only else data))
+            await asyncio.wait_for(writer.drain(), self.limits.read_timeout_s)
+            answered = True
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._waiting.pop(writer, None)
+            self._open.discard(writer)
+            if answered:
+                writer.close()
+            else:  # nothing owed, or a client that does not read its answer: no flushing, no waiting
+                writer.transport.abort()
+
+    async def _answer(self, head: bytes) -> tuple[int, dict[str, Any]]:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return 400, {"error": "not an HTTP request"}
+        method, path = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, {"error": "GET /ready, /live or /status"}
+        supervisor = self.get()
+        if path in ("/live", "/v2/health/live"):
+            return 200, {"live": True}
+        if path in ("/ready", "/v2/health/ready"):
+            ready, reason = await self._ready(supervisor)
+            return (200 if ready else 503), {"ready": ready, "reason": reason}
+        if path == "/status":
+            if self.require_key and not self._authorised(lines[1:]):
+                return 403, {"error": f"/status beyond loopback needs the header {c.ADMIN_KEY_HEADER} "
+                                      f"(${c.ADMIN_KEY_ENV}); /ready and /live need nothing"}
+            if supervisor is None:
+                return 200, {"ready": False, "reason": "starting"}
+            return 200, await self.loop.run_in_executor(self.pool, supervisor.status)
+        return 404, {"error": "GET /ready, /live or /status"}
+
+    async def _ready(self, supervisor: Supervisor | None) -> tuple[bool, str]:
+        """The supervisor's readiness: one computation at a time, shared by every probe that arrives
+        while it runs (each may ask tritonserver twice)."""
+        if supervisor is None:
+            return False, "starting"
+        if self._readiness is None or self._readiness.done():
+            self._readiness = self.loop.run_in_executor(self.pool, supervisor.readiness)
+        return await asyncio.shield(self._readiness)
+
+    def _authorised(self, header_lines: list[str]) -> bool:
+        if not self.status_key:
+            return False
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == c.ADMIN_KEY_HEADER:
+                return hmac.compare_digest(value.strip().encode(), self.status_key.encode())
+        return False

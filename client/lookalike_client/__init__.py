@@ -19,6 +19,7 @@ from .errors import (
     ServerError,
     ServerUnavailableError,
 )
+from .files import FileRefusedError
 from .images import ImageLike, read_image_bytes
 from .waiting import wait_for
 
@@ -33,6 +34,7 @@ __all__ = [
     "NO_RETRIES",
     "ImageLike",
     "read_image_bytes",
+    "FileRefusedError",
     "contract",
     "LookalikeError",
     "InvalidRequestError",

@@ -42,7 +42,6 @@ from .calls import (
     read_many,
     search_call,
     server_info,
-    server_version,
     settle,
     similar_call,
 )
@@ -64,8 +63,9 @@ class AsyncLookalikeClient(ClientOptions):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         admin_key: str | None = None,
         retry: RetryPolicy | None = None,
+        max_image_bytes: int = c.MAX_IMAGE_BYTES,
     ) -> None:
-        super().__init__(url, protocol, timeout_s, admin_key, retry)
+        super().__init__(url, protocol, timeout_s, admin_key, retry, max_image_bytes)
         self._aio: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -174,7 +174,7 @@ class AsyncLookalikeClient(ClientOptions):
         embedder = await self._retrying(lambda b: self._bounded(b, lambda cl: cl.get_model_metadata(c.EMBEDDER_MODEL)))
         dim = embedding_dim(embedder)
         index = await self._run(index_info_call(dim))
-        return server_info(self.url, self.protocol, server_version(metadata), dim, index, models)
+        return server_info(self.url, self.protocol, metadata, dim, index, models)
 
     async def served_index_versions(self) -> list[int]:
         """The index versions that `product_search` serves now, from its model metadata."""
@@ -192,7 +192,8 @@ class AsyncLookalikeClient(ClientOptions):
         """One request for up to 64 images, all or nothing (see `LookalikeClient.search_batch`)."""
         if not images:
             return []
-        return await self._run(search_call([read_image_bytes(image) for image in images], top_k, category, exclude_ids))
+        return await self._run(search_call([read_image_bytes(image, self.max_image_bytes) for image in images], top_k,
+                                           category, exclude_ids))
 
     async def search_many(self, images: Sequence[ImageLike], top_k: int = c.DEFAULT_TOP_K, *,
                           category: str | None = None, exclude_ids: Sequence[str] = (),
@@ -204,7 +205,7 @@ class AsyncLookalikeClient(ClientOptions):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         results: list[SearchResult | None] = [None] * len(images)
-        data = read_many(images, results)
+        data = read_many(images, results, self.max_image_bytes)
         readable = [i for i, d in enumerate(data) if d is not None]
         chunks = [[readable[j] for j in chunk] for chunk in many_chunks(len(readable), batch_size)]
         gate = asyncio.Semaphore(max_concurrency)
@@ -240,7 +241,7 @@ class AsyncLookalikeClient(ClientOptions):
 
     async def embed(self, images: Sequence[ImageLike]) -> npt.NDArray[np.float32]:
         """[N, D] float32 L2-normalised embeddings of N images, in one request."""
-        return await self._run(embed_call([read_image_bytes(image) for image in images]))
+        return await self._run(embed_call([read_image_bytes(image, self.max_image_bytes) for image in images]))
 
     async def reload_index(self, timeout_s: float = 300.0) -> None:
         """Asks the server to load the newest index version of `product_search` (one attempt)."""

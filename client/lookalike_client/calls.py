@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from . import contract as c
 from .errors import InvalidImageError, InvalidRequestError, LookalikeError, ServerError
+from .files import FileRefusedError
 from .images import ImageLike, read_image_bytes
 
 T = TypeVar("T")
@@ -85,6 +86,8 @@ class ServerInfo:
     dim: int  # embedding width (the embedder's EMBEDDING output)
     embedder_fingerprint: str
     models: dict[str, bool]  # each served model's readiness
+    index_id: str = ""  # the served index's own id, given when it was built ("" for older indexes)
+    server_id: str = ""  # tritonserver's id (`lookalike serve` names it lookalike:<host>:<pid>)
 
 
 @dataclass(frozen=True)
@@ -275,14 +278,17 @@ def server_version(metadata: Any) -> str:
     return str(_field(metadata, "version"))
 
 
-def server_info(url: str, protocol: str, version: str, dim: int, index: Mapping[str, Any],
+def server_info(url: str, protocol: str, metadata: Any, dim: int, index: Mapping[str, Any],
                 models: dict[str, bool]) -> ServerInfo:
+    """A ServerInfo from the server's metadata, the embedder's dim and product_search's INDEX_INFO."""
     if int(index["dim"]) != dim:
         raise ServerError(f"the index serves {index['dim']}-d embeddings but the embedder makes {dim}-d ones")
-    return ServerInfo(url=url, protocol=protocol, server_version=version, index_version=int(index["version"]),
+    return ServerInfo(url=url, protocol=protocol, server_version=server_version(metadata),
+                      server_id=str(_field(metadata, "name")), index_version=int(index["version"]),
                       products=int(index["products"]), index_kind=str(index["kind"]),
                       embedder_model=str(index["embedder_model"]), dim=dim,
-                      embedder_fingerprint=str(index["embedder_fingerprint"]), models=models)
+                      embedder_fingerprint=str(index["embedder_fingerprint"]), models=models,
+                      index_id=str(index["index_id"]))
 
 
 # -- search_many ---------------------------------------------------------------------------------
@@ -299,14 +305,18 @@ def many_chunks(count: int, batch_size: int) -> list[list[int]]:
     return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
 
 
-def read_many(images: Sequence[ImageLike], results: list[SearchResult | None]) -> list[bytes | None]:
-    """Each image's bytes; one that cannot be read gets its error result here (and None)."""
+def read_many(images: Sequence[ImageLike], results: list[SearchResult | None],
+              max_bytes: int = c.MAX_IMAGE_BYTES) -> list[bytes | None]:
+    """Each image's bytes (a path or file of at most `max_bytes`); one that cannot be read gets its
+    error result here (and None): InvalidImageError with reason "too_large" for a file over
+    `max_bytes`, "unreadable" for any other (missing, not a regular file, not an image input)."""
     data: list[bytes | None] = []
     for i, image in enumerate(images):
         try:
-            data.append(read_image_bytes(image))
+            data.append(read_image_bytes(image, max_bytes))
         except (OSError, TypeError, ValueError) as exc:
-            results[i] = SearchResult(error=InvalidImageError(f"cannot read image {i}: {exc}", reason="unreadable"))
+            reason = "too_large" if isinstance(exc, FileRefusedError) and exc.kind == "too_large" else "unreadable"
+            results[i] = SearchResult(error=InvalidImageError(f"cannot read image {i}: {exc}", reason=reason))
             data.append(None)
     return data
 

@@ -28,7 +28,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +53,6 @@ from .calls import (
     read_many,
     search_call,
     server_info,
-    server_version,
     settle,
     similar_call,
 )
@@ -135,12 +134,16 @@ class ClientOptions:
     """What the sync and the async client are configured with, checked the same way."""
 
     def __init__(self, url: str, protocol: str, timeout_s: float, admin_key: str | None,
-                 retry: RetryPolicy | None) -> None:
+                 retry: RetryPolicy | None, max_image_bytes: int = c.MAX_IMAGE_BYTES) -> None:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        limit = cast(object, max_image_bytes)  # checked as what a caller may pass, whatever the annotation says
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_image_bytes must be an int >= 1, got {max_image_bytes!r}")
         self.url = url
+        self.max_image_bytes = max_image_bytes
         self.protocol = protocol
         self.timeout_s = float(timeout_s)
         self.retry = retry if retry is not None else RetryPolicy()
@@ -182,6 +185,10 @@ class LookalikeClient(ClientOptions):
         host and sees its /dev/shm (same machine, same IPC namespace); the first request that needs a
         region says so (ServerUnavailableError) otherwise. Saves copying each photo through the socket
         (README Figures: 1-3 ms of client CPU and 3-4 ms of latency a 1.9 MB photo).
+    max_image_bytes: the most bytes read of an image given as a path or a file object (default 20 MiB,
+        the server's default limit). A path is read only if it names a regular file within it: a
+        missing, oversized or special file (a FIFO, a device, a directory) raises FileRefusedError (an
+        OSError) before anything is sent; in `search_many` it is that image's InvalidImageError.
     """
 
     def __init__(
@@ -192,8 +199,9 @@ class LookalikeClient(ClientOptions):
         admin_key: str | None = None,
         shared_memory: bool = False,
         retry: RetryPolicy | None = None,
+        max_image_bytes: int = c.MAX_IMAGE_BYTES,
     ) -> None:
-        super().__init__(url, protocol, timeout_s, admin_key, retry)
+        super().__init__(url, protocol, timeout_s, admin_key, retry, max_image_bytes)
         self._grpc: Any = None
         self._lock = threading.Lock()
         self._http_by_thread: dict[threading.Thread, Any] = {}
@@ -440,10 +448,10 @@ class LookalikeClient(ClientOptions):
         """What the server serves: index version and product count, index kind, embedder and its
         dim, tritonserver's version and each model's readiness, all from the server."""
         models = self.health().models
-        version = server_version(self._retrying(lambda b: self._bounded(b, lambda cl: cl.get_server_metadata())))
+        metadata = self._retrying(lambda b: self._bounded(b, lambda cl: cl.get_server_metadata()))
         dim = embedding_dim(self._retrying(lambda b: self._bounded(b, lambda cl: cl.get_model_metadata(c.EMBEDDER_MODEL))))
         index = self._run(index_info_call(dim))
-        return server_info(self.url, self.protocol, version, dim, index, models)
+        return server_info(self.url, self.protocol, metadata, dim, index, models)
 
     def served_index_versions(self) -> list[int]:
         """The index versions that `product_search` serves now, from the model's metadata (which,
@@ -461,25 +469,28 @@ class LookalikeClient(ClientOptions):
     def search_batch(self, images: Sequence[ImageLike], top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
                      exclude_ids: Sequence[str] = ()) -> list[list[Match]]:
         """One request for up to 64 images (the same filters for all), all or nothing: one bad image
-        fails the whole call (InvalidImageError naming it by `image_index`). For images that should
-        succeed or fail one by one, use `search_many`."""
+        fails the whole call (InvalidImageError naming it by `image_index`; a path or file the client
+        will not read, see `max_image_bytes`, raises FileRefusedError before anything is sent). For
+        images that should succeed or fail one by one, use `search_many`."""
         if not images:
             return []
-        return self._run(search_call([read_image_bytes(image) for image in images], top_k, category, exclude_ids))
+        return self._run(search_call([read_image_bytes(image, self.max_image_bytes) for image in images], top_k,
+                                     category, exclude_ids))
 
     def search_many(self, images: Sequence[ImageLike], top_k: int = c.DEFAULT_TOP_K, *, category: str | None = None,
                     exclude_ids: Sequence[str] = (), batch_size: int = DEFAULT_MANY_BATCH,
                     max_concurrency: int = DEFAULT_MANY_CONCURRENCY) -> list[SearchResult]:
         """Any number of images, each with its own outcome, in order: requests of up to `batch_size`
-        images, `max_concurrency` of them in flight. An image the server refuses (or that cannot be
-        read) gets `SearchResult(error=InvalidImageError)`; the others get their matches. A failure
+        images, `max_concurrency` of them in flight. An image the server refuses (or that the client
+        cannot or will not read: reason "unreadable", or "too_large" over `max_image_bytes`) gets
+        `SearchResult(error=InvalidImageError)`; the others get their matches. A failure
         that is not an image's (the server unreachable past the deadline) is the error of each image
         of the requests it hit. Each request has its own deadline. Raises only for bad arguments."""
         search_call([], top_k, category, exclude_ids)  # checks top_k and the filters before any work
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         results: list[SearchResult | None] = [None] * len(images)
-        data = read_many(images, results)
+        data = read_many(images, results, self.max_image_bytes)
         readable = [i for i, d in enumerate(data) if d is not None]
         chunks = [[readable[j] for j in chunk] for chunk in many_chunks(len(readable), batch_size)]
 
@@ -522,7 +533,7 @@ class LookalikeClient(ClientOptions):
 
     def embed(self, images: Sequence[ImageLike]) -> npt.NDArray[np.float32]:
         """[N, D] float32 L2-normalised embeddings of N images (catalog-side preprocessing), in one request."""
-        return self._run(embed_call([read_image_bytes(image) for image in images]))
+        return self._run(embed_call([read_image_bytes(image, self.max_image_bytes) for image in images]))
 
     # -- model control ---------------------------------------------------------------------------
     def reload_index(self, timeout_s: float = 300.0) -> None:

@@ -27,10 +27,11 @@ SCORES = "SCORES"  # FP32 [-1]: cosine similarity, descending
 CATEGORY = "CATEGORY"  # TYPE_STRING [1]: only products of this category; "" = any; unknown = no results
 EXCLUDE_IDS = "EXCLUDE_IDS"  # TYPE_STRING [-1]: never these product ids ("" entries pad a row)
 PRODUCT_ID = "PRODUCT_ID"  # TYPE_STRING [1]: similar_products' query, a catalog product id
-# product_search only, an output a client asks for by name (Triton sends only the outputs requested):
-# JSON of the index version that answered, one per row (INDEX_INFO_FIELDS); the client's `info()`.
+# product_search only (the ensembles do not pass it on): JSON of the index version that answered, one
+# per row (INDEX_INFO_FIELDS); the client's `info()`. Triton sends the outputs a client names, and every
+# output of the model to a client that names none: name PRODUCT_IDS and SCORES to leave it out.
 INDEX_INFO = "INDEX_INFO"  # TYPE_STRING [1]
-INDEX_INFO_FIELDS = ("version", "products", "kind", "dim", "embedder_model", "embedder_fingerprint")
+INDEX_INFO_FIELDS = ("version", "products", "kind", "dim", "embedder_model", "embedder_fingerprint", "index_id")
 # An image the server cannot use is refused with INVALID_ARGUMENT and a message that starts
 # "invalid image (REASON): ", REASON one of IMAGE_ERROR_REASONS; in a request of several images the
 # rest names the first bad one: "image I of N: ...".
@@ -62,6 +63,22 @@ MIN_TOP_K = 1
 MAX_TOP_K = 1000
 MAX_EXCLUDE_IDS = 1000  # per row
 MAX_BATCH_SIZE = 64  # max_batch_size of every model in the repository
+# Encoded bytes of one image: the server's default upload limit (`preprocess`'s max_image_bytes), and
+# what the client reads of a file at most before it has even asked the server.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+# Error messages quote at most this many characters of what a client sent (an id, a category, a path),
+# then its full length: an answer never grows with a hostile input (gRPC carries the message in a
+# header of about 16 KB at most).
+MAX_QUOTED_CHARS = 200
+
+
+def quoted(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`value` for an error message: repr() of a string, cut to `limit` characters with the full length
+    said, e.g. 'SKU-1' or 'xxxx...' (1,048,576 characters)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
 
 # Header that carries the admin key for the restricted model-control APIs (see `lookalike serve`).
 # HTTP sends it as is; gRPC clients prefix it with "triton-grpc-protocol-".

@@ -37,8 +37,10 @@ class InvalidRequestError(LookalikeError):
 
 class InvalidImageError(InvalidRequestError):
     """The server could not use an image: `reason` is one of contract.IMAGE_ERROR_REASONS ("empty",
-    "not_an_image", "truncated", "too_large", "unsupported"), or "unreadable" when the client could not
-    read the input (a missing file); `image_index` is the bad image's place in a request of several
+    "not_an_image", "truncated", "too_large", "unsupported"). In `search_many`'s results it may also be
+    the client's own refusal before sending: "too_large" for a path or file over the client's
+    `max_image_bytes`, "unreadable" for an input it could not read (a missing file, a FIFO, a device or
+    a directory, which it never reads). `image_index` is the bad image's place in a request of several
     (None in a request of one)."""
 
     def __init__(self, message: str = "", *, status: str | None = None, reason: str = "",

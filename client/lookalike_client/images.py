@@ -3,6 +3,10 @@
 bytes (sent as they are), a path, a binary file object, a `PIL.Image.Image` (encoded once, losslessly,
 as PNG by Pillow: a Pillow user has it; the SDK does not need it) or a numpy HWC uint8 array (encoded as
 PNG here, with zlib from the standard library, so Pillow stays optional).
+
+A path is read only if it names a regular file of at most `max_bytes` (`lookalike_client.files`: never
+a FIFO, a device or a directory, the size checked before reading); a file object is read up to
+`max_bytes` + 1 bytes at most. Either is refused with `FileRefusedError` (an OSError) beyond that.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ import io
 import os
 import struct
 import zlib
-from pathlib import Path
 from typing import IO, Any, Union, cast
 
 import numpy as np
 import numpy.typing as npt
+
+from . import contract as c
+from .files import FileRefusedError, check_max_bytes, read_file
 
 # What every method that takes an image accepts. PIL images are typed as Any (Pillow is optional).
 ImageLike = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", IO[bytes], "npt.NDArray[np.uint8]", Any]
@@ -66,24 +72,46 @@ def array_png(array: npt.NDArray[Any]) -> bytes:
             + _chunk(b"IDAT", zlib.compress(filtered.tobytes(), PNG_COMPRESS_LEVEL)) + _chunk(b"IEND", b""))
 
 
-def read_image_bytes(image: ImageLike) -> bytes:
+def _read_stream(handle: Any, max_bytes: int) -> bytes:
+    """At most `max_bytes` bytes of a binary file object; FileRefusedError("too_large") when it holds
+    more (it is read up to `max_bytes` + 1 bytes, never further)."""
+    chunks: list[bytes] = []
+    total = 0
+    while total <= max_bytes:
+        data: object = handle.read(max_bytes + 1 - total)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a file object must be opened in binary mode ('rb'), got {type(data).__name__} from read()")
+        chunk = bytes(cast("bytes", data))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > max_bytes:
+        name: object = getattr(handle, "name", None)
+        raise FileRefusedError(str(name) if name is not None else f"a {type(handle).__name__}", "too_large",
+                               f"image too large: more than the limit of {max_bytes:,} bytes")
+    return b"".join(chunks)
+
+
+def read_image_bytes(image: ImageLike, max_bytes: int = c.MAX_IMAGE_BYTES) -> bytes:
     """The encoded bytes of one image: bytes as they are, a file's contents, or a PIL image / numpy
-    array encoded as PNG. No decoding happens here: the server checks the bytes."""
+    array encoded as PNG. No decoding happens here: the server checks the bytes. A path must name a
+    regular file of at most `max_bytes` bytes, a file object must end within them: else
+    FileRefusedError (an OSError; its `kind` says why: "missing", "not_regular", "too_large",
+    "name_too_long" or "unreadable")."""
     value: Any = image
     if type(value) is bytes:  # the common case, not copied (bytes are immutable)
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(cast("bytes", value))
+    check_max_bytes(max_bytes)
     if isinstance(value, (str, os.PathLike)):
-        return Path(cast(str, value)).read_bytes()
+        return read_file(os.fsdecode(cast(str, value)), max_bytes)
     if isinstance(value, np.ndarray):
         return array_png(cast("npt.NDArray[Any]", value))
     if is_pil_image(value):
         return pil_png(value)
     if hasattr(value, "read"):
-        data: object = value.read()
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"a file object must be opened in binary mode ('rb'), got {type(data).__name__} from read()")
-        return bytes(cast("bytes", data))
+        return _read_stream(value, max_bytes)
     raise TypeError("expected bytes, a path, a binary file, a PIL image or a numpy uint8 HWC array, "
                     f"got {type(value).__name__}")

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -103,6 +104,64 @@ def test_an_unknown_product_id_is_invalid_argument_naming_it(client, server):
     assert "unknown product id 'no-such-product-42'" in info.value.detail
     assert isinstance(info.value, InvalidRequestError)
     assert server.ready()
+
+
+@pytest.mark.parametrize("length", [20_000, 1 << 20])
+def test_a_long_unknown_id_is_not_found_with_a_short_message(client, server, length):
+    """Past gRPC's metadata limit (~16 KB) a message that echoed the id became RESOURCE_EXHAUSTED, which
+    the SDK retried as "unavailable": the message quotes 200 characters and says the length."""
+    product_id = "x" * length
+    started = time.monotonic()
+    with pytest.raises(NotFoundError) as info:
+        client.similar(product_id)
+    assert info.value.status in ("StatusCode.INVALID_ARGUMENT", "400")
+    assert info.value.detail.startswith(f"{c.UNKNOWN_PRODUCT} 'xxxx") and f"({length:,} characters)" in info.value.detail
+    assert len(str(info.value)) < 600
+    assert time.monotonic() - started < 30  # one answer, not retries
+    assert server.ready()
+
+
+def infer_outputs(server, protocol: str, model: str, outputs: list[str] | None) -> list[str]:
+    """The output names the server sends for one request naming `outputs` (None: naming none)."""
+    import numpy as np
+
+    if protocol == "grpc":
+        module, url = grpcclient, server.options.grpc_url
+    else:
+        import tritonclient.http as module  # type: ignore[no-redef]
+
+        url = server.options.http_url
+    with LookalikeClient(url, protocol=protocol) as sdk:
+        dim = sdk.info().dim
+    if model == c.SEARCH_MODEL:
+        tensor = np.zeros((1, dim), np.float32)
+        tensor[0, 0] = 1.0
+        inp = module.InferInput(c.EMBEDDING, [1, dim], "FP32")
+    else:
+        served = ProductIndex.load(Repository(server.options.model_repository).latest_index_dir())
+        tensor = np.array([[served.products[0].product_id.encode()]], dtype=np.object_)
+        inp = module.InferInput(c.PRODUCT_ID, [1, 1], "BYTES")
+    inp.set_data_from_numpy(tensor)
+    requested = None if outputs is None else [module.InferRequestedOutput(name) for name in outputs]
+    client = module.InferenceServerClient(url)
+    try:
+        result = client.infer(model, [inp], outputs=requested)
+        answer = result.get_response()
+        names = [o.name for o in answer.outputs] if protocol == "grpc" else [o["name"] for o in answer["outputs"]]
+    finally:
+        client.close()
+    return sorted(names)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_index_info_goes_to_whoever_names_it_or_names_no_output(server, protocol):
+    """What the README says: Triton sends the outputs a request names, and every output of the model to a
+    request that names none (INDEX_INFO included); the ensembles never pass INDEX_INFO on."""
+    everything = sorted([c.PRODUCT_IDS, c.SCORES, c.INDEX_INFO])
+    assert infer_outputs(server, protocol, c.SEARCH_MODEL, None) == everything
+    assert infer_outputs(server, protocol, c.SEARCH_MODEL, [c.PRODUCT_IDS, c.SCORES]) == sorted([c.PRODUCT_IDS, c.SCORES])
+    assert infer_outputs(server, protocol, c.SEARCH_MODEL, [c.INDEX_INFO]) == [c.INDEX_INFO]
+    assert infer_outputs(server, protocol, c.SIMILAR_PRODUCTS_MODEL, None) == sorted([c.PRODUCT_IDS, c.SCORES])
 
 
 def test_lookalike_similar_prints_results_and_names_an_unknown_id(server, catalog):

@@ -107,6 +107,10 @@ def test_similar_finds_neighbours_and_404s_an_unknown_product(app_url, indexed_r
     missing = requests.get(f"{app_url}/similar/no-such-product", timeout=60)
     assert missing.status_code == 404, missing.text
     assert missing.json()["error"] == "NotFoundError" and "unknown product id" in missing.json()["detail"]
+    long_id = "y" * 20_000  # past gRPC's metadata limit, were the id echoed whole: 404, not 503
+    missing = requests.get(f"{app_url}/similar/{long_id}", timeout=60)
+    assert missing.status_code == 404, missing.text[:500]
+    assert "(20,000 characters)" in missing.json()["detail"] and len(missing.content) < 1000
 
 
 def test_bad_uploads_are_refused(app_url):

@@ -3,10 +3,14 @@ under load, tritonserver itself killed, a restart at once on the same ports, a c
 on disk, an index the server refused, a writer killed while saving. Real tritonserver, real signals."""
 
 import json
+import os
+import resource
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loadtest.recovery import Serve, kill_and_recover
@@ -16,7 +20,8 @@ from lookalike.repository import STAGING_OWNER_FILE, copy_repository
 from lookalike.search import ProductIndex
 from lookalike.serve import lookalike_server
 from lookalike.server import ServerOptions, free_port
-from lookalike_client import LookalikeClient
+from lookalike_client import LookalikeClient, wait_for
+from lookalike_client import contract as c
 from tests.conftest import REPOSITORY
 
 pytestmark = pytest.mark.integration
@@ -73,7 +78,9 @@ def test_a_killed_model_process_is_replaced_and_readiness_tells_the_truth(serve,
     assert run["requests"] - run["failed"] > 20
     assert all("is not healthy" in error for error in run["errors"]), run["errors"]
     (incident,) = run["incidents"]
-    assert f"pid {run['pid']} crashed" in incident["what"] and incident["action"] == f"reload {model}"
+    assert f"pid {run['pid']} crashed" in incident["what"]
+    version = incident["what"].split(f"({model} version ", 1)[1].split(")")[0]
+    assert incident["action"] == f"reload {model} version {version}"  # the version that served, pinned
     assert any(f"reloading {model}" in line for line in serve.lookalike_lines())
     if model == "product_search":  # the next re-index works on the replaced model
         with LookalikeClient(serve.grpc) as client:
@@ -196,3 +203,117 @@ def test_lookalike_query_shows_hostile_ids_escaped(serve, catalog, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "SKU\\x1b[2J\\x1b[31m-red\\u202eevil" in out.stdout
     assert "\x1b" not in out.stdout and "\u202e" not in out.stdout
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_the_health_port_holds_idle_connections_near_the_descriptor_limit_and_so_does_the_supervisor(serve, catalog):
+    """Idle connections to the health port (each sends a request line and nothing more) held near the
+    file-descriptor limit of `lookalike serve`: probes and searches go on, tritonserver is left alone.
+    Then the limit is cut below what the process holds, so that its own /proc reads and calls to
+    tritonserver fail with EMFILE for a while: logged, retried, nothing killed."""
+    pid = serve.process.pid
+    triton = serve.tritonserver_pid()
+    restarts, incidents = serve.status()["restarts"], len(serve.status()["incidents"])
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    image = query_image(catalog)
+    with LookalikeClient(serve.grpc, timeout_s=30) as client:
+        expected = client.search(image, top_k=3)
+    idle = []
+    baseline = open_fds(pid)
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (300, hard))
+        for _ in range(400):
+            sock = socket.create_connection(("127.0.0.1", serve.options.health_port), timeout=10)
+            sock.sendall(b"GET /ready HTTP/1.1\r\n")
+            idle.append(sock)
+        time.sleep(1.0)
+        held = open_fds(pid)
+        print(f"\nlookalike serve holds {held} descriptors ({baseline} before) with 400 idle connections to its "
+              "health port")
+        with LookalikeClient(serve.grpc, timeout_s=30) as client:
+            for _ in range(40):
+                assert client.search(image, top_k=3) == expected
+                probe = serve.health()
+                assert probe[0] == 200, (probe, open_fds(pid), serve.lookalike_lines()[-5:])
+        assert held <= baseline + 64 + 8, (baseline, held)  # the health port's cap, not one per connection
+    finally:
+        for sock in idle:
+            sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert serve.tritonserver_pid() == triton and serve.status()["restarts"] == restarts
+
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))  # every open() of `lookalike serve` fails now
+    try:
+        time.sleep(3.0)
+        with LookalikeClient(serve.grpc, timeout_s=30) as client:  # tritonserver serves on, unharmed
+            assert client.search(image, top_k=3) == expected
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    serve.wait_ready(timeout_s=30)
+    status = serve.status()
+    assert status["tritonserver_pid"] == triton and status["restarts"] == restarts
+    assert len(status["incidents"]) == incidents, status["incidents"]
+    wait_for(lambda: any("watching tritonserver again" in line for line in serve.lookalike_lines()), 10.0,
+             what="the supervisor watching again")
+    lines = "\n".join(serve.lookalike_lines())
+    assert "cannot watch tritonserver" in lines and "Too many open files" in lines, lines[-3000:]
+
+
+def small_catalog(catalog: Path, tmp_path: Path, products: int = 5) -> Path:
+    rows = (catalog / "catalog.csv").read_text().splitlines()
+    out = tmp_path / "small.csv"
+    out.write_text("\n".join([rows[0]] + [row.replace(",images/", f",{catalog}/images/") for row in rows[1 : 1 + products]]) + "\n")
+    return out
+
+
+def tiny_index(repo, products: int = 3) -> ProductIndex:
+    from lookalike.search import Product
+
+    dim = repo.manifest().dim
+    vectors = np.eye(products, dim, dtype=np.float32)
+    return ProductIndex.build([Product(f"tiny-{i}") for i in range(products)], vectors, dim=dim,
+                              embedder_fingerprint=repo.manifest().fingerprint)
+
+
+def test_a_crash_repair_keeps_the_version_that_served(tmp_path, catalog):
+    """A newer index version sits on disk, never loaded. Neither a killed product_search stub nor a
+    killed tritonserver makes the server move to it: the repair reloads the version that served, and
+    the restart loads it pinned. `lookalike index` then moves the server on, as it should. The server
+    runs with --require-admin-key: /status needs the key, /ready does not."""
+    from lookalike.publishing import serving_records, write_index_version
+
+    key = "k3y-for-tests"
+    s = new_serve(tmp_path)
+    s.args, s.env = ["--require-admin-key"], {c.ADMIN_KEY_ENV: key}
+    s.start()
+    try:
+        assert s.health("/status")[0] == 403 and s.health("/ready")[0] == 200
+        with LookalikeClient(s.grpc, admin_key=key) as client:
+            served = index_catalog(small_catalog(catalog, tmp_path), s.repo, client, progress=False).version
+            newer = write_index_version(s.repo, tiny_index(s.repo).save)
+            assert newer > served
+            wait_for(lambda: s.status().get("index_version") == served and any(  # the supervisor has seen the swap
+                f"(product_search version {served})" in name for name in s.status()["stubs"]), 30.0, what="the swap")
+            (record,) = serving_records(s.repo)  # what `lookalike index` keeps from pruning, and names
+            assert (record.version, record.pid, record.server_id) == (served, s.process.pid, client.info().server_id)
+
+            run = kill_and_recover(s, "product_search", [query_image(catalog)], settle_s=1.0)
+            assert run["incidents"][0]["action"] == f"reload product_search version {served}", run["incidents"]
+            assert client.served_index_versions() == [served] and client.info().index_version == served
+
+            run = kill_and_recover(s, "tritonserver", [query_image(catalog)], settle_s=1.0)
+            (incident,) = [i for i in run["incidents"] if i["action"].startswith("restart")]
+            assert f"kept at index version {served}" in incident["action"], incident
+            assert client.served_index_versions() == [served] and client.info().index_version == served
+            assert client.search(query_image(catalog), top_k=1)[0].product_id != "tiny-0"
+
+            report = index_catalog(small_catalog(catalog, tmp_path), s.repo, client, progress=False)
+            assert client.info().index_version == report.version > newer  # a plain load moves on again
+    finally:
+        assert s.stop() == 0, s.text()[-3000:]
+    lines = "\n".join(s.lookalike_lines())
+    assert f"serving index version {served} as before" in lines, lines[-3000:]
+    assert serving_records(s.repo) == []  # removed when it stopped

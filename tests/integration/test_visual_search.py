@@ -270,7 +270,7 @@ def test_an_hnsw_version_is_served_like_a_flat_one(server, catalog):
 
     rows = sample(catalog_rows(catalog), 20, seed=3)
     with LookalikeClient(server.options.grpc_url) as client:
-        version = publish_index(repo, rebuilt(choose("hnsw", len(vectors), flat.dim, hnsw_m=16)), client)
+        version = publish_index(repo, rebuilt(choose("hnsw", len(vectors), flat.dim, hnsw_m=16)), client).version
         assert client.served_index_versions() == [version]
         assert ProductIndex.load(repo.search_dir / str(version)).kind == "hnsw"
         found = [client.search((catalog / r["image"]).read_bytes(), top_k=3)[0].product_id for r in rows]
@@ -298,6 +298,75 @@ def test_index_settings_that_cannot_work_are_refused_before_embedding(server, ca
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "ivf-pq needs training data" in out.stderr, out.stderr
     assert embedded() == before  # refused before a single image was sent
+
+
+def run_index(server, catalog_csv: Path, repository: Path):
+    """`lookalike index` through the session's server into `repository`."""
+    import subprocess
+    import sys
+
+    lookalike = Path(sys.executable).parent / "lookalike"
+    return subprocess.run([str(lookalike), "index", str(catalog_csv), "--quiet", "--url", server.options.grpc_url,
+                           "--model-repository", str(repository)], capture_output=True, text=True, timeout=300)
+
+
+def test_index_refuses_a_server_of_another_repository_or_embedder_before_embedding(server, catalog, tmp_path):
+    """`lookalike index --url` at a server that serves another model repository (its own history), or
+    another embedder: refused with both sides named, before one image is sent; nothing written."""
+    import tritonclient.grpc as grpcclient
+
+    from lookalike.artifacts import EmbedderManifest
+    from lookalike.publishing import write_empty_index
+    from lookalike.repository import copy_repository
+
+    def embedded() -> int:
+        stats = grpcclient.InferenceServerClient(server.options.grpc_url).get_inference_statistics("embed_image")
+        return sum(m.inference_count for m in stats.model_stats)
+
+    rows = catalog_rows(catalog)[:2]
+    (tmp_path / "two.csv").write_text("product_id,image,category\n" + "".join(
+        f"{r['product_id']},{catalog / r['image']},{r['category']}\n" for r in rows))
+    with LookalikeClient(server.options.grpc_url) as client:
+        served = client.info()
+    before = embedded()
+
+    other = copy_repository(Path(server.options.model_repository), tmp_path / "other")
+    write_empty_index(other)  # its own history: its version 1 is not the server's
+    out = run_index(server, tmp_path / "two.csv", other.root)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"serves index version {served.index_version}" in out.stderr and "serves another model repository" in out.stderr
+    assert other.index_versions() == [1] and not other.rejected_dir.exists()
+
+    foreign = copy_repository(Path(server.options.model_repository), tmp_path / "foreign", with_indexes=True)
+    manifest = EmbedderManifest.load(foreign.manifest_file)
+    EmbedderManifest.from_dict({**manifest.to_dict(), "fingerprint": "0123456789abcdef"}).save(foreign.manifest_file)
+    out = run_index(server, tmp_path / "two.csv", foreign.root)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"fingerprint {served.embedder_fingerprint}" in out.stderr and "fingerprint 0123456789abcdef" in out.stderr
+    assert embedded() == before  # refused before a single image was sent
+
+
+def test_index_claims_only_what_the_server_confirmed(server, catalog, tmp_path):
+    """A copy of the server's repository (same versions, same ids) passes the check before embedding,
+    but the server never sees what is written there: after the reload it still serves its own version,
+    so the new version is set aside in the copy, and nothing claims it is served."""
+    from lookalike.repository import copy_repository
+
+    rows = catalog_rows(catalog)[:2]
+    (tmp_path / "two.csv").write_text("product_id,image,category\n" + "".join(
+        f"{r['product_id']},{catalog / r['image']},{r['category']}\n" for r in rows))
+    copy = copy_repository(Path(server.options.model_repository), tmp_path / "copy", with_indexes=True)
+    with LookalikeClient(server.options.grpc_url) as client:
+        served = client.info()
+        out = run_index(server, tmp_path / "two.csv", copy.root)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "now serves" not in out.stdout
+        written = served.index_version + 1
+        assert f"serves index version {served.index_version}" in out.stderr and f"not index version {written}" in out.stderr
+        assert client.info() == served  # the server did not move
+    assert written not in copy.index_versions()
+    (aside,) = copy.rejected_dir.iterdir()
+    assert aside.name.startswith(f"{written}-")
 
 
 def test_a_product_with_several_images_is_found_by_each_and_listed_once(server, catalog, tmp_path):

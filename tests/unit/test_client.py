@@ -213,7 +213,136 @@ def test_index_info_request_and_answer():
     assert call.model == "product_search" and call.outputs == ("INDEX_INFO",)
     assert call.inputs["EMBEDDING"].tolist() == [[1.0, 0.0, 0.0, 0.0]] and call.inputs["TOP_K"].tolist() == [[1]]
     raw = np.array([[b'{"version": 3, "products": 9, "kind": "flat", "dim": 4, "embedder_model": "m", '
-                     b'"embedder_fingerprint": "f"}']], dtype=np.object_)
-    assert parse_index_info(raw)["products"] == 9
+                     b'"embedder_fingerprint": "f", "index_id": "abc"}']], dtype=np.object_)
+    assert parse_index_info(raw)["products"] == 9 and parse_index_info(raw)["index_id"] == "abc"
     with pytest.raises(ServerError, match="lacks"):
         parse_index_info(np.array([[b'{"version": 3}']], dtype=np.object_))
+
+
+# -- files the client reads ----------------------------------------------------------------------
+def read_within(call, seconds=10.0):
+    """`call()` in a thread: a read that blocks (a FIFO) fails the test instead of hanging it."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"blocked for more than {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_only_regular_files_within_the_limit_are_read(tmp_path):
+    import os
+    import tracemalloc
+
+    from lookalike_client import FileRefusedError, contract
+
+    os.mkfifo(tmp_path / "x.fifo")
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb"):
+        pass
+    os.truncate(huge, 2**31)
+    for path, kind, reason in [
+        (tmp_path / "x.fifo", "not_regular", "not a regular file (a FIFO)"),
+        (str(tmp_path / "zero.jpg"), "not_regular", "not a regular file (a character device)"),
+        (tmp_path, "not_regular", "not a regular file (a directory)"),
+        (huge, "too_large", "image too large: 2,147,483,648 bytes, the limit is 20,971,520 bytes"),
+        (tmp_path / "missing.jpg", "missing", "file not found"),
+    ]:
+        tracemalloc.start()
+        try:
+            with pytest.raises(FileRefusedError) as info:
+                read_within(lambda path=path: read_image_bytes(path))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (info.value.kind, info.value.reason) == (kind, reason)
+        assert str(info.value) == f"{contract.quoted(str(path))}: {reason}"
+        assert peak < 1024 * 1024
+    (tmp_path / "small.jpg").write_bytes(b"\xff\xd8" + b"x" * 98)
+    assert len(read_image_bytes(tmp_path / "small.jpg", max_bytes=100)) == 100
+    with pytest.raises(FileRefusedError, match="image too large: 100 bytes, the limit is 99 bytes"):
+        read_image_bytes(tmp_path / "small.jpg", max_bytes=99)
+    assert contract.MAX_IMAGE_BYTES == 20 * 1024 * 1024
+
+
+def test_a_file_object_is_read_up_to_the_limit_and_one_byte():
+    import io
+
+    from lookalike_client import FileRefusedError
+
+    assert read_image_bytes(io.BytesIO(b"x" * 100), max_bytes=100) == b"x" * 100
+    with pytest.raises(FileRefusedError) as info:
+        read_image_bytes(io.BytesIO(b"x" * 101), max_bytes=100)
+    assert info.value.kind == "too_large" and "more than the limit of 100 bytes" in str(info.value)
+
+    class Endless:
+        """A stream that never ends (a socket, a device opened by the caller)."""
+
+        name = "endless.jpg"
+
+        def __init__(self):
+            self.given = 0
+
+        def read(self, size=-1):
+            assert size >= 0, "asked for everything"
+            self.given += size
+            return b"\0" * size
+
+    stream = Endless()
+    with pytest.raises(FileRefusedError, match="'endless.jpg': image too large"):
+        read_image_bytes(stream, max_bytes=1000)
+    assert stream.given == 1001
+
+
+def test_clients_read_paths_within_their_max_image_bytes(tmp_path):
+    import asyncio
+    import os
+
+    from lookalike_client import AsyncLookalikeClient, FileRefusedError, LookalikeClient, contract
+    from lookalike_client.calls import read_many
+
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8" + b"x" * 98)
+    os.mkfifo(tmp_path / "x.fifo")
+    # nothing is sent: every image is refused before a connection is made (there is no server)
+    sync = LookalikeClient("127.0.0.1:1", max_image_bytes=99)
+    assert LookalikeClient("127.0.0.1:1").max_image_bytes == contract.MAX_IMAGE_BYTES
+    for call in (lambda: sync.search(tmp_path / "a.jpg"), lambda: sync.search_batch([b"ok", tmp_path / "a.jpg"]),
+                 lambda: sync.embed([tmp_path / "a.jpg"])):
+        with pytest.raises(FileRefusedError) as info:
+            read_within(call)
+        assert info.value.kind == "too_large"
+    results = read_within(lambda: sync.search_many([tmp_path / "a.jpg", tmp_path / "x.fifo", tmp_path / "no.jpg"]))
+    assert [(type(r.error), r.error.reason) for r in results] == [(InvalidImageError, "too_large")] + \
+        [(InvalidImageError, "unreadable")] * 2
+    assert "not a regular file (a FIFO)" in str(results[1].error)
+    with pytest.raises(FileRefusedError, match="a FIFO"):
+        read_within(lambda: sync.search(tmp_path / "x.fifo"))
+
+    client = AsyncLookalikeClient("127.0.0.1:1", max_image_bytes=99)
+    with pytest.raises(FileRefusedError, match="image too large: 100 bytes, the limit is 99 bytes"):
+        read_within(lambda: asyncio.run(client.search(tmp_path / "a.jpg")))
+    results = read_within(lambda: asyncio.run(client.search_many([tmp_path / "x.fifo"])))
+    assert results[0].error.reason == "unreadable"
+    with pytest.raises(FileRefusedError, match="a FIFO"):
+        read_within(lambda: asyncio.run(client.embed([tmp_path / "x.fifo"])))
+
+    slots = [None, None]
+    data = read_many([tmp_path / "a.jpg", b"raw"], slots, max_bytes=100)
+    assert data == [b"\xff\xd8" + b"x" * 98, b"raw"] and slots == [None, None]
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="max_image_bytes"):
+            LookalikeClient(max_image_bytes=bad)
+        with pytest.raises(ValueError, match="max_image_bytes"):
+            AsyncLookalikeClient(max_image_bytes=bad)

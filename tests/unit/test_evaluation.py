@@ -83,3 +83,50 @@ def test_thumbnails_from_bytes_or_files_never_fail_the_page(tmp_path):
     assert thumbnail_uri(b"not an image") is None and thumbnail_uri(tmp_path / "missing.png") is None
     assert thumbnail_uri(None) is None
     assert figure(None, "x", "query") == '<figure class="query"><div class="missing">no image</div><figcaption>x</figcaption></figure>'
+
+
+def test_read_queries_never_blocks_or_reads_what_is_not_a_small_regular_file(tmp_path):
+    import os
+    import threading
+    import tracemalloc
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    (tmp_path / "good.png").write_bytes(buffer.getvalue())
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    with open(tmp_path / "huge.jpg", "wb"):
+        pass
+    os.truncate(tmp_path / "huge.jpg", 2**31)  # 2 GiB, sparse
+    (tmp_path / "q.csv").write_text(
+        "image,product_id\n"
+        "pipe.jpg,p1\n"
+        "zero.jpg,p2\n"
+        "huge.jpg,p3\n"
+        f"{'x' * 200_000}.jpg,p4\n"
+        f"{tmp_path / 'good.png'},p5\n"  # absolute
+        "photos,p6\n"
+    )
+    (tmp_path / "photos").mkdir()
+    outcome = {}
+    tracemalloc.start()
+    thread = threading.Thread(target=lambda: outcome.setdefault("queries", read_queries(tmp_path / "q.csv", 20 * 1024 * 1024)),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert not thread.is_alive(), "read_queries blocked"
+    queries = outcome["queries"]
+    assert [(q.product_id, q.error) for q in queries] == [
+        ("p1", "cannot read: not a regular file (a FIFO)"),
+        ("p2", "cannot read: not a regular file (a character device)"),
+        ("p3", "cannot read: image too large: 2,147,483,648 bytes, the limit is 20,971,520 bytes"),
+        ("", "cannot read: field longer than 131,072 characters"),
+        ("p5", ""),
+        ("p6", "cannot read: not a regular file (a directory)"),
+    ]
+    assert [q.name for q in queries] == ["q.csv:2 pipe.jpg", "q.csv:3 zero.jpg", "q.csv:4 huge.jpg", "q.csv:5",
+                                         str(tmp_path / "good.png"), "q.csv:7 photos"]
+    assert queries[4].data == buffer.getvalue() and all(q.data is None for q in queries if q.error)
+    assert peak < 8 * 1024 * 1024  # nothing large was read (the 200,000-character line is the largest)

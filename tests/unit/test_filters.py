@@ -2,6 +2,7 @@
 IVF-PQ's exact re-ranking, the embedding store of incremental updates and rollback, without a server."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,7 +211,9 @@ def test_every_answer_carries_the_index_info(catalog):
     info = outcome.outputs[c.INDEX_INFO]
     assert info.shape == (3, 1) and len(set(info.reshape(-1).tolist())) == 1
     assert json.loads(info[0, 0]) == {"version": 7, "products": len(products), "kind": "flat", "dim": DIM,
-                                      "embedder_model": "lite", "embedder_fingerprint": search.index.fingerprint}
+                                      "embedder_model": "lite", "embedder_fingerprint": search.index.fingerprint,
+                                      "index_id": search.index.meta.index_id}
+    assert len(search.index.meta.index_id) == 32  # given when built: which index, beyond its version number
 
 
 # -- the embedding store and rollback --------------------------------------------------------------
@@ -253,7 +256,11 @@ def test_compare_versions_counts_added_changed_removed_and_recategorized(repo):
 
 
 class Server:
-    """Stands in for the running server's model control: serves the newest version on reload."""
+    """Stands in for the running server's model control: serves the newest version on reload, and says
+    which in its INDEX_INFO (`info()`) as product_search does, read from the version's own files."""
+
+    url = "127.0.0.1:8001"
+    server_id = "lookalike:test-host:1"
 
     def __init__(self, repo, refuse=False):
         self.repo, self.refuse, self.served = repo, refuse, repo.index_versions()[-1:]
@@ -267,6 +274,16 @@ class Server:
 
     def served_index_versions(self):
         return self.served
+
+    def info(self):
+        from types import SimpleNamespace
+
+        from lookalike.artifacts import IndexMeta
+
+        meta = IndexMeta.load(self.repo.search_dir / str(self.served[-1]))
+        return SimpleNamespace(index_version=self.served[-1], index_id=meta.index_id, products=meta.count,
+                               embedder_model="test", embedder_fingerprint=meta.embedder_fingerprint,
+                               server_id=self.server_id)
 
 
 def test_rollback_sets_the_newest_aside_and_serves_the_previous(repo):
@@ -289,6 +306,122 @@ def test_a_rollback_the_server_refuses_puts_the_newest_back(repo):
     with pytest.raises(RollbackError, match=f"version {v2} was put back"):
         rollback_index(repo, Server(repo, refuse=True))
     assert repo.index_versions() == [v1, v2] and not (repo.search_dir / str(v2) / REASON_FILE).exists()
+
+
+def built(rows, fingerprint="fp-now"):
+    items = [CatalogItem(pid, Path(f"/x/{sha}.png"), cat) for pid, cat, sha in rows]
+    blocks = [unit(np.random.default_rng(abs(hash(sha)) % 2**32), 2, 16) for _, _, sha in rows]
+    manifest = EmbedderManifest(model="test", dim=16, input=(3, 8, 8), fingerprint=fingerprint)
+    return build_index(items, blocks, manifest, hashes=[sha for _, _, sha in rows])
+
+
+class Elsewhere(Server):
+    """A server that serves another repository: a reload leaves it on what it served."""
+
+    def __init__(self, repo, other):
+        super().__init__(other)
+        self.local = repo
+
+    def reload_index(self):
+        pass
+
+
+def test_publish_confirms_the_version_through_index_info_or_sets_it_aside(repo, tmp_path):
+    from lookalike.publishing import PublishError, publish_index
+
+    v1, _ = publish(repo, [("A", "x", "h1")])
+    server = Server(repo)
+    published = publish_index(repo, built([("B", "x", "h2")]), server)
+    assert published.version == v1 + 1 and published.served.index_version == v1 + 1 and published.pruned == []
+    # a server on a copy of this repository (same history, same ids): the reload changes nothing there
+    import shutil
+
+    shutil.copytree(repo.root, tmp_path / "copy")
+    elsewhere = Elsewhere(repo, Repository(tmp_path / "copy"))
+    with pytest.raises(PublishError, match=f"serves index version {v1 + 1} .*not index version {v1 + 2}.*set aside"):
+        publish_index(repo, built([("C", "x", "h3")]), elsewhere)
+    assert repo.index_versions() == [v1, v1 + 1]  # nothing a restart would serve instead
+    (aside,) = repo.rejected_dir.iterdir()
+    assert aside.name.startswith(f"{v1 + 2}-") and "not index version" in (aside / REASON_FILE).read_text()
+
+
+def test_index_checks_the_server_before_anything_is_embedded(repo, tmp_path):
+    import shutil
+
+    from lookalike.publishing import ServerMismatchError, check_server, write_empty_index
+
+    v1, _ = publish(repo, [("A", "x", "h1")])
+    assert check_server(repo, Server(repo)).index_version == v1
+    shutil.copytree(repo.root, tmp_path / "copy")
+    assert check_server(repo, Server(Repository(tmp_path / "copy"))).index_version == v1  # the same files
+    other = Repository(tmp_path / "other")  # another repository, its own history
+    shutil.copytree(repo.root, other.root)
+    shutil.rmtree(other.search_dir / str(v1))
+    write_empty_index(other)
+    with pytest.raises(ServerMismatchError, match=f"serves index version {v1} .*holds another index under that number"):
+        check_server(repo, Server(other))
+    write_empty_index(other)
+    with pytest.raises(ServerMismatchError, match=f"serves index version {v1 + 1} .*has no such version"):
+        check_server(repo, Server(other))
+    foreign = Repository(tmp_path / "foreign")  # a server of another embedder
+    shutil.copytree(repo.root, foreign.root)
+    publish(foreign, [("A", "x", "h1")], fingerprint="fp-other")
+    with pytest.raises(ServerMismatchError, match="fp-other.*fp-now.*nothing was embedded or written"):
+        check_server(repo, Server(foreign))
+
+
+def write_record(repo, host, pid, version, updated, server_id=""):
+    repo.serving_dir.mkdir(exist_ok=True)
+    (repo.serving_dir / f"{host}-{pid}.json").write_text(json.dumps(
+        {"host": host, "pid": pid, "version": version, "server_id": server_id or f"lookalike:{host}:{pid}",
+         "urls": ["10.0.0.7:8001"], "updated": updated}))
+
+
+def test_pruning_keeps_and_names_a_version_another_server_still_serves(repo):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from lookalike.publishing import publish_index, serving_records
+
+    versions = [publish(repo, [(f"P{i}", "x", f"h{i}")])[0] for i in range(3)]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        here = socket.gethostname()
+        write_record(repo, here, other.pid, versions[0], time.time())  # a second server on this host
+        write_record(repo, here, 2**22 + 5, versions[1], time.time())  # one that is gone: no protection
+        write_record(repo, "remote-a", 7, versions[1], time.time() - 3600)  # silent for an hour: stale
+        write_record(repo, "remote-b", 8, versions[2], time.time())
+        me = os.getpid()  # stands for the server this test reloads (its id), whose record still lags
+        write_record(repo, here, me, versions[2], time.time(), server_id=Server.server_id)
+        assert {(r.host, r.pid, r.version) for r in serving_records(repo)} == {
+            (here, other.pid, versions[0]), ("remote-b", 8, versions[2]), (here, me, versions[2])}
+        published = publish_index(repo, built([("Q", "x", "q")]), Server(repo), keep_versions=1)
+        assert published.pruned == [versions[1]]  # served by nobody alive
+        assert sorted(published.kept_for) == [versions[0], versions[2]]
+        assert str(published.kept_for[versions[0]][0]).startswith(f"lookalike serve pid {other.pid} on {here}")
+        assert [r.host for r in published.kept_for[versions[2]]] == ["remote-b"]  # not the server we reloaded
+        assert repo.index_versions() == [versions[0], versions[2], published.version]
+        assert not (repo.serving_dir / f"{here}-{2**22 + 5}.json").exists()  # a dead server's record is removed
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_serving_record_is_written_atomically_and_removed(repo):
+    import os
+
+    from lookalike.publishing import clear_serving, record_serving, serving_records
+
+    path = record_serving(repo, 4, "lookalike:h:1", ("127.0.0.1:8001", "127.0.0.1:8000"))
+    (record,) = serving_records(repo)
+    assert (record.pid, record.version, record.server_id) == (os.getpid(), 4, "lookalike:h:1")
+    assert str(record).endswith("(127.0.0.1:8001, 127.0.0.1:8000)")
+    assert [p.name for p in repo.serving_dir.iterdir()] == [path.name]  # no temporary file left
+    clear_serving(repo)
+    assert serving_records(repo) == []
 
 
 def grouped_catalog(products=400, per=5, seed=3):

@@ -190,3 +190,135 @@ def test_restarts_back_off_and_then_give_up():
     assert [i.action for i in supervisor.incidents] == ["restart tritonserver"] * 4
     assert supervisor.incidents[-1].failed == "more than 3 restarts in 600 s"
     assert any("giving up" in line for line in lines)
+
+
+def test_proc_that_cannot_be_read_is_not_a_dead_process(monkeypatch):
+    """EMFILE (or EACCES) on /proc is the reader's own trouble: ProcUnreadable, never "gone" (None)."""
+    import errno
+
+    import pytest
+
+    from lookalike import stubs
+
+    def no_fds(*_args, **_kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(stubs, "open", no_fds, raising=False)
+    with pytest.raises(stubs.ProcUnreadable, match="Too many open files"):
+        read_state(os.getpid())
+    with pytest.raises(stubs.ProcUnreadable):
+        list_stubs(os.getpid())
+    monkeypatch.undo()
+    assert read_state(2**22 + 17) is None  # a pid that does not exist is still "gone"
+
+
+def test_read_state_at_the_file_descriptor_limit_raises_instead_of_reporting_gone():
+    """The real thing, in a child process that lowers its own descriptor limit below what it holds."""
+    code = (
+        "import os, resource, sys\n"
+        "from lookalike.stubs import ProcUnreadable, read_state\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "try:\n"
+        "    print(read_state(os.getppid()))\n"
+        "except ProcUnreadable as exc:\n"
+        "    print('unreadable', exc.errno)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    import errno
+
+    assert out.stdout.split() == ["unreadable", str(errno.EMFILE)], out.stderr
+
+
+def test_kill_stubs_of_retries_and_then_raises_when_proc_stays_unreadable(monkeypatch):
+    import errno
+
+    import pytest
+
+    from lookalike import stubs
+
+    calls = []
+
+    def listdir(path):
+        calls.append(path)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(stubs.os, "listdir", listdir)
+    with pytest.raises(stubs.ProcUnreadable):
+        kill_stubs_of(2**22 + 11, attempts=3, retry_s=0)
+    assert calls == ["/proc"] * 3
+
+
+class AliveProcess:
+    pid = os.getpid()
+    returncode = None
+
+    def poll(self):
+        return None
+
+
+class Running:
+    """A tritonserver that runs (this test's own process stands in for it) and must never be restarted."""
+
+    def __init__(self, tmp_path):
+        from lookalike.server import ServerOptions
+
+        self.options = ServerOptions(model_repository=tmp_path, http_port=1, grpc_port=2, metrics_port=3)
+        self.process = AliveProcess()
+        self.starts = self.stops = 0
+
+    def stop(self, timeout_s=0):
+        self.stops += 1
+        return 0
+
+    def start(self, models=None):
+        self.starts += 1
+
+
+class StopAfter(RecordingStop):
+    def __init__(self, rounds):
+        super().__init__()
+        self.rounds = rounds
+
+    def wait(self, seconds):
+        self.waits.append(seconds)
+        return len(self.waits) > self.rounds
+
+    def is_set(self):
+        return len(self.waits) > self.rounds
+
+
+def test_the_supervisor_never_restarts_a_server_it_cannot_look_at(monkeypatch, tmp_path):
+    """/proc unreadable (EMFILE) for several rounds, then readable again: logged, retried, nothing
+    stopped or restarted; a dead stub seen meanwhile is looked at again, not acted on blind."""
+    import errno
+
+    from lookalike import supervisor as sup
+    from lookalike.stubs import ProcUnreadable
+
+    rounds = {"n": 0}
+
+    def list_stubs_(pid):
+        rounds["n"] += 1
+        if rounds["n"] <= 4:
+            raise ProcUnreadable("/proc/1/task", OSError(errno.EMFILE, "Too many open files"))
+        return []
+
+    monkeypatch.setattr(sup, "list_stubs", list_stubs_)
+    monkeypatch.setattr(sup.Supervisor, "_refresh_serving", lambda self: None)
+    server = Running(tmp_path)
+    lines = []
+    supervisor = sup.Supervisor(server, sup.SupervisorOptions(interval_s=0.01, scan_every_s=0.0), log=lines.append)
+    supervisor.run(StopAfter(8))
+    assert server.stops == 0 and server.starts == 0 and supervisor.incidents == []
+    assert any("cannot watch tritonserver" in line and "Too many open files" in line for line in lines), lines
+    assert any("watching tritonserver again" in line for line in lines), lines
+
+
+def test_a_dead_stub_is_reported_again_when_it_could_not_be_dealt_with():
+    watch = StubWatch()
+    watch.add([StubProcess(10, PRE0, 100)], {10: "S"})
+    (dead,) = watch.dead({10: "Z"}, now=0)
+    watch.confirm(dead)
+    watch.retry(dead)
+    assert watch.healthy()  # not confirmed any more
+    assert [d.pid for d in watch.dead({10: "Z"}, now=1)] == [10]  # reported again
