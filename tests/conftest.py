@@ -31,6 +31,28 @@ def photos():
     return list(real_photos())
 
 
+def finishes(call, seconds: float = 10.0):
+    """What `call()` returns or raises, run in a thread: a call that blocks (a read of a FIFO, say)
+    fails the test after `seconds` instead of hanging the suite."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"blocked for more than {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def pytest_report_header(config):
     return f"python {sys.version.split()[0]}, numpy {np.__version__}"
 

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from lookalike.catalog import CatalogError, read_catalog
+from tests.conftest import finishes
 
 
 def make_image(path: Path) -> Path:
@@ -98,18 +99,6 @@ def test_csv_header_without_a_required_column_is_refused_whole(tmp_path):
         read_catalog(tmp_path / "d.csv")
 
 
-def read_within(path, seconds=10.0):
-    """read_catalog(path) in a thread: a row that blocks the reader fails the test instead of hanging it."""
-    import threading
-
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("value", read_catalog(path)), daemon=True)
-    thread.start()
-    thread.join(timeout=seconds)
-    assert not thread.is_alive(), f"read_catalog blocked for more than {seconds} s"
-    return outcome["value"]
-
-
 def test_csv_bad_rows_of_every_kind_cost_only_themselves(tmp_path):
     import os
 
@@ -137,7 +126,7 @@ def test_csv_bad_rows_of_every_kind_cost_only_themselves(tmp_path):
         f"K-1,img/a.png,{'k' * (MAX_ID_CHARS + 1)}\n"
         "C-3,img/c.png,bags\n"
     )
-    items, problems = read_within(tmp_path / "catalog.csv")
+    items, problems = finishes(lambda: read_catalog(tmp_path / "catalog.csv"))
     assert [(i.product_id, i.image.name, i.category) for i in items] == [
         ("A-1", "a.png", "shoes"), ("B-2", "b.png", "shoes"), ("C-3", "c.png", "bags")]
     img = tmp_path / "img"
@@ -173,7 +162,7 @@ def test_folder_catalog_reports_what_is_not_a_regular_file(tmp_path):
     os.symlink(tmp_path / "nowhere.png", tmp_path / "bags" / "broken.png")
     os.symlink(tmp_path / "shoes", tmp_path / "bags" / "linked")  # a link to a folder is not followed
     os.mkfifo(tmp_path / "shoes" / ".hidden.jpg")  # hidden entries stay ignored
-    items, problems = read_within(tmp_path)
+    items, problems = finishes(lambda: read_catalog(tmp_path))
     assert [(i.product_id, i.category, i.where) for i in items] == [
         ("S1", "shoes", "shoes/S1.jpg"), ("S2", "shoes", "shoes/deeper/S2.jpg")]
     assert {p.where: p.reason for p in problems} == {

@@ -14,6 +14,7 @@ from lookalike_client import (
 from lookalike_client.calls import check_top_k, decode_ids, image_batch
 from lookalike_client.errors import translate
 from lookalike_client.images import read_image_bytes
+from tests.conftest import finishes
 
 
 @pytest.mark.parametrize("status,cls", [
@@ -220,27 +221,6 @@ def test_index_info_request_and_answer():
 
 
 # -- files the client reads ----------------------------------------------------------------------
-def read_within(call, seconds=10.0):
-    """`call()` in a thread: a read that blocks (a FIFO) fails the test instead of hanging it."""
-    import threading
-
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=seconds)
-    assert not thread.is_alive(), f"blocked for more than {seconds} s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 def test_only_regular_files_within_the_limit_are_read(tmp_path):
     import os
     import tracemalloc
@@ -263,7 +243,7 @@ def test_only_regular_files_within_the_limit_are_read(tmp_path):
         tracemalloc.start()
         try:
             with pytest.raises(FileRefusedError) as info:
-                read_within(lambda path=path: read_image_bytes(path))
+                finishes(lambda path=path: read_image_bytes(path))
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -321,22 +301,22 @@ def test_clients_read_paths_within_their_max_image_bytes(tmp_path):
     for call in (lambda: sync.search(tmp_path / "a.jpg"), lambda: sync.search_batch([b"ok", tmp_path / "a.jpg"]),
                  lambda: sync.embed([tmp_path / "a.jpg"])):
         with pytest.raises(FileRefusedError) as info:
-            read_within(call)
+            finishes(call)
         assert info.value.kind == "too_large"
-    results = read_within(lambda: sync.search_many([tmp_path / "a.jpg", tmp_path / "x.fifo", tmp_path / "no.jpg"]))
+    results = finishes(lambda: sync.search_many([tmp_path / "a.jpg", tmp_path / "x.fifo", tmp_path / "no.jpg"]))
     assert [(type(r.error), r.error.reason) for r in results] == [(InvalidImageError, "too_large")] + \
         [(InvalidImageError, "unreadable")] * 2
     assert "not a regular file (a FIFO)" in str(results[1].error)
     with pytest.raises(FileRefusedError, match="a FIFO"):
-        read_within(lambda: sync.search(tmp_path / "x.fifo"))
+        finishes(lambda: sync.search(tmp_path / "x.fifo"))
 
     client = AsyncLookalikeClient("127.0.0.1:1", max_image_bytes=99)
     with pytest.raises(FileRefusedError, match="image too large: 100 bytes, the limit is 99 bytes"):
-        read_within(lambda: asyncio.run(client.search(tmp_path / "a.jpg")))
-    results = read_within(lambda: asyncio.run(client.search_many([tmp_path / "x.fifo"])))
+        finishes(lambda: asyncio.run(client.search(tmp_path / "a.jpg")))
+    results = finishes(lambda: asyncio.run(client.search_many([tmp_path / "x.fifo"])))
     assert results[0].error.reason == "unreadable"
     with pytest.raises(FileRefusedError, match="a FIFO"):
-        read_within(lambda: asyncio.run(client.embed([tmp_path / "x.fifo"])))
+        finishes(lambda: asyncio.run(client.embed([tmp_path / "x.fifo"])))
 
     slots = [None, None]
     data = read_many([tmp_path / "a.jpg", b"raw"], slots, max_bytes=100)

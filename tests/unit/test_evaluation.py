@@ -15,6 +15,7 @@ from lookalike.evaluation import (
     read_queries,
     retrieval_metrics,
 )
+from tests.conftest import finishes
 
 
 def test_recall_and_mrr_count_misses_and_failures():
@@ -87,7 +88,6 @@ def test_thumbnails_from_bytes_or_files_never_fail_the_page(tmp_path):
 
 def test_read_queries_never_blocks_or_reads_what_is_not_a_small_regular_file(tmp_path):
     import os
-    import threading
     import tracemalloc
 
     buffer = io.BytesIO()
@@ -108,16 +108,12 @@ def test_read_queries_never_blocks_or_reads_what_is_not_a_small_regular_file(tmp
         "photos,p6\n"
     )
     (tmp_path / "photos").mkdir()
-    outcome = {}
     tracemalloc.start()
-    thread = threading.Thread(target=lambda: outcome.setdefault("queries", read_queries(tmp_path / "q.csv", 20 * 1024 * 1024)),
-                              daemon=True)
-    thread.start()
-    thread.join(timeout=10)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert not thread.is_alive(), "read_queries blocked"
-    queries = outcome["queries"]
+    try:
+        queries = finishes(lambda: read_queries(tmp_path / "q.csv", 20 * 1024 * 1024))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert [(q.product_id, q.error) for q in queries] == [
         ("p1", "cannot read: not a regular file (a FIFO)"),
         ("p2", "cannot read: not a regular file (a character device)"),

@@ -5,7 +5,6 @@ import hashlib
 import os
 import pickle
 import socket
-import threading
 import tracemalloc
 
 import pytest
@@ -13,27 +12,9 @@ import pytest
 from lookalike_client import FileRefusedError, files
 from lookalike_client.contract import quoted
 from lookalike_client.files import check_file, open_file, read_file
+from tests.conftest import finishes
 
 LIMIT = 20 * 1024 * 1024
-
-
-def finishes(call, seconds=10.0):
-    """What `call()` returns or raises, run in a thread: a call that blocks fails the test, not hangs it."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=seconds)
-    assert not thread.is_alive(), f"blocked for more than {seconds} s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def refusal(call) -> FileRefusedError:
