@@ -1,6 +1,7 @@
 """`lookalike eval` against the real server, and the query/catalog sides of preprocessing as served."""
 
 import json
+import os
 
 import numpy as np
 
@@ -44,8 +45,11 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
     (queries / "good.jpg").write_bytes((catalog / image).read_bytes())
     (queries / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (queries / "stranger.jpg").write_bytes((catalog / image).read_bytes())
+    os.mkfifo(queries / "pipe.jpg")  # a FIFO once hung eval for ever; /dev/zero was read until MemoryError
+    os.symlink("/dev/zero", queries / "zero.jpg")
     (queries / "q.csv").write_text(f"image,product_id\ngood.jpg,{product_id}\nmissing.jpg,{product_id}\n"
-                                   f"corrupt.jpg,{product_id}\nstranger.jpg,not-in-the-catalog\n")
+                                   f"corrupt.jpg,{product_id}\nstranger.jpg,not-in-the-catalog\n"
+                                   f"pipe.jpg,{product_id}\nzero.jpg,{product_id}\n")
     out = tmp_path / "eval"
     before = server.index_report.products
     code = main(["eval", str(catalog / "catalog.csv"), "--queries", str(queries / "q.csv"), "--simulate", "1",
@@ -56,11 +60,13 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
     served = report["served"]
     left_out = report["products"]["left_out"]
     assert left_out and report["products"]["indexed"] == report["products"]["embedded"] - len(left_out)
-    # 4 real photos (3 of them unusable) + 6 simulated ones: every one counted
-    assert served["overall"]["queries"] == 10
-    assert served["by_source"]["photo"]["queries"] == 4
+    # 6 real photos (5 of them unusable) + 6 simulated ones: every one counted
+    assert served["overall"]["queries"] == 12
+    assert served["by_source"]["photo"]["queries"] == 6
     failed = {f["query"].split("/")[-1].split(" ")[-1]: f["error"] for f in served["failed"]}
-    assert set(failed) == {"missing.jpg", "corrupt.jpg", "stranger.jpg"}
+    assert set(failed) == {"missing.jpg", "corrupt.jpg", "stranger.jpg", "pipe.jpg", "zero.jpg"}
+    assert "not a regular file (a FIFO)" in failed["pipe.jpg"]
+    assert "not a regular file (a character device)" in failed["zero.jpg"]
     assert "cannot read" in failed["missing.jpg"]
     assert "InvalidImageError" in failed["corrupt.jpg"] and "invalid image (truncated)" in failed["corrupt.jpg"]
     assert "not among the catalog" in failed["stranger.jpg"]
@@ -68,11 +74,11 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
     assert served["overall"]["recall@10"] is not None and served["overall"]["recall@10"] <= 7 / 10
     assert set(served["breakdown"]) == {"frame", "scale", "occlusion", "rotation"}
     assert served["category_relevance_left_out"]["queries"] == len(left_out)
-    assert report["colour_histogram_baseline"]["overall"]["queries"] == 10
+    assert report["colour_histogram_baseline"]["overall"]["queries"] == 12
     assert report["timing"]["latency_ms_concurrency_1"]["samples"] == 8 + len(left_out)  # + category queries
     assert report["backgrounds"]["used"]
     markdown = (out / "eval.md").read_text()
-    assert "| served `visual_search` | 10 |" in markdown and "**By frame**" in markdown
+    assert "| served `visual_search` | 12 |" in markdown and "**By frame**" in markdown
     assert "missing.jpg" in markdown
     assert (out / "failures.html").read_text().count("<section>") >= 2
     # afterwards the server serves the whole catalog again
