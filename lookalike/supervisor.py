@@ -620,12 +620,23 @@ class Supervisor:
             return None
         held = [c.SEARCH_MODEL, *self.repository.ensembles_using(c.SEARCH_MODEL)]
         self.server.start(models=[m for m in self.repository.models() if m not in held])
-        self.server.wait_live(self.options.ready_timeout_s)
-        self.admin.load(c.SEARCH_MODEL, disk_config(self.repository, c.SEARCH_MODEL, version),
-                        timeout_s=self.options.reload_timeout_s)
-        for ensemble in held[1:]:
-            self.admin.load(ensemble, disk_config(self.repository, ensemble), timeout_s=self.options.reload_timeout_s)
-        self.server.wait_ready(self.options.ready_timeout_s)
+        try:
+            self.server.wait_live(self.options.ready_timeout_s)
+            try:
+                self.admin.load(c.SEARCH_MODEL, disk_config(self.repository, c.SEARCH_MODEL, version),
+                                timeout_s=self.options.reload_timeout_s)
+                for ensemble in held[1:]:
+                    self.admin.load(ensemble, disk_config(self.repository, ensemble),
+                                    timeout_s=self.options.reload_timeout_s)
+            except AdminError as exc:  # say so, and serve rather than not: the newest, as a plain start would
+                self.log(f"loading index version {version} again failed ({exc}): loading the newest version instead")
+                version = None
+                for model in held:
+                    self.admin.load(model, timeout_s=self.options.reload_timeout_s)
+            self.server.wait_ready(self.options.ready_timeout_s)
+        except Exception:
+            self.server.stop(timeout_s=self.options.stop_timeout_s)  # never left up with models missing
+            raise
         self.serving = version
         return version
 

@@ -322,3 +322,108 @@ def test_a_dead_stub_is_reported_again_when_it_could_not_be_dealt_with():
     watch.retry(dead)
     assert watch.healthy()  # not confirmed any more
     assert [d.pid for d in watch.dead({10: "Z"}, now=1)] == [10]  # reported again
+
+
+class Restartable:
+    """A tritonserver for `Supervisor._restart`, recording how it is started and what is loaded."""
+
+    def __init__(self, repo_root):
+        from lookalike.server import ServerOptions
+
+        self.options = ServerOptions(model_repository=repo_root, http_port=1, grpc_port=2, metrics_port=3)
+        self.process = DeadProcess()
+        self.started_with = []
+        self.stops = 0
+
+    def stop(self, timeout_s=0):
+        self.stops += 1
+        return -9
+
+    def start(self, models=None):
+        self.started_with.append(models)
+        self.process = AliveProcess()
+
+    def wait_live(self, timeout_s=0):
+        pass
+
+    def wait_ready(self, timeout_s=0):
+        pass
+
+
+class Loads:
+    """TritonAdmin.load, recorded; `refuse` names models whose pinned load fails."""
+
+    def __init__(self, refuse=()):
+        self.calls, self.refuse = [], set(refuse)
+
+    def __call__(self, model, config=None, timeout_s=0):
+        from lookalike.supervisor import AdminError
+
+        pinned = (config or {}).get("version_policy", {}).get("specific", {}).get("versions")
+        self.calls.append((model, pinned))
+        if pinned and model in self.refuse:
+            raise AdminError(f"load of {model}: HTTP 400")
+
+
+def versioned_repo(tmp_path, versions=2):
+    """A model repository with the committed product_search and ensemble configs and `versions` index
+    versions of one embedder."""
+    import shutil
+
+    import numpy as np
+
+    from lookalike.artifacts import EmbedderManifest
+    from lookalike.publishing import write_index_version
+    from lookalike.repository import Repository
+    from lookalike.search import Product, ProductIndex
+    from tests.conftest import REPOSITORY
+
+    for model in ("product_search", "visual_search", "similar_products", "embed_image", "preprocess"):
+        (tmp_path / model).mkdir(parents=True)
+        shutil.copy(REPOSITORY / model / "config.pbtxt", tmp_path / model / "config.pbtxt")
+    shutil.copy(REPOSITORY / "product_search" / "model.py", tmp_path / "product_search" / "model.py")
+    (tmp_path / "embedder").mkdir()
+    EmbedderManifest(model="test", dim=8, input=(3, 8, 8), fingerprint="fp").save(tmp_path / "embedder" / "manifest.json")
+    repo = Repository(tmp_path)
+    for _ in range(versions):
+        index = ProductIndex.build([Product("a")], np.eye(1, 8, dtype=np.float32), embedder_fingerprint="fp")
+        write_index_version(repo, index.save)
+    return repo
+
+
+def restart_serving(tmp_path, served, refuse=()):
+    from lookalike.supervisor import Supervisor, SupervisorOptions
+
+    repo = versioned_repo(tmp_path)
+    server = Restartable(repo.root)
+    lines = []
+    supervisor = Supervisor(server, SupervisorOptions(), log=lines.append)
+    supervisor.admin.load = Loads(refuse)
+    supervisor.serving = served
+    supervisor._ready_since = -1e9  # long ready: no back-off wait
+    supervisor._restart("tritonserver exited with code -9", None)
+    return repo, server, supervisor, lines
+
+
+def test_a_restart_loads_the_version_that_served_pinned_after_the_other_models(tmp_path):
+    repo, server, supervisor, lines = restart_serving(tmp_path, served=1)  # version 2 sits on disk, never served
+    assert server.started_with == [["embed_image", "preprocess"]]  # product_search and its ensembles held back
+    assert supervisor.admin.load.calls == [("product_search", [1]), ("similar_products", None), ("visual_search", None)]
+    assert supervisor.serving == 1 and supervisor.incidents[-1].action.endswith("(product_search kept at index version 1)")
+    assert any("serving index version 1 as before" in line for line in lines)
+
+
+def test_a_restart_is_plain_when_the_newest_served_and_says_so_when_the_version_is_gone(tmp_path):
+    _, server, supervisor, _ = restart_serving(tmp_path / "a", served=2)
+    assert server.started_with == [None] and supervisor.admin.load.calls == []  # --load-model=*
+    _, server, supervisor, lines = restart_serving(tmp_path / "b", served=7)
+    assert server.started_with == [None]
+    assert any("index version 7, which served, is no longer on disk" in line for line in lines)
+
+
+def test_a_pinned_load_that_fails_falls_back_to_the_newest_rather_than_serving_nothing(tmp_path):
+    _, server, supervisor, lines = restart_serving(tmp_path, served=1, refuse={"product_search"})
+    assert supervisor.admin.load.calls == [("product_search", [1]), ("product_search", None),
+                                           ("similar_products", None), ("visual_search", None)]
+    assert any("loading index version 1 again failed" in line for line in lines)
+    assert supervisor.incidents[-1].recovered_after_s is not None and "kept" not in supervisor.incidents[-1].action
