@@ -378,8 +378,9 @@ def publish_index(repository: Repository, index: ProductIndex, client: Lookalike
     for record in others:
         kept_for.setdefault(record.version, []).append(record)
     pruned = prune_index_versions(repository, keep=keep_versions, protected=set(kept_for))
-    newest = set(repository.index_versions()[-keep_versions:]) if keep_versions > 0 else set()
-    kept_for = {v: r for v, r in kept_for.items() if v not in newest and v in repository.index_versions()}
+    remaining = repository.index_versions()
+    newest = set(remaining[-keep_versions:]) if keep_versions > 0 else set()
+    kept_for = {v: r for v, r in kept_for.items() if v in remaining and v not in newest}  # kept only for them
     return Publication(version, served, pruned, kept_for, superseded_by)
 
 

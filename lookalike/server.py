@@ -263,24 +263,20 @@ class TritonServer:
         )
         return self
 
-    def ready(self, model: str = c.VISUAL_SEARCH_MODEL) -> bool:
-        url = f"http://{self.options.http_url}/v2/models/{model}/ready"
+    def _answers(self, path: str) -> bool:
+        """Whether GET `path` of tritonserver's HTTP API answers 200."""
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(f"http://{self.options.http_url}{path}", timeout=2) as response:
                 return response.status == 200
         except OSError:
             return False
 
+    def ready(self, model: str = c.VISUAL_SEARCH_MODEL) -> bool:
+        return self._answers(f"/v2/models/{model}/ready")
+
     def wait_live(self, timeout_s: float = 300.0) -> None:
         """Until tritonserver answers (its models may still be loading, or held back)."""
-        def live() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://{self.options.http_url}/v2/health/live", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        self._wait(live, timeout_s, "tritonserver")
+        self._wait(lambda: self._answers("/v2/health/live"), timeout_s, "tritonserver")
 
     def wait_ready(self, timeout_s: float = 300.0, model: str = c.VISUAL_SEARCH_MODEL) -> None:
         self._wait(lambda: self.ready(model), timeout_s, model)
