@@ -57,3 +57,15 @@ def test_make_engine_builds_from_the_hosts_onnx_and_never_exports():
     engine, serve = pins("docker/requirements-engine.txt"), pins("docker/requirements-serve.txt")
     assert not {"timm", "efficientnet-lite-pytorch", "torchvision", "huggingface_hub"} & set(engine)  # no export
     assert {name: engine[name] for name in engine.keys() & serve.keys()} == {name: serve[name] for name in engine.keys() & serve.keys()}
+
+
+def test_the_serving_image_pins_every_package_and_one_faiss_a_gpu_build():
+    lines = [line.split("#")[0].strip() for line in (ROOT / "docker/requirements-serve.txt").read_text().splitlines()]
+    loose = [line for line in lines if line and not re.fullmatch(r"[\w.-]+(\[[\w,]+\])?==[\w.]+", line)]
+    assert not loose, loose  # what the image installs, its dependencies too (resolved for Python 3.10)
+    serve = pins("docker/requirements-serve.txt")
+    # faiss-cpu, or milvus-lite 3 (which requires it), would write its own `faiss` package over faiss-gpu's
+    assert "faiss-gpu" in serve and "faiss-cpu" not in serve and int(serve.get("milvus-lite", "0").split(".")[0]) < 3
+    # faiss-gpu loads CUDA 12's runtime, cuBLAS and cuRAND from these wheels, not from the image's CUDA
+    assert serve["nvidia-cuda-runtime-cu12"].startswith("12.") and serve["nvidia-cublas-cu12"].startswith("12.")
+    assert "nvidia-curand-cu12" in serve
