@@ -112,6 +112,12 @@ class Repository:
                 users.append(name)
         return users
 
+    def writable(self) -> bool:
+        """Whether this process may write into product_search/: False on a volume mounted read-only (as the
+        index volume is in the Kubernetes pods) as for missing permissions. A write can still fail where
+        this says True (a server-side read-only export): `publishing.ensure_servable_index` checks both."""
+        return os.access(self.search_dir, os.W_OK)
+
     def index_versions(self) -> list[int]:
         if not self.search_dir.is_dir():
             return []

@@ -1,6 +1,10 @@
 """`lookalike serve`: tritonserver (`lookalike.server`) over a model repository made servable before each
 start (`lookalike.publishing.ensure_servable_index`), kept serving by the supervisor, with its health
 endpoint, the ready banner, signal forwarding and the exit code.
+
+A repository that this process cannot write (the index volume of the Kubernetes pods, mounted read-only)
+is served as it is: the newest index version that can be served, loaded pinned when a newer one that
+cannot be served is on disk, and no start at all when there is none (`publishing.servable_read_only`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING
 from lookalike_client import contract as c
 
 from .model_configs import VARIANTS_DIR
-from .publishing import ensure_servable_index
+from .publishing import NothingToServeError, ensure_servable_index, newest_servable_version
 from .repository import Repository
 from .server import LaunchError, ServerOptions, TritonServer, processes_hidden_from_other_users
 
@@ -46,12 +50,16 @@ def check_model_config_name(repository: Repository, name: str | None) -> None:
 
 def lookalike_server(options: ServerOptions, log_file: Path | None = None) -> TritonServer:
     """tritonserver over `options.model_repository`, whose newest index version is made one it can
-    serve before every start (see `ensure_servable_index`)."""
+    serve before every start (see `ensure_servable_index`). On a read-only repository it loads the
+    newest version on disk: `serve_forever` pins the newest servable one when they differ."""
     repository = Repository(Path(options.model_repository))
 
     def prepare() -> None:
         check_model_config_name(repository, options.model_config_name)
-        ensure_servable_index(repository, log=log)
+        try:
+            ensure_servable_index(repository, log=log)
+        except NothingToServeError as exc:
+            raise LaunchError(str(exc)) from exc
 
     return TritonServer(options, log_file, prepare=prepare)
 
@@ -59,9 +67,10 @@ def lookalike_server(options: ServerOptions, log_file: Path | None = None) -> Tr
 def serve_forever(options: ServerOptions, supervision: "SupervisorOptions | None" = None) -> int:
     """Foreground server for the CLI: the supervisor and its health endpoint, the ready banner,
     signal forwarding, and the exit code (0 after SIGINT/SIGTERM)."""
-    from .supervisor import HealthServer, Supervisor, SupervisorGaveUp
+    from .supervisor import AdminError, HealthServer, Supervisor, SupervisorGaveUp
 
     server = lookalike_server(options)
+    repository = Repository(Path(options.model_repository))
     stop = threading.Event()
     current: dict[str, Supervisor | None] = {"supervisor": None}
     health = None
@@ -85,9 +94,17 @@ def serve_forever(options: ServerOptions, supervision: "SupervisorOptions | None
     gave_up = False
     try:
         try:
-            server.start()
-            server.wait_ready()
-        except LaunchError as exc:
+            if repository.writable():
+                server.start()
+                server.wait_ready()
+            else:
+                # Nothing can be set aside on a read-only repository: the newest version that can be served is
+                # loaded pinned when a newer one is on disk, as the supervisor restarts tritonserver on the
+                # version that served (a plain start, where it is the newest or there is none).
+                starter = Supervisor(server, supervision, log=log)
+                starter.serving = newest_servable_version(repository)[0]
+                starter._start_serving_the_same_version()
+        except (LaunchError, AdminError) as exc:
             if not stop.is_set():
                 log(exc)
                 server.stop()

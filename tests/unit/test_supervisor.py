@@ -427,3 +427,54 @@ def test_a_pinned_load_that_fails_falls_back_to_the_newest_rather_than_serving_n
                                            ("similar_products", None), ("visual_search", None)]
     assert any("loading index version 1 again failed" in line for line in lines)
     assert supervisor.incidents[-1].recovered_after_s is not None and "kept" not in supervisor.incidents[-1].action
+
+
+# -- a read-only model repository (the pods' index volume) ----------------------------------------
+def serve_read_only(tmp_path, monkeypatch, damage_newest: bool):
+    """`serve_forever`'s first start on a repository it cannot write, with versions 1 and 2 on disk."""
+    import lookalike.serve as serve
+    from lookalike.repository import Repository
+    from lookalike.supervisor import Supervisor, TritonAdmin
+
+    repo = versioned_repo(tmp_path)
+    if damage_newest:
+        index_file = repo.search_dir / "2" / "index.faiss"
+        index_file.write_bytes(index_file.read_bytes()[:-8])
+    server = Restartable(repo.root)
+    server.options.health_port = None
+    server.stop = lambda timeout_s=0: 0
+    loads = Loads()
+    monkeypatch.setattr(Repository, "writable", lambda self: False)
+    monkeypatch.setattr(serve, "lookalike_server", lambda options: server)
+    monkeypatch.setattr(TritonAdmin, "load", lambda self, *args, **kwargs: loads(*args, **kwargs))
+    monkeypatch.setattr(Supervisor, "run", lambda self, stop: None)
+    assert serve.serve_forever(server.options) == 0
+    return server, loads
+
+
+def test_serve_on_a_read_only_repository_pins_the_newest_servable_version(tmp_path, monkeypatch):
+    """Version 2 cannot be served and cannot be set aside: tritonserver would load it, so version 1 is
+    loaded pinned, product_search and its ensembles held back at start."""
+    server, loads = serve_read_only(tmp_path, monkeypatch, damage_newest=True)
+    assert server.started_with == [["embed_image", "preprocess"]]
+    assert loads.calls == [("product_search", [1]), ("similar_products", None), ("visual_search", None)]
+
+
+def test_serve_on_a_read_only_repository_starts_plainly_when_the_newest_can_be_served(tmp_path, monkeypatch):
+    server, loads = serve_read_only(tmp_path, monkeypatch, damage_newest=False)
+    assert server.started_with == [None] and loads.calls == []  # --load-model=*
+
+
+def test_the_version_served_is_not_recorded_in_a_read_only_repository_and_that_is_said_once(tmp_path, monkeypatch):
+    from lookalike.repository import Repository
+    from lookalike.supervisor import Supervisor, SupervisorOptions
+
+    repo = versioned_repo(tmp_path)
+    monkeypatch.setattr(Repository, "writable", lambda self: False)
+    lines = []
+    supervisor = Supervisor(Restartable(repo.root), SupervisorOptions(), log=lines.append)
+    for version in (1, 2, 2):
+        supervisor.serving = version
+        supervisor._publish_serving()
+    assert not repo.serving_dir.exists()
+    assert len([line for line in lines if "read-only" in line]) == 1 and len(lines) == 1, lines
