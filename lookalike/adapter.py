@@ -33,6 +33,7 @@ class Outcome:
     outputs: Outputs | None = None
     error: str | None = None
     invalid: bool = False
+    unavailable: bool = False  # a dependency is down (Milvus): UNAVAILABLE, which clients retry
 
     @classmethod
     def refused(cls, exc: Exception) -> "Outcome":
@@ -68,15 +69,18 @@ def run_each(requests: Sequence[P], compute: Callable[[P], Outputs], *, what: st
 def run_together(
     requests: Sequence[Inputs],
     parse: Callable[[Inputs], P],
-    compute: Callable[[list[P]], list[Outputs]],
+    compute: Callable[[list[P]], Sequence[Outputs | Exception]],
     *,
     what: str,
     log: Log | None = None,
     refuse: Refused = (ValueError,),
+    unavailable: Refused = (),
 ) -> list[Outcome]:
     """Each request `parse`d on its own (a `refuse` error refuses that request only, any other fails
     it), then one `compute` over all the valid ones, which returns one Outputs per parsed request, in
-    order. When `compute` fails, the valid requests get an internal error and the others keep theirs."""
+    order, or that request's own exception (refused or failed as above). When `compute` fails, the
+    valid requests get an internal error, or UNAVAILABLE for an `unavailable` error, and the others
+    keep theirs."""
     outcomes: list[Outcome | None] = [None] * len(requests)
     valid: list[int] = []
     parsed: list[P] = []
@@ -94,7 +98,14 @@ def run_together(
             if len(results) != len(parsed):
                 raise RuntimeError(f"{len(results)} results for {len(parsed)} requests")
             for i, outputs in zip(valid, results):
-                outcomes[i] = Outcome(outputs=outputs)
+                if isinstance(outputs, Exception):
+                    outcomes[i] = Outcome.refused(outputs) if isinstance(outputs, refuse) else _failed(what, outputs, log)
+                else:
+                    outcomes[i] = Outcome(outputs=outputs)
+        except unavailable as exc:
+            failure = Outcome(error=f"{what} unavailable: {exc}", unavailable=True)
+            for i in valid:
+                outcomes[i] = failure
         except Exception as exc:  # noqa: BLE001 - never out of execute
             failure = _failed(what, exc, log)
             for i in valid:
@@ -130,13 +141,14 @@ def request_inputs(pb_utils: Any, request: Any, names: Sequence[str]) -> dict[st
 
 def responses(pb_utils: Any, outcomes: Sequence[Outcome]) -> list[Any]:
     """One Triton InferenceResponse per outcome: its tensors, or its error (INVALID_ARG when the
-    client's input was refused, INTERNAL otherwise)."""
+    client's input was refused, UNAVAILABLE when a dependency is down, INTERNAL otherwise)."""
     out = []
     for outcome in outcomes:
         if outcome.outputs is not None:
             tensors = [pb_utils.Tensor(name, array) for name, array in outcome.outputs.items()]
             out.append(pb_utils.InferenceResponse(output_tensors=tensors))
         else:
-            code = pb_utils.TritonError.INVALID_ARG if outcome.invalid else pb_utils.TritonError.INTERNAL
+            code = (pb_utils.TritonError.INVALID_ARG if outcome.invalid else
+                    pb_utils.TritonError.UNAVAILABLE if outcome.unavailable else pb_utils.TritonError.INTERNAL)
             out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(outcome.error or "failed", code)))
     return out

@@ -54,9 +54,76 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
                         help="never this product (repeatable)")
 
 
+def _search_backend_choice(args: argparse.Namespace, command: str) -> dict[str, str] | None:
+    """product_search's search-backend parameters from --search-backend/--milvus-uri/--milvus-collection
+    (None when --search-backend is not given); ValueError naming a bad value."""
+    from .model_configs import search_backend_parameters
+
+    if args.search_backend is None:
+        if args.milvus_uri or args.milvus_collection:
+            raise ValueError(f"{command}: --milvus-uri and --milvus-collection go with --search-backend milvus")
+        return None
+    return search_backend_parameters(args.search_backend, args.milvus_uri, args.milvus_collection)
+
+
+def set_search_backend(repository: Repository, values: dict[str, str]) -> bool:
+    """Writes the search backend into product_search/config.pbtxt, where every load of the model reads it
+    (a later `lookalike index` reload, the supervisor's restarts): returns whether it changed. On a
+    read-only repository that says otherwise, OSError says what to do."""
+    from .model_configs import CONFIG_FILE, write_parameters
+
+    path = repository.search_dir / CONFIG_FILE
+    try:
+        return write_parameters(path, values)
+    except OSError as exc:
+        wanted = ", ".join(f"{k} {v!r}" for k, v in values.items())
+        raise OSError(f"cannot write {path} ({exc.strerror or exc}): the repository is read-only; set {wanted} "
+                      "in that file where the repository is built (the image, the volume)") from None
+
+
+def _add_search_backend(parser: argparse.ArgumentParser, serve: bool) -> None:
+    where = ("written into product_search/config.pbtxt, which every later load reads" if serve else
+             "default: what product_search/config.pbtxt of --model-repository says")
+    parser.add_argument("--search-backend", choices=c.SEARCH_BACKENDS, default=None,
+                        help=f"faiss (the index files in the model repository) or milvus (a Milvus collection); {where}")
+    parser.add_argument("--milvus-uri", default=None,
+                        help=f"the Milvus server, e.g. http://milvus:19530 (token: ${c.MILVUS_TOKEN_ENV})")
+    parser.add_argument("--milvus-collection", default=None,
+                        help="the alias that names the served collection (default lookalike)")
+
+
+def milvus_target(args: argparse.Namespace, repository: Repository):
+    """Where `lookalike index` writes: --search-backend/--milvus-uri/--milvus-collection, else what
+    product_search/config.pbtxt of the repository says (the servers read the same file). None: faiss."""
+    from .model_configs import CONFIG_FILE, parameters, read
+
+    chosen = _search_backend_choice(args, "lookalike index")
+    if chosen is None:
+        try:
+            chosen = parameters(read(repository.search_dir / CONFIG_FILE))
+        except OSError:
+            chosen = {}
+    if (chosen.get("search_backend") or "faiss") != "milvus":
+        return None
+    from .milvus_publish import MilvusTarget
+    from .milvus_search import MilvusSettings
+
+    return MilvusTarget(MilvusSettings.from_params(chosen), partition_key=not args.no_category_partition)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve_forever
     from .server import LaunchError, ServerOptions
+
+    try:
+        backend = _search_backend_choice(args, "lookalike serve")
+        if backend is not None and set_search_backend(Repository(args.model_repository), backend):
+            print(f"lookalike serve: {c.SEARCH_MODEL} searches with {backend['search_backend']}"
+                  + (f" at {backend['milvus_uri']}" if "milvus_uri" in backend else "")
+                  + " (written into its config.pbtxt)", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"lookalike serve: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
 
     options = ServerOptions(
         model_repository=args.model_repository, host=args.host, http_port=args.http_port,
@@ -81,7 +148,9 @@ def _client(args: argparse.Namespace):
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from lookalike_client import LookalikeError
+    from contextlib import ExitStack
+
+    from lookalike_client import LookalikeClient, LookalikeError
 
     from .indexer import index_catalog
 
@@ -89,21 +158,34 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.rollback == (args.catalog is not None):
         print("lookalike index: give a CATALOG, or --rollback alone", file=sys.stderr)
         return 2
+    urls = args.url or ["localhost:8001"]
     try:
-        with _client(args) as client:
+        milvus = milvus_target(args, repository)
+        with ExitStack() as stack:
+            clients = [stack.enter_context(LookalikeClient(url, timeout_s=args.timeout)) for url in urls]
+            if args.rollback and milvus is not None:
+                from .milvus_index import MilvusWriter
+                from .milvus_publish import rollback_milvus
+
+                with MilvusWriter(milvus.settings) as writer:
+                    old, now = rollback_milvus(writer, clients)
+                print(f"rolled back: alias {milvus.settings.alias} names generation {now} again (generation {old} is "
+                      "marked rejected); confirmed by " + ("each server" if len(clients) > 1 else "the server"))
+                return 0
             if args.rollback:
                 from .publishing import rollback_index
 
-                old, now = rollback_index(repository, client)
-                print(f"rolled back: {c.SEARCH_MODEL} serves version {now} again (version {old} set aside in "
+                old, now = rollback_index(repository, clients)
+                where = f" on {len(clients)} servers" if len(clients) > 1 else ""
+                print(f"rolled back: {c.SEARCH_MODEL} serves version {now} again{where} (version {old} set aside in "
                       f"{repository.rejected_dir})")
                 return 0
             options = {"hnsw_m": args.hnsw_m, "ef_search": args.ef_search, "nlist": args.nlist, "m": args.m,
                        "nprobe": args.nprobe}
-            report = index_catalog(args.catalog, repository, client, index=args.index, index_options=options,
+            report = index_catalog(args.catalog, repository, clients, index=args.index, index_options=options,
                                    factory=args.index_factory, batch_size=args.batch_size,
                                    concurrency=args.concurrency, progress=not args.quiet, reuse=not args.full,
-                                   keep_versions=args.keep_versions)
+                                   keep_versions=args.keep_versions, milvus=milvus)
     except (LookalikeError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(printable(f"lookalike index: {exc}"), file=sys.stderr)
         return 1
@@ -116,13 +198,32 @@ def cmd_index(args: argparse.Namespace) -> int:
     print(f"changes {since}: {report.added} added, {report.changed} changed, {report.removed} removed, "
           f"{report.recategorized} recategorized; images: {report.reused} reused, {report.embedded} embedded, "
           f"{report.failed} failed")
+    if len(report.embedded_by) > 1:
+        print(printable("embedded per server: " + ", ".join(f"{url} {n}" for url, n in report.embedded_by.items())))
+    for url in report.went_away:
+        print(printable(f"the server at {url} went away while embedding: the others embedded its batches; it was "
+                        "serving again before the new version was written"), file=sys.stderr)
+    if report.milvus is not None:
+        written = report.milvus
+        how = (f"as generation {written.generation}, a new collection the alias now names" if written.full else
+               f"into generation {written.generation} in place: {written.upserted} rows upserted, {written.deleted} deleted")
+        print(f"indexed {report.products} products ({report.images} images, {report.vectors} vectors, "
+              f"{len(report.problems)} rows skipped) in {report.seconds:.1f} s {how}")
+        print(printable(f"{c.SEARCH_MODEL} searches Milvus alias {milvus.settings.alias if milvus else '?'}: generation "
+                        f"{written.generation}, state {written.state_id}, {written.products} products (confirmed by "
+                        + ("each server" if len(report.servers) > 1 else "the server") + ")"))
+        if written.dropped:
+            print(f"dropped generation(s) {', '.join(map(str, written.dropped))} (the newest {args.keep_versions} are kept)")
+        return 0
     print(f"indexed {report.products} products ({report.images} images, {report.vectors} vectors, "
           f"{len(report.problems)} rows skipped) in {report.seconds:.1f} s as index version {report.version}")
+    on = f" on {len(report.servers)} servers ({', '.join(report.servers)})" if len(report.servers) > 1 else ""
+    confirmed = "confirmed by each server" if len(report.servers) > 1 else "confirmed by the server"
     if report.superseded_by is not None:
-        print(f"{c.SEARCH_MODEL} loaded version {report.version}, and now serves version {report.superseded_by}, "
-              "which another `lookalike index` published meanwhile (confirmed by the server)")
+        print(printable(f"{c.SEARCH_MODEL} loaded version {report.version}{on}, and now serves version {report.superseded_by}, "
+                        f"which another `lookalike index` published meanwhile ({confirmed})"))
     else:
-        print(f"{c.SEARCH_MODEL} now serves version {report.version} ({report.products} products; confirmed by the server)")
+        print(printable(f"{c.SEARCH_MODEL} now serves version {report.version}{on} ({report.products} products; {confirmed})"))
     if report.pruned:
         print(f"removed index version(s) {', '.join(map(str, report.pruned))} (the newest {args.keep_versions} are kept)")
     for version, servers in sorted(report.kept_for.items()):
@@ -237,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-config-name", default=None,
                    help="serve configs/<name>.pbtxt where a model has one, e.g. 'onnxruntime' in the NGC image")
     p.add_argument("--log-verbose", type=int, default=0)
+    _add_search_backend(p, serve=True)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export an embedder to ONNX into the model repository")
@@ -262,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                         "older ones are deleted, except a version that another lookalike serve on this repository "
                         "still serves")
     _add_repository(p)
-    _add_url(p)
+    p.add_argument("--url", action="append", default=None, metavar="HOST:PORT",
+                   help="a server's gRPC address (default localhost:8001). Repeat it for several servers on this "
+                   "repository (a shared volume): the batches are spread over all of them, and each must load and "
+                   "confirm the new version, or none serves it; --rollback rolls back each")
     p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf-pq"),
                    help="FAISS index: exact (flat), graph (hnsw) or compressed (ivf-pq); auto picks by catalog size")
     p.add_argument("--hnsw-m", type=int, default=None, help="hnsw: links per node (default 32)")
@@ -275,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="ivf-pq: cells searched per query (default 32; product_search's nprobe overrides)")
     p.add_argument("--index-factory", default=None, help="expert: a FAISS index_factory string (inner product), "
                    "instead of --index")
+    _add_search_backend(p, serve=False)
+    p.add_argument("--no-category-partition", action="store_true",
+                   help="milvus: a new generation without the category partition key (see docs/beyond-one-machine.md)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--concurrency", type=_at_least_one, default=4, help="embedding requests in flight per server (default 4)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)

@@ -3,8 +3,9 @@
 an index version of the same embedder already holds are not embedded again (`EmbeddingStore`).
 
 Images are sent in batches over several concurrent requests (the server's dynamic batcher merges
-them). A batch refused for a bad image is retried image by image, so one bad file costs only itself;
-every unusable row is reported with its reason and the rest go on.
+them), through one server or spread over several on the same repository (`lookalike.fanout`). A
+batch refused for a bad image is retried image by image, so one bad file costs only itself; every
+unusable row is reported with its reason and the rest go on.
 """
 
 from __future__ import annotations
@@ -12,23 +13,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from lookalike_client import FileRefusedError, InvalidRequestError, LookalikeClient
+from lookalike_client import FileRefusedError, InvalidRequestError, LookalikeClient, ServerUnavailableError
 from lookalike_client.files import open_file, read_file
 
 from .artifacts import VECTORS_FILE, ArtifactError, EmbedderManifest, IndexMeta
 from .catalog import CatalogItem, Problem, read_catalog
+from .fanout import AllServersGone, spread
 from .index_types import IndexChoice, choose
 from .preprocessing import ImageError, ImageLimits, PreprocessConfig
-from .publishing import ServingRecord, check_server, clean_stale_staging, publish_index
+from .publishing import ServingRecord, as_clients, check_server, check_servers, clean_stale_staging, publish_index
 from .repository import Repository
 from .search import CorruptIndexError, Product, ProductIndex, load_products
+
+if TYPE_CHECKING:
+    from .milvus_index import MilvusReport, MilvusWriter
+    from .milvus_publish import MilvusEmbeddingStore, MilvusTarget
+    from .milvus_search import CollectionState
 
 
 class EmptyCatalogError(ValueError):
@@ -66,6 +72,13 @@ class IndexReport:
     pruned: list[int] = field(default_factory=list)
     kept_for: dict[int, list[ServingRecord]] = field(default_factory=dict)
     superseded_by: int | None = None
+    # Several servers: the images each one embedded (by url), those that went away while embedding (their
+    # batches went to the others; each was ready again before publishing), and those that confirmed it.
+    embedded_by: dict[str, int] = field(default_factory=dict)
+    embedding_seconds: float = 0.0  # of `seconds`, the embedding through the server(s)
+    went_away: list[str] = field(default_factory=list)
+    servers: list[str] = field(default_factory=list)
+    milvus: "MilvusReport | None" = None  # the Milvus backend: what was written (a new generation or in place)
 
     @property
     def failed(self) -> int:
@@ -143,8 +156,21 @@ def _with_views(data: bytes, config: PreprocessConfig | None, limits: ImageLimit
         return [data]
 
 
+@dataclass
+class Embedded:
+    """What `embed_across` returns: the items that embedded with each one's [1 + views, D] embeddings,
+    the problems of the rest, the images each server embedded (by its place in the list given), and the
+    servers that went away while embedding (their batches went to the others), with their errors."""
+
+    items: list[CatalogItem]
+    vectors: list[np.ndarray]
+    problems: list[Problem]
+    images_by_server: list[int]
+    gone: dict[int, ServerUnavailableError] = field(default_factory=dict)
+
+
 def embed_items(
-    client: LookalikeClient,
+    client: LookalikeClient | Sequence[LookalikeClient],
     items: Sequence[CatalogItem],
     *,
     batch_size: int = 16,
@@ -157,15 +183,36 @@ def embed_items(
     """Returns the items that embedded, each one's [1 + views, D] embeddings (its packshot, then the
     catalog views of the preprocessing `config`, none without one), and the problems of the rest.
     Files over `max_bytes` (the server's limit) are reported without being read; `limits` (the
-    server's) bound the local decode that renders the views."""
+    server's) bound the local decode that renders the views. Several clients: see `embed_across`."""
+    done = embed_across(as_clients(client), items, batch_size=batch_size, concurrency=concurrency, progress=progress,
+                        max_bytes=max_bytes, config=config, limits=limits)
+    return done.items, done.vectors, done.problems
+
+
+def embed_across(
+    clients: Sequence[LookalikeClient],
+    items: Sequence[CatalogItem],
+    *,
+    batch_size: int = 16,
+    concurrency: int = 4,
+    progress: bool = True,
+    max_bytes: int = ImageLimits().max_bytes,
+    config: PreprocessConfig | None = None,
+    limits: ImageLimits | None = None,
+) -> Embedded:
+    """`embed_items` over every server of `clients`: batches of `batch_size` rows from one queue, with
+    `concurrency` requests in flight per server (`lookalike.fanout`), one progress bar. A batch whose
+    server is unreachable past the client's own retries (ServerUnavailableError) goes to the other
+    servers, and that server gets no more; ServerUnavailableError only once every server has gone
+    (with one server: its own error, as it came). Any other error stops the run, as with one server."""
     limits = limits or ImageLimits(max_bytes=max_bytes)
     groups = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
-    def embed_all(images: list[bytes]) -> np.ndarray:
+    def embed_all(client: LookalikeClient, images: list[bytes]) -> np.ndarray:
         chunks = [client.embed(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate(chunks)
 
-    def run(group: list[CatalogItem]) -> list[tuple[CatalogItem, np.ndarray | Problem]]:
+    def run(client: LookalikeClient, group: list[CatalogItem]) -> list[tuple[CatalogItem, np.ndarray | Problem]]:
         data = [_read(item, max_bytes) for item in group]
         out: list[tuple[CatalogItem, np.ndarray | Problem]] = [
             (item, d) for item, d in zip(group, data) if isinstance(d, Problem)
@@ -174,7 +221,7 @@ def embed_items(
         if not readable:
             return out
         try:
-            vectors = embed_all([image for _, images in readable for image in images])
+            vectors = embed_all(client, [image for _, images in readable for image in images])
             start = 0
             for item, images in readable:
                 out.append((item, vectors[start : start + len(images)]))
@@ -182,7 +229,7 @@ def embed_items(
         except InvalidRequestError:
             for item, images in readable:  # find the bad one(s)
                 try:
-                    out.append((item, embed_all(images)))
+                    out.append((item, embed_all(client, images)))
                 except InvalidRequestError as exc:
                     out.append((item, Problem(item.where, f"{item.image.name}: {exc.detail}")))
         return out
@@ -191,26 +238,45 @@ def embed_items(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(items), unit="img", desc="embedding", file=sys.stderr)
+        where = f" on {len(clients)} servers" if len(clients) > 1 else ""
+        bar = tqdm(total=len(items), unit="img", desc=f"embedding{where}", file=sys.stderr)
+
+    def tick(_group: list[CatalogItem], result: list[tuple[CatalogItem, np.ndarray | Problem]]) -> None:
+        if bar is not None:
+            bar.update(len(result))
+
+    try:
+        done = spread(clients, groups, run, per_server=max(1, concurrency), done=tick,
+                      gone=lambda exc: isinstance(exc, ServerUnavailableError))
+    except AllServersGone as exc:
+        errors = {i: e for i, e in exc.errors.items() if isinstance(e, ServerUnavailableError)}
+        if len(clients) == 1 and 0 in errors:
+            raise errors[0] from errors[0].__cause__  # one server: its own error, as it came
+        shown = "; ".join(f"{clients[i].url}: {type(e).__name__}: {e}" for i, e in sorted(errors.items()))
+        raise ServerUnavailableError(
+            f"every server went away while embedding, {exc.left} of {len(groups)} batches of {batch_size} left "
+            f"({shown}); nothing was published") from (errors[max(errors)] if errors else exc)
+    finally:
+        if bar is not None:
+            bar.close()
     results: dict[int, np.ndarray | Problem] = {}
     position = {id(item): i for i, item in enumerate(items)}
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for group_result in pool.map(run, groups):
-            for item, value in group_result:
-                results[position[id(item)]] = value
-            if bar is not None:
-                bar.update(len(group_result))
-    if bar is not None:
-        bar.close()
-    good = [(items[i], results[i]) for i in range(len(items)) if isinstance(results[i], np.ndarray)]
-    problems = [results[i] for i in range(len(items)) if isinstance(results[i], Problem)]
-    return [item for item, _ in good], [v.astype(np.float32) for _, v in good], problems  # type: ignore[misc]
+    by_server = [0] * len(clients)
+    for group_result, server in zip(done.results, done.done_by):
+        for item, value in group_result:
+            results[position[id(item)]] = value
+            if isinstance(value, np.ndarray):
+                by_server[server] += 1
+    good = [(items[i], v) for i in range(len(items)) if isinstance(v := results[i], np.ndarray)]
+    problems = [p for i in range(len(items)) if isinstance(p := results[i], Problem)]
+    gone = {i: e for i, e in done.gone.items() if isinstance(e, ServerUnavailableError)}
+    return Embedded([item for item, _ in good], [v.astype(np.float32) for _, v in good], problems, by_server, gone)
 
 
 def index_catalog(
     catalog: str | Path,
     repository: Repository,
-    client: LookalikeClient,
+    client: LookalikeClient | Sequence[LookalikeClient],
     *,
     index: str = "auto",
     index_options: dict[str, int | None] | None = None,
@@ -220,27 +286,70 @@ def index_catalog(
     keep_versions: int = 2,
     progress: bool = True,
     reuse: bool = True,
+    milvus: "MilvusTarget | None" = None,
 ) -> IndexReport:
     """Embeds the catalog through the server and publishes it as a new version. Incremental: an image
     whose file content (sha256) an index version of the same embedder already holds is not embedded
     again (`EmbeddingStore`; `reuse=False` embeds all); removed products are dropped and category changes
     kept without embedding. `index` (auto|flat|hnsw|ivf-pq) with `index_options` (hnsw_m, ef_search,
     nlist, m, nprobe) picks the FAISS index (`lookalike.index_types`); `factory`, a FAISS index_factory
-    string, overrides it for experts."""
+    string, overrides it for experts.
+
+    `client` may be the clients of several servers on this repository (`lookalike index --url A --url
+    B`): each is checked before anything is embedded (`check_servers`), the batches are spread over all
+    of them with `concurrency` requests in flight per server (`embed_across`; a server that goes away
+    leaves its batches to the others, and must be back, serving this repository, before anything is
+    written), and every one of them must load and confirm the new version, or none serves it
+    (`publish_index`).
+
+    `milvus`: the catalog goes into that Milvus alias instead (`lookalike.milvus_publish`): the servers
+    must search it; images are reused from its live generation; the change is written in place or as a
+    new generation, and every server confirms it through INDEX_INFO. `index` picks the Milvus index type."""
     import time
 
     started = time.perf_counter()
     manifest = repository.manifest()
     clean_stale_staging(repository, log=lambda m: print(f"lookalike index: {m}", file=sys.stderr))
-    # Before anything is read or embedded: the server serves this repository, with this embedder.
-    client.wait_until_ready(timeout_s=120.0)
-    check_server(repository, client)
+    # Before anything is read or embedded: each server serves this repository, with this embedder.
+    clients = as_clients(client)
+    for cl in clients:
+        cl.wait_until_ready(timeout_s=120.0)
+    writer = live = None
+    if milvus is not None:
+        from .milvus_index import MilvusWriter
+        from .milvus_publish import check_milvus_servers
+
+        if factory:
+            raise ValueError("--index-factory is a FAISS index_factory string: the Milvus backend takes --index")
+        writer = MilvusWriter(milvus.settings)
+        try:
+            live = check_milvus_servers(writer, clients, manifest)
+        except BaseException:
+            writer.close()
+            raise
+    else:
+        check_servers(repository, clients)
+    try:
+        return _index_checked(catalog, repository, clients, manifest, started, index=index, index_options=index_options,
+                              factory=factory, batch_size=batch_size, concurrency=concurrency, keep_versions=keep_versions,
+                              progress=progress, reuse=reuse, milvus=milvus, writer=writer, live=live)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _index_checked(catalog: str | Path, repository: Repository, clients: Sequence[LookalikeClient], manifest: EmbedderManifest,
+                   started: float, *, index: str, index_options: dict[str, int | None] | None, factory: str | None,
+                   batch_size: int, concurrency: int, keep_versions: int, progress: bool, reuse: bool,
+                   milvus: "MilvusTarget | None", writer: "MilvusWriter | None", live: "CollectionState | None") -> IndexReport:
+    """`index_catalog` once the servers have been checked."""
+    import time
+
     items, problems = read_catalog(catalog)
     limits = repository.image_limits()
     config = repository.preprocessing()
     if not factory:  # refuse impossible settings before hours of embedding, on the expected vector count
         choose(index, len(items) * (1 + len(config.catalog_views)), manifest.dim, **(index_options or {}))
-    store = EmbeddingStore.from_repository(repository, manifest.fingerprint) if reuse else EmbeddingStore()
     hashes: dict[int, str] = {}
     known: dict[int, np.ndarray] = {}
     for i, item in enumerate(items):
@@ -249,17 +358,33 @@ def index_catalog(
                 hashes[i] = content_hash(item.image)
         except OSError:
             continue  # reported by embed_items, which reads it again
-        found = store.get(hashes[i]) if i in hashes else None
-        if found is not None:
+    store: EmbeddingStore | MilvusEmbeddingStore
+    if not reuse:
+        store = EmbeddingStore()
+    elif writer is not None:
+        from .milvus_publish import MilvusEmbeddingStore
+
+        store = MilvusEmbeddingStore.from_live(writer, live, manifest.fingerprint, list(hashes.values()))
+    else:
+        store = EmbeddingStore.from_repository(repository, manifest.fingerprint)
+    for i, sha in hashes.items():
+        found = store.get(sha)
+        if found is not None and found.shape[0] == 1 + len(config.catalog_views):
             known[i] = found
     todo = [i for i in range(len(items)) if i not in known]
     if todo:
-        client.wait_until_ready(timeout_s=120.0, model="embed_image")
-    embedded, new_vectors, embed_problems = embed_items(
-        client, [items[i] for i in todo], batch_size=batch_size, concurrency=concurrency, progress=progress,
+        for cl in clients:
+            cl.wait_until_ready(timeout_s=120.0, model="embed_image")
+    embedding_started = time.perf_counter()
+    done = embed_across(
+        clients, [items[i] for i in todo], batch_size=batch_size, concurrency=concurrency, progress=progress,
         max_bytes=limits.max_bytes, config=config, limits=limits,
     )
-    problems += embed_problems
+    embedding_seconds = time.perf_counter() - embedding_started
+    embedded, new_vectors = done.items, done.vectors
+    problems += done.problems
+    for place, error in sorted(done.gone.items()):
+        _back_again(repository, clients[place], error, check=writer is None)
     fresh = {id(item): v for item, v in zip(embedded, new_vectors)}
     good = [(i, items[i], known[i] if i in known else fresh[id(items[i])]) for i in range(len(items))
             if i in known or id(items[i]) in fresh]
@@ -276,16 +401,50 @@ def index_catalog(
                 hashes[i] = content_hash(item.image)
             except OSError:  # and changed again since: indexed, but not reused by the next run
                 hashes[i] = ""
+    if writer is not None:
+        assert milvus is not None
+        from .milvus_publish import publish_catalog
+
+        report = IndexReport(0, 0, problems, 0.0, choice, rows, len(good), reused=len(known), embedded=len(embedded))
+        report.embedding_seconds = embedding_seconds
+        report.embedded_by = {cl.url: n for cl, n in zip(clients, done.images_by_server)}
+        report.went_away = [clients[place].url for place in sorted(done.gone)]
+        publish_catalog(writer, [(item, hashes[i], v) for i, item, v in good], manifest, clients, live=live, choice=choice,
+                        full=not reuse, partition_key=milvus.partition_key, keep=keep_versions, report=report)
+        report.servers = [cl.url for cl in clients]
+        report.seconds = time.perf_counter() - started
+        return report
     built = build_index([item for _, item, _ in good], [v for _, _, v in good], manifest, choice=choice,
                         hashes=[hashes[i] for i, _, _ in good])
     report = IndexReport(0, len(built), problems, 0.0, choice, rows, len(good), reused=len(known),
                          embedded=len(embedded))
+    report.embedding_seconds = embedding_seconds
+    report.embedded_by = {cl.url: n for cl, n in zip(clients, done.images_by_server)}
+    report.went_away = [clients[place].url for place in sorted(done.gone)]
     compare_versions(repository, built, report)
-    published = publish_index(repository, built, client, keep_versions=keep_versions)
+    published = publish_index(repository, built, clients, keep_versions=keep_versions)
     report.version, report.pruned, report.kept_for = published.version, published.pruned, published.kept_for
     report.superseded_by = published.superseded_by
+    report.servers = [info.url for info in published.served_by]
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _back_again(repository: Repository, client: LookalikeClient, error: ServerUnavailableError, wait_s: float = 120.0,
+                check: bool = True) -> None:
+    """A server that went away while embedding (its batches went to the others) must serve again, this
+    repository with this embedder, before the new version is written: every listed server is to serve
+    it. Its supervisor restarts it (`lookalike serve`); after `wait_s`, ServerUnavailableError, and
+    nothing is written."""
+    try:
+        client.wait_until_ready(timeout_s=wait_s)
+    except ServerUnavailableError as exc:
+        raise ServerUnavailableError(
+            f"the server at {client.url} went away while embedding ({type(error).__name__}: {error}; the other servers "
+            f"embedded its batches) and was not ready again within {wait_s:.0f} s: every listed server must serve the "
+            "new version, so nothing was written and each server serves what it served before") from exc
+    if check:  # the faiss backend: still this repository (on Milvus, the writes are confirmed per server)
+        check_server(repository, client)
 
 
 def compare_versions(repository: Repository, built: ProductIndex, report: IndexReport) -> None:

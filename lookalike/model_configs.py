@@ -9,6 +9,8 @@ other models' configs are committed files; `read` parses them.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +137,55 @@ def write_embedder_configs(embedder_dir: Path, *, height: int, width: int, dim: 
         plan_config.write_text(render_embedder_config("tensorrt", **common))
     elif plan_config.exists():
         plan_config.unlink()  # a new ONNX export makes an older engine stale
+
+
+# -- product_search's search backend -----------------------------------------------------------------
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+$")
+_COLLECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+
+
+def search_backend_parameters(backend: str, milvus_uri: str | None = None, milvus_collection: str | None = None) -> dict[str, str]:
+    """product_search's parameters for a search backend, checked (ValueError names the bad one): the
+    Milvus URI a URL without credentials (the token comes from $LOOKALIKE_MILVUS_TOKEN), the alias a
+    Milvus collection name."""
+    if backend not in c.SEARCH_BACKENDS:
+        raise ValueError(f"--search-backend must be one of {', '.join(c.SEARCH_BACKENDS)}, got {backend!r}")
+    values = {"search_backend": backend}
+    if backend == "milvus":
+        if not milvus_uri:
+            raise ValueError("--search-backend milvus needs --milvus-uri URI (e.g. http://milvus:19530)")
+        if not _URI.match(milvus_uri):
+            raise ValueError(f"--milvus-uri must be a URL such as http://host:19530, got {c.quoted(milvus_uri)}")
+        if "@" in milvus_uri.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("--milvus-uri must not carry credentials: put the token in $LOOKALIKE_MILVUS_TOKEN")
+        values["milvus_uri"] = milvus_uri
+    if milvus_collection is not None:
+        if not _COLLECTION.match(milvus_collection):
+            raise ValueError(f"--milvus-collection must be a Milvus collection name ([A-Za-z_][A-Za-z0-9_]*), "
+                             f"got {c.quoted(milvus_collection)}")
+        values["milvus_collection"] = milvus_collection
+    return values
+
+
+def write_parameters(path: Path, values: dict[str, str]) -> bool:
+    """Sets string parameters of a committed config.pbtxt in place, its comments kept: each one's
+    `parameters { key: ... }` line is rewritten (or appended). Returns whether the file changed; an
+    unchanged file is not written (a read-only repository that already says so is fine). The new text
+    is parsed before it replaces the old one, atomically."""
+    text = Path(path).read_text()
+    current = parameters(parse(text))
+    if all(current.get(k) == v for k, v in values.items()):
+        return False
+    for key, value in values.items():
+        line = f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}'
+        pattern = re.compile(r'^parameters \{ key: "' + re.escape(key) + r'" value \{ string_value: "[^"\n]*" \} \}$', re.M)
+        text, found = pattern.subn(lambda _m, line=line: line, text)
+        if not found:
+            text = text.rstrip("\n") + "\n" + line + "\n"
+    written = parameters(parse(text))
+    if any(written.get(k) != v for k, v in values.items()):
+        raise ValueError(f"{path}: could not set {sorted(values)} (parameters written in another form?)")
+    staged = Path(path).with_name(f".{Path(path).name}.{os.getpid()}")
+    staged.write_text(text)
+    os.replace(staged, path)
+    return True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from lookalike_client import contract as c
 from .adapter import Inputs, Log, Outcome, Outputs, required, run_together
 from .artifacts import EmbedderManifest
 from .search import DEFAULT_GPU_TEMP_MEMORY, NO_FILTER, Filter, ProductIndex, UnknownProductError, set_threads
+
+if TYPE_CHECKING:
+    from .milvus_search import MilvusIndex
 
 # How far an embedding's L2 norm may be from 1. The embedders normalise in the graph (FP32 and FP16
 # engines land within 1e-3); anything further off was not made by our embedder, and its inner
@@ -142,18 +145,22 @@ class SearchResult:
     scores: np.ndarray  # [N, W] float32, best first
 
 
-def search_requests(index: ProductIndex, requests: Sequence[SearchRequest]) -> list[SearchResult]:
+def search_requests(index: "ProductIndex | MilvusIndex", requests: Sequence[SearchRequest]) -> list[SearchResult | Exception]:
     """Searches the requests of one dynamic batch, one result per request, in order.
 
     Requests with the same k share one FAISS call per filter (the common case: every client sends the
     default and no filter); different k are searched apart, because an approximate index (HNSW's efSearch
     grows with k) may answer a row differently when asked for more neighbours. Requests by product id
     are answered one by one. Within a request, a row with fewer hits is padded with PAD_PRODUCT_ID /
-    PAD_SCORE up to the request's longest row."""
-    results: list[SearchResult | None] = [None] * len(requests)
+    PAD_SCORE up to the request's longest row. A request by product id that names an id the index does
+    not hold gets its UnknownProductError as its result (the others go on)."""
+    results: list[SearchResult | Exception | None] = [None] * len(requests)
     for i, request in enumerate(requests):
         if request.embeddings is None:
-            results[i] = _rectangular(*index.similar(request.product_ids, request.k, request.row_filters()))
+            try:
+                results[i] = _rectangular(*index.similar(request.product_ids, request.k, request.row_filters()))
+            except UnknownProductError as exc:
+                results[i] = exc
     by_vector = [i for i, r in enumerate(requests) if r.embeddings is not None]
     for k in sorted({requests[i].k for i in by_vector}):
         members = [i for i in by_vector if requests[i].k == k]
@@ -206,38 +213,81 @@ def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM
                          parse_filters(inputs, len(embeddings)))
 
 
-def outputs(result: SearchResult, info: bytes = b"{}") -> Outputs:
+def outputs(result: SearchResult | Exception, info: bytes = b"{}") -> Outputs | Exception:
     """A request's output tensors: its results, and INDEX_INFO on every row (Triton passes on the
-    outputs a client names, every output to one that names none; the ensembles never pass it on)."""
+    outputs a client names, every output to one that names none; the ensembles never pass it on).
+    A request's exception is passed on as its own error."""
+    if isinstance(result, Exception):
+        return result
     rows = len(result.product_ids)
     return {c.PRODUCT_IDS: result.product_ids, c.SCORES: result.scores,
             c.INDEX_INFO: np.full((rows, 1), info, dtype=np.object_)}
 
 
 def index_info(index: ProductIndex, version: int, embedder_model: str) -> dict[str, Any]:
-    """What INDEX_INFO says of a served index version (contract.INDEX_INFO_FIELDS)."""
+    """What INDEX_INFO says of a served FAISS index version (contract.INDEX_INFO_FIELDS)."""
     info = {"version": int(version), "products": len(index), "kind": index.kind, "dim": index.dim,
             "embedder_model": embedder_model, "embedder_fingerprint": index.fingerprint,
-            "index_id": index.meta.index_id}
+            "index_id": index.meta.index_id, "backend": "faiss", "device": index.device}
     assert tuple(info) == c.INDEX_INFO_FIELDS
     return info
 
 
 class ProductSearch:
-    """One served index version: what `product_search`'s model.py holds per instance."""
+    """One served index: what `product_search`'s model.py holds per instance. The FAISS index of a
+    version directory, or (search_backend milvus) the Milvus collection behind an alias, whose INDEX_INFO
+    is looked up again for each batch (an alias move or a write changes it without a Triton reload)."""
 
-    def __init__(self, index: ProductIndex, norm_tolerance: float = DEFAULT_NORM_TOLERANCE, *,
+    def __init__(self, index: "ProductIndex | MilvusIndex", norm_tolerance: float = DEFAULT_NORM_TOLERANCE, *,
                  version: int = 0, embedder_model: str = "") -> None:
         self.index = index
         self.norm_tolerance = norm_tolerance
-        self.info = index_info(index, version, embedder_model)
+        self.info = index_info(index, version, embedder_model) if isinstance(index, ProductIndex) else index.info()
         self._info_json = json.dumps(self.info, sort_keys=True).encode()
+
+    def describe(self) -> str:
+        """One line for the log: what is served, and where the search runs."""
+        index = self.index
+        if isinstance(index, ProductIndex):
+            return (f"{len(index)} products, {index.kind} index {index.meta.factory} {index.search_params} on the "
+                    f"{index.device}" + (" (this FAISS build has no GPU support)" if index.device == "cpu" and
+                                         not _faiss_has_gpu() else ""))
+        info = index.info()
+        where = f"milvus {index.settings.uri}, alias {index.settings.alias}"
+        if index.last_error:
+            return f"{where}: not reachable yet ({index.last_error}); requests get UNAVAILABLE until it is"
+        if index.refusal:
+            return f"{where}: {index.refusal}"
+        return f"{where}: generation {info['version']}, {info['products']} products, {info['kind']}"
+
+    def close(self) -> None:
+        if not isinstance(self.index, ProductIndex):
+            self.index.close()
+
+    @property
+    def backend(self) -> str:
+        return "faiss" if isinstance(self.index, ProductIndex) else "milvus"
+
+    def current_info(self) -> bytes:
+        """INDEX_INFO as JSON: fixed for a FAISS version, what the alias names now on Milvus."""
+        if isinstance(self.index, ProductIndex):
+            return self._info_json
+        self.info = self.index.info()
+        self._info_json = json.dumps(self.info, sort_keys=True).encode()
+        return self._info_json
 
     @classmethod
     def load(cls, model_dir: Path, version: str, params: Mapping[str, str], *, instance_kind: str = "CPU",
              device_id: int = 0) -> "ProductSearch":
         """The index in `model_dir/version`, with the model config's `params`. Refuses (IndexMismatchError)
-        an index built with another embedder than the manifest's `embedder_manifest` names."""
+        an index built with another embedder than the manifest's `embedder_manifest` names. With the
+        parameter search_backend milvus, the index is the Milvus collection its parameters name instead
+        (the version directory then holds only the model code)."""
+        backend = params.get("search_backend", "faiss").strip() or "faiss"
+        if backend not in c.SEARCH_BACKENDS:
+            raise ValueError(f"parameter search_backend must be one of {', '.join(c.SEARCH_BACKENDS)}, got {backend!r}")
+        if backend == "milvus":
+            return cls.load_milvus(model_dir, version, params)
         set_threads(int(params.get("faiss_threads", "0")))
         device = params.get("device", params.get("faiss_device", "auto")).strip() or "auto"
         temp_mb = _optional_int(params, "gpu_temp_memory_mb")
@@ -258,14 +308,48 @@ class ProductSearch:
         return cls(index, float(params.get("embedding_norm_tolerance", DEFAULT_NORM_TOLERANCE)),
                    version=int(version), embedder_model=manifest.model)
 
+    @classmethod
+    def load_milvus(cls, model_dir: Path, version: str, params: Mapping[str, str]) -> "ProductSearch":
+        """The Milvus collection behind the alias of the parameters milvus_uri / milvus_collection (token:
+        $LOOKALIKE_MILVUS_TOKEN). Loads while Milvus is down (requests get UNAVAILABLE until it is back);
+        never searches a collection of another embedder (`MilvusIndex`)."""
+        from .milvus_search import BackendUnavailableError, CollectionMismatchError, MilvusIndex, MilvusSettings
+
+        manifest = EmbedderManifest.load((Path(model_dir) / params["embedder_manifest"]).resolve())
+        index = MilvusIndex(MilvusSettings.from_params(params), manifest.fingerprint, manifest.model, manifest.dim)
+        try:
+            index.state(force=True)
+        except (BackendUnavailableError, CollectionMismatchError):
+            pass  # served as unavailable until Milvus answers (the log line says so)
+        return cls(index, float(params.get("embedding_norm_tolerance", DEFAULT_NORM_TOLERANCE)),
+                   version=int(version), embedder_model=manifest.model)
+
     def __call__(self, requests: Sequence[Inputs], log: Log | None = None) -> list[Outcome]:
         """The outcomes of one dynamic batch's requests, in order."""
+        if isinstance(self.index, ProductIndex):
+            local: ProductIndex | None = self.index
+            unavailable: tuple[type[Exception], ...] = ()
+        else:
+            from .milvus_search import BackendUnavailableError
+
+            local, unavailable = None, (BackendUnavailableError,)
+
+        def compute(searches: list[SearchRequest]) -> list[Outputs | Exception]:
+            results = search_requests(self.index, searches)
+            info = self.current_info()
+            return [outputs(r, info) for r in results]
+
         return run_together(
             requests,
-            parse=lambda inputs: parse_request(inputs, self.index.dim, self.norm_tolerance, self.index),
-            compute=lambda searches: [outputs(r, self._info_json) for r in search_requests(self.index, searches)],
-            what="search", log=log,
+            parse=lambda inputs: parse_request(inputs, self.index.dim, self.norm_tolerance, local),
+            compute=compute, what="search", log=log, unavailable=unavailable,
         )
+
+
+def _faiss_has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "GpuIndex")
 
 
 def _optional_int(params: Mapping[str, str], name: str) -> int | None:

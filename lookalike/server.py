@@ -133,6 +133,27 @@ def _prepare_wheel_backends(root: Path) -> Path:
     return target
 
 
+def shared_libpython_dir() -> str | None:
+    """The directory of this interpreter's shared libpython, when it was built with one.
+
+    The wheel's stub links whichever libpython3.X.so.1.0 the loader finds first, e.g. the distribution's
+    3.11.2 under a venv of another 3.11 (3.11.7): the stub then runs that libpython with this
+    interpreter's standard library, and extension modules built against the newer one fail to import
+    (`import ssl`: undefined symbol _PyModule_Add), and with ssl everything that needs it (pymilvus,
+    the Milvus backend). With this directory first on the stub's LD_LIBRARY_PATH, the stub runs this
+    interpreter's own libpython. An interpreter without a shared libpython (Py_ENABLE_SHARED 0, e.g. a
+    default pyenv build) has no such directory: the stub keeps the system's libpython, which works when
+    that is the same Python patch release, and otherwise fails on such imports, named in the model's
+    load error (lookalike.milvus_search.connect)."""
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return None
+    libdir = sysconfig.get_config_var("LIBDIR")
+    name = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
+    if not libdir or not name or not (Path(libdir) / str(name)).exists():
+        return None
+    return str(libdir)
+
+
 def find_tritonserver(explicit: str | None = None) -> Binary:
     if explicit:
         path = Path(explicit)
@@ -147,7 +168,7 @@ def find_tritonserver(explicit: str | None = None) -> Binary:
         raise LaunchError("no tritonserver: pass --tritonserver, put one on PATH, or install nvidia-pytriton (make setup)")
     binary = root / "tritonserver" / "bin" / "tritonserver"
     libs = root.parent / "nvidia_pytriton.libs"
-    ld = os.pathsep.join(p for p in (str(libs), os.environ.get("LD_LIBRARY_PATH", "")) if p)
+    ld = os.pathsep.join(p for p in (shared_libpython_dir() or "", str(libs), os.environ.get("LD_LIBRARY_PATH", "")) if p)
     # The stub imports numpy, onnxruntime, faiss and lookalike from the environment whose bin/ is
     # first on PATH: make that this interpreter's environment.
     scripts = sysconfig.get_path("scripts")

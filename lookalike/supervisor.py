@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from lookalike_client import contract as c
 
 from . import model_configs
+from .artifacts import ArtifactError
 from .publishing import SERVING_HEARTBEAT_S, clear_serving, record_serving, version_problem
 from .repository import Repository
 from .stubs import DEAD_STATES, STOPPED_STATES, ProcUnreadable, StubId, StubProcess, list_stubs, read_state
@@ -211,6 +212,24 @@ class TritonAdmin:
         except AdminError:
             return False
 
+    def search_problem(self, dim: int) -> str | None:
+        """None when product_search answers a one-row search (a unit vector, TOP_K 1), else its error: the
+        readiness of a search tier outside tritonserver (Milvus), which Triton's own readiness does not see."""
+        vector = [1.0] + [0.0] * (dim - 1)
+        body = {"inputs": [{"name": c.EMBEDDING, "shape": [1, dim], "datatype": "FP32", "data": vector},
+                           {"name": c.TOP_K, "shape": [1, 1], "datatype": "INT32", "data": [1]}],
+                "outputs": [{"name": c.INDEX_INFO}]}
+        try:
+            status, answer = self._call("POST", f"/v2/models/{c.SEARCH_MODEL}/infer", body, timeout_s=3.0)
+        except AdminError as exc:
+            return str(exc)
+        if status == 200:
+            return None
+        try:
+            return str(json.loads(answer).get("error") or answer[:300])
+        except ValueError:
+            return f"HTTP {status}"
+
     def model_states(self) -> dict[tuple[str, str], str]:
         """(model, version) -> READY | LOADING | UNLOADING | UNAVAILABLE, from the repository index."""
         status, body = self._call("POST", "/v2/repository/index", {})
@@ -250,6 +269,18 @@ def disk_config(repository: Repository, model: str, version: int | None = None) 
     if version is not None:
         config["version_policy"] = pinned_policy(version)
     return config
+
+
+def search_tier(repository: Repository) -> tuple[int, str] | None:
+    """(embedding width, "milvus at URI") when product_search searches a tier outside tritonserver (its
+    config says search_backend milvus), so that readiness probes it; None for the faiss backend."""
+    try:
+        params = model_configs.parameters(model_configs.read(repository.search_dir / model_configs.CONFIG_FILE))
+        if params.get("search_backend", "faiss") != "milvus":
+            return None
+        return repository.manifest().dim, f"milvus at {params.get('milvus_uri', '?')}"
+    except (OSError, ValueError, ArtifactError):
+        return None
 
 
 # -- the supervisor -------------------------------------------------------------------------------
@@ -305,6 +336,7 @@ class Supervisor:
         self._blind_since: float | None = None  # when /proc or tritonserver's API last became unreadable to us
         self._blind_logged = 0.0
         self._blind_rounds = 0
+        self._search_tier = search_tier(self.repository)
 
     # -- state for /ready and /status --------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
@@ -323,6 +355,11 @@ class Supervisor:
             for model in CLIENT_MODELS:
                 if not self.admin.ok(f"/v2/models/{model}/ready"):
                     return False, f"tritonserver reports {model} not ready"
+            if self._search_tier is not None:  # Milvus: ready only while product_search can search it
+                dim, where = self._search_tier
+                problem = self.admin.search_problem(dim)
+                if problem is not None:
+                    return False, f"{c.SEARCH_MODEL} cannot search {where}: {problem}"
         except LocalResourceError as exc:
             return False, f"the supervisor cannot check tritonserver: {exc}"
         return True, "ready"
@@ -445,11 +482,16 @@ class Supervisor:
             return
         options = self.server.options
         try:
-            record_serving(self.repository, self.serving, options.triton_id, (options.grpc_url, options.http_url))
+            recorded = record_serving(self.repository, self.serving, options.triton_id, (options.grpc_url, options.http_url))
         except OSError as exc:
             if self._recorded is None or self._recorded[0] != self.serving:
                 self.log(f"cannot record the index version served in {self.repository.serving_dir}: {exc} "
                          "(`lookalike index` may then delete it under this server)")
+        else:
+            if recorded is None and self._recorded is None:  # said once: it stays read-only
+                self.log(f"the model repository is read-only: the index version served is not recorded in "
+                         f"{self.repository.serving_dir} (a writer's `lookalike index` cannot see this server; "
+                         "its --keep-versions must keep what the servers still serve)")
         self._recorded = (self.serving, now)
 
     def close(self) -> None:

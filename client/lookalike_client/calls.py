@@ -88,6 +88,8 @@ class ServerInfo:
     models: dict[str, bool]  # each served model's readiness
     index_id: str = ""  # the served index's own id, given when it was built ("" for older indexes)
     server_id: str = ""  # tritonserver's id (`lookalike serve` names it lookalike:<host>:<pid>)
+    backend: str = "faiss"  # product_search's search backend (contract.SEARCH_BACKENDS)
+    device: str = ""  # where the search runs: "cpu" or "gpu" (FAISS), "milvus" (the Milvus servers)
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ def parse_index_info(raw: npt.NDArray[Any]) -> dict[str, Any]:
         raise ServerError(f"{c.SEARCH_MODEL} sent an empty {c.INDEX_INFO}")
     first = values[0]
     info = json.loads(first.decode("utf-8") if isinstance(first, (bytes, bytearray)) else str(first))
-    missing = [name for name in c.INDEX_INFO_FIELDS if name not in info]
+    missing = [name for name in c.INDEX_INFO_FIELDS if name not in info and name not in c.INDEX_INFO_OPTIONAL]
     if missing:
         raise ServerError(f"{c.SEARCH_MODEL}'s {c.INDEX_INFO} lacks {missing}: a server older than this client?")
     return cast("dict[str, Any]", info)
@@ -288,7 +290,8 @@ def server_info(url: str, protocol: str, metadata: Any, dim: int, index: Mapping
                       products=int(index["products"]), index_kind=str(index["kind"]),
                       embedder_model=str(index["embedder_model"]), dim=dim,
                       embedder_fingerprint=str(index["embedder_fingerprint"]), models=models,
-                      index_id=str(index["index_id"]))
+                      index_id=str(index["index_id"]), backend=str(index.get("backend", "faiss")),
+                      device=str(index.get("device", "")))
 
 
 # -- search_many ---------------------------------------------------------------------------------

@@ -31,7 +31,15 @@ PRODUCT_ID = "PRODUCT_ID"  # TYPE_STRING [1]: similar_products' query, a catalog
 # per row (INDEX_INFO_FIELDS); the client's `info()`. Triton sends the outputs a client names, and every
 # output of the model to a client that names none: name PRODUCT_IDS and SCORES to leave it out.
 INDEX_INFO = "INDEX_INFO"  # TYPE_STRING [1]
-INDEX_INFO_FIELDS = ("version", "products", "kind", "dim", "embedder_model", "embedder_fingerprint", "index_id")
+INDEX_INFO_FIELDS = ("version", "products", "kind", "dim", "embedder_model", "embedder_fingerprint", "index_id",
+                     "backend", "device")
+# Fields a server from before the search backends may leave out (the client assumes faiss on an unnamed device).
+INDEX_INFO_OPTIONAL = ("backend", "device")
+# product_search's search backends (its `search_backend` parameter): FAISS inside the model (the index
+# files of the version directory), or a Milvus collection behind an alias (`version` is then the
+# collection's generation, `products` its distinct product ids).
+SEARCH_BACKENDS = ("faiss", "milvus")
+MILVUS_TOKEN_ENV = "LOOKALIKE_MILVUS_TOKEN"  # the Milvus token: in the environment only, never in a file or argv
 # An image the server cannot use is refused with INVALID_ARGUMENT and a message that starts
 # "invalid image (REASON): ", REASON one of IMAGE_ERROR_REASONS; in a request of several images the
 # rest names the first bad one: "image I of N: ...".

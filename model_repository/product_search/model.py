@@ -17,10 +17,11 @@ class TritonPythonModel:
     def initialize(self, args):
         self.search = ProductSearch.load(args["model_repository"], args["model_version"], model_parameters(args),
                                          **instance_args(args))
-        index = self.search.index
-        pb_utils.Logger.log_info(f"product_search: version {args['model_version']}, {len(index)} products, "
-                                 f"{index.kind} index {index.meta.factory} {index.search_params} on the {index.device}")
+        pb_utils.Logger.log_info(f"product_search: version {args['model_version']}, {self.search.describe()}")
 
     def execute(self, requests):
         inputs = [request_inputs(pb_utils, r, INPUTS) for r in requests]
         return responses(pb_utils, self.search(inputs, log=pb_utils.Logger.log_error))
+
+    def finalize(self):
+        self.search.close()

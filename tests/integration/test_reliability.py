@@ -28,26 +28,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def catalog(catalog, tmp_path_factory) -> Path:
-    """The session catalog cut to 4 products per category (same images): these tests are about
-    processes and files, not search quality, and each index of it embeds 10 images per product."""
-    import csv
-    from collections import Counter
-
-    small = tmp_path_factory.mktemp("small_catalog")
-    (small / "images").symlink_to(catalog / "images", target_is_directory=True)
-    with open(catalog / "catalog.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    kept, per_category = [], Counter()
-    for row in rows:
-        per_category[row["category"]] += 1
-        if per_category[row["category"]] <= 4:
-            kept.append(row)
-    with open(small / "catalog.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(kept)
-    return small
+def catalog(catalog_small) -> Path:
+    """These tests are about processes and files, not search quality: 4 products per category."""
+    return catalog_small
 
 
 def new_serve(tmp_path: Path) -> Serve:

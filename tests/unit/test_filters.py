@@ -212,7 +212,7 @@ def test_every_answer_carries_the_index_info(catalog):
     assert info.shape == (3, 1) and len(set(info.reshape(-1).tolist())) == 1
     assert json.loads(info[0, 0]) == {"version": 7, "products": len(products), "kind": "flat", "dim": DIM,
                                       "embedder_model": "lite", "embedder_fingerprint": search.index.fingerprint,
-                                      "index_id": search.index.meta.index_id}
+                                      "index_id": search.index.meta.index_id, "backend": "faiss", "device": "cpu"}
     assert len(search.index.meta.index_id) == 32  # given when built: which index, beyond its version number
 
 

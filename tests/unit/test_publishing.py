@@ -4,6 +4,7 @@ that cannot, and staging directories left by killed writers."""
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import pytest
 from lookalike.artifacts import EmbedderManifest
 from lookalike.publishing import (
     REASON_FILE,
+    NothingToServeError,
     clean_stale_staging,
     ensure_servable_index,
+    record_serving,
     refresh_model_code,
     set_aside,
     version_problem,
@@ -176,3 +179,164 @@ def test_versions_written_by_an_older_release_get_this_releases_model_code(repo)
     assert (repo.search_dir / str(first) / "index.faiss").read_bytes() == index_bytes
     assert any(f"index version(s) {first}" in line for line in lines), lines
     assert refresh_model_code(repo, log=lines.append) == []  # nothing left to do
+
+
+# -- a repository this process cannot write (the pods' read-only index volume) ----------------------
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its content (None for a directory): what "nothing written" compares."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def read_only(monkeypatch) -> None:
+    monkeypatch.setattr(Repository, "writable", lambda self: False)
+
+
+def test_a_read_only_repository_is_served_as_it_is(repo, monkeypatch):
+    good = write_index(repo, 5)
+    bad = write_index(repo, 6)
+    truncate(repo.search_dir / str(bad) / "index.faiss")
+    (repo.search_dir / str(good) / "model.py").write_text("# an older release's adapter\n")
+    staging(repo, ".staging-9-x", None, age_s=7200)  # stale: a writer would remove it
+    before = tree(repo.root)
+    read_only(monkeypatch)
+    lines = []
+    assert ensure_servable_index(repo, log=lines.append) == good
+    assert tree(repo.root) == before  # nothing moved, refreshed, removed or published
+    said = [line for line in lines if "read-only: nothing is written" in line]
+    assert len(said) == 1 and "no version set aside" in said[0] and "no empty index" in said[0], lines
+    assert any(f"index version {bad} cannot be served" in line and "left in place" in line for line in lines), lines
+    assert any(f"serving index version {good}" in line and "pinned" in line for line in lines), lines
+    assert any("keeps the model code it was published with" in line for line in lines), lines
+    assert record_serving(repo, good) is None and not repo.serving_dir.exists()
+
+
+@pytest.mark.parametrize("case", ["no version", "another embedder's", "damaged"])
+def test_a_read_only_repository_with_nothing_to_serve_is_refused(repo, monkeypatch, case):
+    if case == "another embedder's":
+        write_index(repo, fingerprint="fp-before")
+    elif case == "damaged":
+        flip_a_byte(repo.search_dir / str(write_index(repo)) / "index.faiss")
+    before = tree(repo.root)
+    read_only(monkeypatch)
+    with pytest.raises(NothingToServeError, match="read-only and holds no index version that can be served") as caught:
+        ensure_servable_index(repo, log=lambda _line: None)
+    assert tree(repo.root) == before  # no empty index published
+    reason = {"no version": "it has no index version", "another embedder's": "built with embedder fp-before",
+              "damaged": "sha256 mismatch"}[case]
+    assert reason in str(caught.value) and "lookalike index" in str(caught.value)
+
+
+def test_a_write_refused_with_erofs_makes_the_start_read_only(repo, monkeypatch):
+    """os.access can say yes where the write fails (a server-side read-only export)."""
+    import errno
+
+    import lookalike.publishing as publishing
+
+    version = write_index(repo)
+    (repo.search_dir / str(version) / "model.py").write_text("# an older release's adapter\n")
+    before = tree(repo.root)
+
+    def refused(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(publishing.tempfile, "mkstemp", refused)
+    lines = []
+    assert ensure_servable_index(repo, log=lines.append) == version
+    assert tree(repo.root) == before
+    assert any("failed (Read-only file system): serving it read-only" in line for line in lines), lines
+
+
+def test_another_error_of_a_write_is_not_taken_for_read_only(repo, monkeypatch):
+    import errno
+
+    import lookalike.publishing as publishing
+
+    (repo.search_dir / str(write_index(repo)) / "model.py").write_text("# an older release's adapter\n")
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(publishing.tempfile, "mkstemp", full)
+    with pytest.raises(OSError, match="No space left"):
+        ensure_servable_index(repo, log=lambda _line: None)
+
+
+# -- several servers starting at once on one writable volume ----------------------------------------
+def test_a_version_set_aside_meanwhile_by_another_server_is_skipped(repo, monkeypatch):
+    import lookalike.publishing as publishing
+
+    good = write_index(repo, 5)
+    bad = write_index(repo, 6)
+    truncate(repo.search_dir / str(bad) / "index.faiss")
+    real = publishing.set_aside
+
+    def the_other_server_first(repository, version, reason):
+        real(repository, version, reason)  # the other server, between our check and our move
+        return real(repository, version, reason)
+
+    monkeypatch.setattr(publishing, "set_aside", the_other_server_first)
+    lines = []
+    assert ensure_servable_index(repo, log=lines.append) == good
+    assert repo.index_versions() == [good] and len(list(repo.rejected_dir.iterdir())) == 1
+    assert any("set aside meanwhile by another server" in line for line in lines), lines
+
+
+def test_an_empty_index_published_first_by_another_server_is_served(repo, monkeypatch):
+    import lookalike.publishing as publishing
+
+    real = publishing.next_version
+    calls = []
+
+    def the_other_server_publishes_first(repository):
+        number = real(repository)
+        if not calls:
+            calls.append(number)
+            monkeypatch.setattr(publishing, "next_version", real)
+            assert publishing.write_empty_index(repository) == number  # the other server wins the rename
+            monkeypatch.setattr(publishing, "next_version", the_other_server_publishes_first)
+        return number
+
+    monkeypatch.setattr(publishing, "next_version", the_other_server_publishes_first)
+    lines = []
+    assert ensure_servable_index(repo, log=lines.append) == calls[0]
+    assert repo.index_versions() == [calls[0]] and repo.staging_dirs() == []
+    assert not any("published empty index" in line for line in lines), lines  # it published nothing itself
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+from lookalike.publishing import ensure_servable_index
+from lookalike.repository import Repository
+start = float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.001)
+print(ensure_servable_index(Repository(Path(sys.argv[1])), log=lambda line: None))
+"""
+
+
+@pytest.mark.parametrize("state", ["empty", "bad newest, old code"])
+def test_servers_starting_at_once_on_one_volume_agree(repo, state):
+    """Real processes, released at the same instant: none fails, each serves a version that can be served,
+    and nothing half-written is left. With a good version on disk they all serve it; on an empty volume
+    a server that looked after another published may publish an empty index of its own (both empty)."""
+    if state == "bad newest, old code":
+        good = write_index(repo, 5)
+        for version in (good, write_index(repo, 6)):
+            (repo.search_dir / str(version) / "model.py").write_text("# an older release's adapter\n")
+        truncate(repo.search_dir / str(good + 1) / "index.faiss")
+    start = time.time() + 3.0
+    processes = [subprocess.Popen([sys.executable, "-c", RACE, str(repo.root), str(start)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0] * 4, [err for _out, err in results]
+    served = {int(out) for out, _err in results}
+    assert repo.staging_dirs() == [] and max(served) == repo.index_versions()[-1]
+    for version in served:
+        assert version_problem(repo.search_dir / str(version), "fp-now") is None
+    if state == "empty":
+        assert all(len(ProductIndex.load(repo.search_dir / str(v))) == 0 for v in repo.index_versions())
+    else:
+        assert served == {good} and len(list(repo.rejected_dir.iterdir())) == 1
+        assert (repo.search_dir / str(good) / "model.py").read_text() == "# the product_search adapter\n"
+        assert not list((repo.search_dir / str(good)).glob(".model.py.*"))
