@@ -55,10 +55,15 @@ class MilvusServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 120.0) -> "MilvusServer":
+    def start(self, timeout_s: float = 120.0, wait_for_host_s: float = 0.0) -> "MilvusServer":
+        """Starts the server and waits until it answers. Another Milvus standalone on this host (its etcd
+        port is taken) is waited for up to `wait_for_host_s`, then MilvusStartError."""
         binary = milvus_server_binary()
         if binary is None:
             raise MilvusStartError("no milvus-server: pip install milvus==2.3.5 (make setup does)")
+        deadline = time.monotonic() + wait_for_host_s
+        while _port_open(2379) and time.monotonic() < deadline:
+            time.sleep(1.0)
         if _port_open(2379):
             raise MilvusStartError("port 2379 (etcd) is in use: another Milvus standalone runs on this host")
         self.data_dir.mkdir(parents=True, exist_ok=True)

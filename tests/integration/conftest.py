@@ -58,8 +58,12 @@ def milvus(tmp_path_factory):
     if milvus_server_binary() is None:
         pytest.fail("no milvus-server: `make setup` installs milvus==2.3.5")
     root = tmp_path_factory.mktemp("milvus")
-    with MilvusServer(root / "data", free_port(), root / "milvus.log") as server:
+    server = MilvusServer(root / "data", free_port(), root / "milvus.log")
+    server.start(wait_for_host_s=900)  # one Milvus standalone a host: another one (a benchmark) is waited for
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
