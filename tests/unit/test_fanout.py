@@ -118,13 +118,16 @@ DIM = 8
 class EmbedServer:
     """Embeds each image's bytes as a vector of its first byte; `dies_after` requests, unreachable."""
 
-    def __init__(self, url, dies_after=None, refuses=b""):
+    def __init__(self, url, dies_after=None, refuses=b"", meet=None):
         self.url, self.dies_after, self.refuses = url, dies_after, refuses
         self.requests = 0
         self.images = 0
         self.lock = threading.Lock()
+        self.meet = meet  # a Barrier: the first request of each server waits for the others' (no lane starves)
 
     def embed(self, images):
+        if self.meet is not None and self.requests == 0:
+            self.meet.wait(timeout=10)
         with self.lock:
             self.requests += 1
             if self.dies_after is not None and self.requests > self.dies_after:
@@ -146,8 +149,9 @@ def items(tmp_path):
 
 
 def test_embedding_spreads_over_every_server_and_keeps_each_items_vectors(items):
-    a, b = EmbedServer("a:8001"), EmbedServer("b:8001")
-    done = embed_across([a, b], items, batch_size=4, concurrency=2, progress=False)
+    meet = threading.Barrier(2)
+    a, b = EmbedServer("a:8001", meet=meet), EmbedServer("b:8001", meet=meet)
+    done = embed_across([a, b], items, batch_size=4, concurrency=1, progress=False)
     assert [item.product_id for item in done.items] == [item.product_id for item in items]
     assert all(v.shape == (1, DIM) and v[0, 0] == i for i, v in enumerate(done.vectors))
     assert a.images > 0 and b.images > 0 and a.images + b.images == len(items)
@@ -181,12 +185,15 @@ def test_only_when_every_server_is_gone_does_embedding_fail_naming_each(items):
 
 
 def test_a_server_error_is_not_a_server_gone(items):
+    meet = threading.Barrier(2)
+
     class Broken(EmbedServer):
         def embed(self, images):
+            meet.wait(timeout=10)
             raise ServerError("Stub process is not healthy")
 
     with pytest.raises(ServerError, match="not healthy"):
-        embed_across([EmbedServer("a:8001"), Broken("b:8001")], items, batch_size=4, concurrency=1, progress=False)
+        embed_across([EmbedServer("a:8001", meet=meet), Broken("b:8001")], items, batch_size=4, concurrency=1, progress=False)
 
 
 # -- publishing and rollback over several servers ---------------------------------------------------
