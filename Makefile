@@ -23,7 +23,7 @@ TRT_IMAGE ?= nvcr.io/nvidia/tensorrt:$(NGC_RELEASE)-py3
 PRECISION ?=
 ENGINE_ARGS ?=
 
-.PHONY: setup export catalog demo up serve stop test unit lint typecheck chart bench bench-sdk bench-index bench-index-servers bench-gpu bench-export loadtest eval eval-candidates eval-preprocessing recovery engine image clean
+.PHONY: setup export catalog demo up serve stop test unit lint typecheck chart bench bench-sdk bench-index bench-backends bench-index-servers bench-gpu bench-export loadtest eval eval-candidates eval-preprocessing recovery engine image clean
 .DEFAULT_GOAL := demo
 
 # --- environment --------------------------------------------------------------------------------
@@ -168,6 +168,14 @@ bench-index: $(VENV)/.setup-done
 	$(BIN)/python loadtest/bench_index.py --sizes 100000 --ef-sweep 64 256 --out results
 	$(BIN)/python loadtest/bench_index.py --sizes 1000000 --nlist 1024 --ef-sweep 128 512 \
 		--merge results/bench_index.json --out results/bench_index_1m
+
+# product_search's search backends, FAISS in process against Milvus (a local Milvus 2.3.5 standalone started for
+# the run, after any other one on this host has stopped): search only at 10^5 synthetic 1280-d vectors (hnsw and
+# flat: recall@10 of products, q/s and latency at batch 1 and 64, build time, memory), category filters with and
+# without Milvus's partition key, then visual_search end to end on each (two tritonservers one after the other,
+# the sample catalog indexed on each, 4 clients): results/bench_backends/bench_backends.{json,md}. 25-40 minutes.
+bench-backends: $(EMBEDDER) $(CATALOG)/catalog.csv
+	$(BIN)/python loadtest/bench_backends.py --vectors 100000 --catalog $(CATALOG)/catalog.csv --out results/bench_backends
 
 # `lookalike index` of the sample catalog (every image embedded) through 1 tritonserver, then through 2 on
 # one repository, all on this machine: images/s of each and the ratio, results/bench_index_servers.{json,md}.
