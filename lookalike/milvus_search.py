@@ -131,8 +131,17 @@ def generation_of(alias: str, name: str) -> int | None:
 
 
 def quote(value: str) -> str:
-    """A string literal of Milvus's expression language (double quotes, backslash escapes)."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A string literal of Milvus's expression language: double quotes, backslash escapes, and every
+    control character as \\uXXXX (a raw newline is a parse error, which would fail the whole batch)."""
+    out = []
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def filter_expression(f: Filter, *, also_exclude: Sequence[str] = ()) -> str:

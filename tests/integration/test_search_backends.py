@@ -67,6 +67,8 @@ def test_filters_and_similar_products(backend):
         in_category = client.search(image, top_k=5, category=row["category"])
         assert in_category and all(categories[m.product_id] == row["category"] for m in in_category)
         assert client.search(image, top_k=5, category="no such category") == []
+        assert client.search(image, top_k=5, category='line\nbreak "quoted" \\ \x00') == []  # any text is a value
+        assert client.search(image, top_k=1)[0].product_id == row["product_id"]  # and harms no later request
         without = client.search(image, top_k=5, exclude_ids=[row["product_id"]])
         assert row["product_id"] not in [m.product_id for m in without] and len(without) == 5
         similar = client.similar(row["product_id"], top_k=5)

@@ -32,6 +32,7 @@ from tests.conftest import REPOSITORY
 
 def test_expressions_quote_whatever_a_catalog_holds():
     assert quote('a"b\\c') == '"a\\"b\\\\c"'
+    assert quote("a\nb\x00\x7f") == '"a\\u000ab\\u0000\\u007f"'  # a raw newline fails Milvus's parser
     assert filter_expression(Filter()) == ""
     assert filter_expression(Filter("shoes")) == 'category == "shoes"'
     assert filter_expression(Filter("x\"y", frozenset({"b", "a"}))) == 'category == "x\\"y" and product_id not in ["a", "b"]'
