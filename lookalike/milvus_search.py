@@ -21,7 +21,9 @@ a search after the first one of a state costs what "Bounded" costs (3-4 ms here)
 
 Grouping by product: Milvus 2.3 has no group-by search, so a query fetches k x (most vectors of one
 product) rows, keeps each product's best row, and (for approximate index types) scores the leading
-candidates whose rows did not all come back exactly from their stored vectors, as the FAISS HNSW path does.
+candidates whose rows did not all come back exactly, as the FAISS HNSW path does: on HNSW by a search
+restricted to them, which Milvus answers by brute force (only ids and scores travel), on IVF-PQ from
+their stored vectors.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -51,6 +54,7 @@ MAX_RECONNECT_S = 5.0  # Milvus unreachable: the longest wait between two connec
 CONNECT_TIMEOUT_S = 1.0
 MAX_LIMIT = 16384  # Milvus's top-k cap
 RESCORE_SLACK = 2  # approximate indexes: candidates rescored exactly, as a multiple of k
+RESCORE_BUDGET = 8192  # hits of one rescoring search (query rows x candidate rows)
 
 # Fields of a collection's rows.
 PK, PRODUCT_ID, CATEGORY, IMAGE, SHA256, VECTORS, VECTOR = "pk", "product_id", "category", "image", "sha256", "vectors", "vector"
@@ -71,6 +75,10 @@ EXACT_KINDS = ("flat",)
 class BackendUnavailableError(RuntimeError):
     """The search tier cannot be reached (or has nothing loaded): the request gets UNAVAILABLE, which
     the SDK retries; product_search reconnects by itself."""
+
+
+class MilvusRequestError(RuntimeError):
+    """Milvus refused one call (not an outage): that request fails with an internal error."""
 
 
 class CollectionMismatchError(RuntimeError):
@@ -107,9 +115,51 @@ def connect(settings: MilvusSettings) -> Any:
     except ImportError as exc:  # e.g. the stub's libpython lacks ssl (lookalike.server, README)
         raise BackendUnavailableError(f"pymilvus cannot be imported here ({type(exc).__name__}: {exc})") from exc
     try:
-        return MilvusClient(uri=settings.uri, token=settings.token, timeout=min(settings.timeout_s, CONNECT_TIMEOUT_S))
+        # A connection of its own: pymilvus otherwise shares one per (uri, token) in a process, and closing
+        # any client that uses it (a reconnect, `lookalike index`'s writer) would close it under the others.
+        return MilvusClient(uri=settings.uri, token=settings.token, timeout=min(settings.timeout_s, CONNECT_TIMEOUT_S),
+                            alias=connection_alias())
     except Exception as exc:  # noqa: BLE001 - pymilvus raises its own and grpc's
         raise unavailable(settings, exc) from exc
+
+
+def connection_alias() -> str:
+    return f"lookalike-{uuid.uuid4().hex}"
+
+
+def failure_kind(exc: BaseException) -> str:
+    """What a failed Milvus call means: "outage" (unreachable, timed out, overloaded, not ready: retried
+    by the client, the connection is made again), "stale" (the collection went away or was released
+    under a search, e.g. pruned after an alias switch: retried after looking the alias up again, on the
+    same connection) or "request" (Milvus refused this call, e.g. a parameter: an internal error of that
+    request, no retry, the connection kept). Milvus's error codes: 1-99 service, 100-199 collection,
+    1100-1199 parameter."""
+    try:
+        import grpc
+        from pymilvus.exceptions import (
+            ConnectError,
+            ConnectionNotExistException,
+            MilvusException,
+            MilvusUnavailableException,
+            ParamError,
+        )
+    except ImportError:
+        return "outage"
+    if isinstance(exc, (grpc.RpcError, OSError, TimeoutError, MilvusUnavailableException, ConnectError,
+                        ConnectionNotExistException)):
+        return "outage"
+    if isinstance(exc, ParamError):
+        return "request"
+    if isinstance(exc, MilvusException):
+        code = exc.code
+        if not isinstance(code, int) or isinstance(code, bool):  # a grpc status: the transport's retries ran out
+            return "outage"
+        if 100 <= code < 200:
+            return "stale"
+        if 1100 <= code < 1200:
+            return "request"
+        return "outage"
+    return "request"
 
 
 def unavailable(settings: MilvusSettings, exc: BaseException) -> BackendUnavailableError:
@@ -224,6 +274,44 @@ def _is_missing(exc: BaseException) -> bool:
     return any(s in text for s in ("alias not exist", "does not exist", "not found", "can't find", "alias not found"))
 
 
+def in_expression(product_ids: Sequence[str]) -> str:
+    return f"{PRODUCT_ID} in [{', '.join(quote(pid) for pid in product_ids)}]"
+
+
+def grouped(row: list[tuple[str, float]]) -> dict[str, float]:
+    """A search's rows (best first) -> each product's best score."""
+    best: dict[str, float] = {}
+    for pid, score in row:
+        best.setdefault(pid, score)
+    return best
+
+
+def batches(wanted: list[list[str]], max_vectors: int, budget: int = RESCORE_BUDGET) -> list[tuple[list[int], list[str]]]:
+    """Query rows, each with the products to score exactly, in runs that one Milvus search each answers:
+    (row numbers, the union of their products). A run returns at most `budget` hits (rows x union x
+    max_vectors) unless one row alone needs more, and covers at most MAX_LIMIT rows of vectors (Milvus's
+    top-k cap; a row that needs more gets runs of its own)."""
+    per_call = max(1, MAX_LIMIT // max_vectors)
+    out: list[tuple[list[int], list[str]]] = []
+    rows: list[int] = []
+    union: dict[str, None] = {}
+    for r, ids in enumerate(wanted):
+        if not ids:
+            continue
+        if len(ids) > per_call:
+            out += [([r], ids[start:start + per_call]) for start in range(0, len(ids), per_call)]
+            continue
+        grown = union | dict.fromkeys(ids)
+        if rows and (len(grown) > per_call or len(grown) * max_vectors * (len(rows) + 1) > budget):
+            out.append((rows, list(union)))
+            rows, grown = [], dict.fromkeys(ids)
+        rows.append(r)
+        union = grown
+    if rows:
+        out.append((rows, list(union)))
+    return out
+
+
 def search_params(state: CollectionState, limit: int) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if state.kind == "hnsw":
@@ -283,14 +371,22 @@ class MilvusIndex:
         return self._client
 
     def _call(self, op: Callable[[Any], Any]) -> Any:
-        """One Milvus call; a transport failure drops the client (the next call reconnects) and raises
-        BackendUnavailableError."""
+        """One Milvus call. An outage drops the client (the next call reconnects) and raises
+        BackendUnavailableError, as does a collection gone under the call (the alias is looked up again);
+        a call Milvus refuses raises MilvusRequestError (`failure_kind`)."""
         client = self._connection()
         try:
             result = op(client)
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, (UnknownProductError, CollectionMismatchError, BackendUnavailableError)):
                 raise
+            kind = failure_kind(exc)
+            if kind == "request":
+                raise MilvusRequestError(f"milvus at {self.settings.uri} refused the call: {type(exc).__name__}: "
+                                         f"{_short(exc)}") from exc
+            if kind == "stale":
+                self._checked_at = -1e9  # the next call looks the alias up again
+                raise unavailable(self.settings, exc) from exc
             error = unavailable(self.settings, exc)
             self.last_error = str(error)
             self._drop()
@@ -378,7 +474,7 @@ class MilvusIndex:
         ids = list(dict.fromkeys(product_ids))
         for start in range(0, len(ids), 256):
             chunk = ids[start:start + 256]
-            expr = f"{PRODUCT_ID} in [{', '.join(quote(pid) for pid in chunk)}]"
+            expr = in_expression(chunk)
             limit = len(chunk) * state.max_vectors
             rows = self._call(lambda cl, expr=expr, limit=limit: cl.query(
                 state.name, filter=expr, output_fields=[PRODUCT_ID, VECTOR], limit=limit,
@@ -402,27 +498,47 @@ class MilvusIndex:
         limit = min(MAX_LIMIT, k * state.max_vectors)
         for expr, members in groups.items():
             found = self._search(state, queries[members], limit, expr)
-            for r, row in zip(members, found):
-                hits[r] = self._grouped(state, queries[r], row, k)
+            best = [grouped(row) for row in found]
+            if state.kind not in EXACT_KINDS and state.max_vectors > 1:
+                self._rescore(state, queries[members], found, best, k)
+            for r, scores in zip(members, best):
+                ranked = sorted(scores.items(), key=lambda item: -item[1])[:k]
+                hits[r] = ([pid for pid, _ in ranked], np.array([s for _, s in ranked], dtype=np.float32))
         return [h[0] for h in hits], [h[1] for h in hits]
 
-    def _grouped(self, state: CollectionState, query: np.ndarray, row: list[tuple[str, float]], k: int) -> Hits:
-        best: dict[str, float] = {}
-        for pid, score in row:  # best first: a product's first row is its best returned
-            best.setdefault(pid, score)
-        ranked = sorted(best.items(), key=lambda item: -item[1])
-        if state.kind not in EXACT_KINDS and state.max_vectors > 1 and ranked:
+    def _rescore(self, state: CollectionState, queries: np.ndarray, found: list[list[tuple[str, float]]],
+                 best: list[dict[str, float]], k: int) -> None:
+        """Scores exactly, in `best`, each row's leading k x RESCORE_SLACK candidates whose vectors did not
+        all come back (an approximate search may have reached a product by one image but not its best).
+        Few calls for the whole batch (`batches`): on HNSW, a search restricted to those products, which Milvus answers
+        by brute force (a top-k that covers every row the filter lets through is always searched so:
+        knowhere's kHnswSearchBFTopkThreshold), so that only (id, exact score) pairs travel; on IVF-PQ,
+        whose scores are approximate, their stored vectors."""
+        wanted: list[list[str]] = []
+        for row, scores in zip(found, best):
             returned: dict[str, int] = {}
             for pid, _ in row:
                 returned[pid] = returned.get(pid, 0) + 1
-            leading = [pid for pid, _ in ranked[: k * RESCORE_SLACK]]
-            vectors = self._vectors_of(state, [pid for pid in leading if returned[pid] < state.max_vectors])
-            for pid, block in vectors.items():
+            leading = sorted(scores, key=lambda pid: -scores[pid])[: k * RESCORE_SLACK]
+            wanted.append([pid for pid in leading if returned[pid] < state.max_vectors])
+        if not any(wanted):
+            return
+        if state.kind == "hnsw":
+            for rows, ids in batches(wanted, state.max_vectors):
+                answers = self._search(state, queries[rows], len(ids) * state.max_vectors, in_expression(ids))
+                for r, answer in zip(rows, answers):
+                    scores = best[r]
+                    for pid, score in answer:
+                        if pid in scores and score > scores[pid]:
+                            scores[pid] = score
+            return
+        ids = list(dict.fromkeys(pid for row in wanted for pid in row))
+        vectors = self._vectors_of(state, ids)
+        for query, scores in zip(queries, best):
+            for pid in scores.keys() & vectors.keys():
+                block = vectors[pid]
                 if len(block):
-                    best[pid] = max(best[pid], float((block @ query).max()))
-            ranked = sorted(best.items(), key=lambda item: -item[1])
-        ranked = ranked[:k]
-        return [pid for pid, _ in ranked], np.array([s for _, s in ranked], dtype=np.float32)
+                    scores[pid] = max(scores[pid], float((block @ query).max()))
 
     def similar(self, product_ids: Sequence[str], k: int, filters: Sequence[Filter] | Filter | None = None
                 ) -> tuple[list[list[str]], list[np.ndarray]]:

@@ -16,7 +16,7 @@ import pytest
 
 from lookalike.cli import main as lookalike
 from lookalike.milvus_index import MilvusWriter, catalog_rows
-from lookalike.milvus_search import MilvusSettings
+from lookalike.milvus_search import MilvusIndex, MilvusSettings, connect
 from lookalike_client import LookalikeClient, NotFoundError, ServerUnavailableError, wait_for
 
 pytestmark = pytest.mark.integration
@@ -135,6 +135,68 @@ def test_rollback_moves_the_alias_back(milvus_serve, capsys):
     assert code == 0 and f"generation {before.index_version - 1} again" in capsys.readouterr().out
     after = info(milvus_serve)
     assert after.backend == "milvus" and after.index_version == before.index_version - 1
+
+
+class CallLog:
+    """A real MilvusClient whose calls are counted by name."""
+
+    def __init__(self, client) -> None:
+        self.client, self.calls = client, []
+
+    def __getattr__(self, name: str):
+        method = getattr(self.client, name)
+
+        def call(*args, **kwargs):
+            self.calls.append((name, kwargs.get("filter", "")))
+            return method(*args, **kwargs)
+        return call
+
+
+def test_hnsw_scores_each_leading_candidate_exactly_with_few_calls_and_no_vectors(milvus):
+    """A Milvus HNSW generation searched as product_search does: each product scores its best vector,
+    exactly, and the candidates whose rows did not all come back are rescored by searches restricted to
+    them (Milvus answers those by brute force): (id, score) pairs only, never the stored vectors."""
+    rng = np.random.default_rng(7)
+    dim, products, per_product = 32, 300, 4
+    centres = rng.normal(size=(products, dim))
+    vectors = centres[:, None, :] + 0.9 * rng.normal(size=(products, per_product, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=2, keepdims=True)).astype(np.float32)
+    settings = MilvusSettings(milvus.uri, alias="rescoring")
+    with MilvusWriter(settings, log=lambda _m: None) as writer:
+        writer.build_generation(catalog_rows([(f"p{i}", "c", [(f"p{i}.jpg", "0" * 64, vectors[i])]) for i in range(products)]),
+                                fingerprint="fp", embedder_model="synthetic", dim=dim, kind="hnsw",
+                                build={"M": 8, "efConstruction": 40}, search={"efSearch": 16})
+    logged: list[CallLog] = []
+
+    def factory(s):
+        logged.append(CallLog(connect(s)))
+        return logged[-1]
+
+    served = MilvusIndex(settings, "fp", "synthetic", dim, client_factory=factory)
+    queries = centres[:8] + 0.5 * rng.normal(size=(8, dim))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    try:
+        served.state(force=True)
+        before = len(logged[0].calls)
+        ids, scores = served.search(queries, 3)
+        calls = logged[0].calls[before:]
+        # The rescoring on its own: candidates that came back by one poor row each get their exact best
+        state = served.state()
+        exact = (vectors @ queries.T).max(axis=1).T  # [query, product]: each product's best vector
+        leading = np.argsort(-exact, axis=1)[:, :6]
+        found = [[(f"p{p}", float(exact[q, p]) - 0.5) for p in row] for q, row in enumerate(leading)]
+        best = [dict(row) for row in found]
+        served._rescore(state, queries, found, best, 3)
+    finally:
+        served.close()
+    for q, row in enumerate(leading):
+        assert np.allclose([best[q][f"p{p}"] for p in row], exact[q, row], atol=1e-4)
+    for row, (row_ids, row_scores) in enumerate(zip(ids, scores)):
+        assert len(row_ids) == len(set(row_ids)) == 3
+        assert np.allclose(row_scores, [exact[row, int(pid[1:])] for pid in row_ids], atol=1e-4)
+        assert list(row_scores) == sorted(row_scores, reverse=True)
+    rescoring = [f for name, f in calls if name == "search" and f.startswith("product_id in")]
+    assert [name for name, _ in calls] == ["search"] * len(calls) and 1 <= len(rescoring) < len(queries), calls
 
 
 def test_the_backend_survives_the_supervisors_repairs_and_a_plain_reload(milvus_serve):

@@ -12,13 +12,16 @@ import pytest
 
 from lookalike import model_configs
 from lookalike.adapter import run_together
-from lookalike.milvus_index import catalog_rows, row_pk
+from lookalike.milvus_index import Timed, catalog_rows, row_pk
 from lookalike.milvus_search import (
     BackendUnavailableError,
     CollectionMismatchError,
     CollectionState,
     MilvusIndex,
+    MilvusRequestError,
     MilvusSettings,
+    batches,
+    failure_kind,
     filter_expression,
     generation_name,
     generation_of,
@@ -37,6 +40,54 @@ def test_expressions_quote_whatever_a_catalog_holds():
     assert filter_expression(Filter("shoes")) == 'category == "shoes"'
     assert filter_expression(Filter("x\"y", frozenset({"b", "a"}))) == 'category == "x\\"y" and product_id not in ["a", "b"]'
     assert filter_expression(Filter(), also_exclude=["self"]) == 'product_id not in ["self"]'
+
+
+def test_rescoring_runs_cover_every_row_within_milvus_limits():
+    wanted = [["a", "b"], [], ["b", "c"], ["d"], [str(i) for i in range(5)]]
+    runs = batches(wanted, max_vectors=10, budget=60)
+    # every row's products are searched for that row, in runs of at most 60 hits unless one row needs more
+    for r, ids in enumerate(wanted):
+        assert set(ids) <= {pid for rows, union in runs if r in rows for pid in union}
+    assert all(len(rows) * len(union) * 10 <= 60 or len(rows) == 1 for rows, union in runs)
+    assert 1 not in {r for rows, _ in runs for r in rows}  # nothing to rescore: no search
+    assert batches(wanted, max_vectors=10) == [([0, 2, 3, 4], ["a", "b", "c", "d", "0", "1", "2", "3", "4"])]
+    # Milvus's top-k cap (16384 rows of vectors a search): a row wanting more is split
+    assert batches([["x", "y", "z"]], max_vectors=8000) == [([0], ["x", "y"]), ([0], ["z"])]
+
+
+def test_milvus_failures_are_told_apart():
+    import grpc
+    from pymilvus.exceptions import MilvusException, MilvusUnavailableException, ParamError
+
+    # unreachable, timed out (pymilvus's retries ran out: the code is a grpc status), overloaded: an outage
+    assert failure_kind(grpc.RpcError()) == "outage"
+    assert failure_kind(ConnectionRefusedError()) == "outage"
+    assert failure_kind(MilvusUnavailableException(message="down")) == "outage"
+    assert failure_kind(MilvusException(grpc.StatusCode.UNAVAILABLE, "Retry timeout: 2s")) == "outage"
+    assert failure_kind(MilvusException(8, "rate limit exceeded")) == "outage"
+    # the collection went away under the call (pruned after an alias switch): look the alias up again
+    assert failure_kind(MilvusException(100, "collection not found")) == "stale"
+    assert failure_kind(MilvusException(101, "collection not loaded")) == "stale"
+    # a call Milvus refuses: that request fails, nothing is retried or reconnected
+    assert failure_kind(MilvusException(1100, "invalid parameter: cannot parse expression")) == "request"
+    assert failure_kind(ParamError(message="limit out of range")) == "request"
+
+
+def test_the_writer_gives_every_milvus_call_a_whole_second_timeout():
+    seen = []
+
+    class Client:
+        def describe_alias(self, alias, timeout=None):
+            seen.append(timeout)
+
+        def create_schema(self, **kwargs):
+            return kwargs
+
+    timed = Timed(Client(), 60)
+    timed.describe_alias("a")
+    timed.describe_alias("a", timeout=None)  # what aliased() passes when it is given none
+    timed.describe_alias("a", timeout=900)
+    assert seen == [60, 60, 900] and timed.create_schema() == {}
 
 
 def test_generation_names_belong_to_their_alias_only():
@@ -176,6 +227,27 @@ def test_an_unreachable_milvus_is_unavailable_retried_with_backoff_and_recovered
     fake.down = False
     index._client_at -= 10  # the backoff has passed
     assert index.state().generation == 1 and index.last_error is None and len(connects) == 2
+
+
+def test_a_refused_call_keeps_the_connection_and_a_vanished_collection_is_looked_up_again():
+    from pymilvus.exceptions import MilvusException
+
+    fake = FlakyMilvus({"lookalike_g1": state("lookalike_g1", 1), "lookalike_g2": state("lookalike_g2", 2)}, "lookalike_g1")
+    index = MilvusIndex(MilvusSettings("http://m"), "fp", "lite0", 8, client_factory=lambda _s: fake, refresh_s=60.0)
+    assert index.state().generation == 1
+
+    def refuse(_client):
+        raise MilvusException(1100, "invalid parameter")
+    with pytest.raises(MilvusRequestError, match="refused"):
+        index._call(refuse)
+    assert fake.closed == 0 and index.last_error is None  # not an outage: no reconnect, no backoff
+    fake.alias = "lookalike_g2"  # the alias moved and generation 1 was pruned before the refresh
+
+    def gone(_client):
+        raise MilvusException(100, "collection not found[collection=lookalike_g1]")
+    with pytest.raises(BackendUnavailableError):
+        index._call(gone)  # UNAVAILABLE: the SDK retries, and the retry finds the new generation
+    assert fake.closed == 0 and index.state().generation == 2
 
 
 def test_a_collection_of_another_embedder_is_never_served():
