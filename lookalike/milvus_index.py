@@ -38,6 +38,7 @@ from .milvus_search import (
     CollectionState,
     MilvusSettings,
     aliased,
+    connection_alias,
     generation_name,
     generation_of,
     quote,
@@ -48,6 +49,10 @@ INSERT_ROWS = 1000  # rows a write call (1280-d: about 5 MB)
 QUERY_CHUNK = 256  # values of one `in [...]` expression
 PARTITIONS = 16  # partitions of the category partition key
 INDEX_WAIT_S = 600.0
+# Whole seconds (pymilvus's retry loop ignores a float timeout, and with none retries an unreachable
+# server 75 times, about 3.5 minutes): each call of `lookalike index`, and loading a generation.
+CALL_TIMEOUT_S = 60
+LOAD_TIMEOUT_S = 900
 
 
 class MilvusIndexError(RuntimeError):
@@ -129,6 +134,26 @@ def _index_params(client: Any, kind: str, build: dict[str, int]) -> Any:
     return params
 
 
+class Timed:
+    """A MilvusClient whose calls carry `timeout_s` unless they name a timeout of their own (not None)."""
+
+    UNTIMED = frozenset({"create_schema", "prepare_index_params", "close"})
+
+    def __init__(self, client: Any, timeout_s: int) -> None:
+        self._client, self._timeout_s = client, timeout_s
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute) or name in self.UNTIMED:
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = self._timeout_s
+            return attribute(*args, **kwargs)
+        return call
+
+
 class MilvusWriter:
     """The writes of one `lookalike index` run (pymilvus's MilvusClient for the collection and alias
     operations, its ORM Collection for the data writes, whose results carry the Milvus timestamp)."""
@@ -138,9 +163,10 @@ class MilvusWriter:
 
         self.settings = settings
         self.log = log
-        self.client = MilvusClient(uri=settings.uri, token=settings.token, timeout=max(settings.timeout_s, 60.0))
-        self._orm = f"lookalike-index-{uuid.uuid4().hex[:8]}"
-        connections.connect(alias=self._orm, uri=settings.uri, token=settings.token)
+        self.client = Timed(MilvusClient(uri=settings.uri, token=settings.token, timeout=float(CALL_TIMEOUT_S),
+                                         alias=connection_alias()), CALL_TIMEOUT_S)
+        self._orm = connection_alias()
+        connections.connect(alias=self._orm, uri=settings.uri, token=settings.token, timeout=float(CALL_TIMEOUT_S))
 
     def close(self) -> None:
         from pymilvus import connections
@@ -225,11 +251,12 @@ class MilvusWriter:
         ts = 0
         for start in range(0, len(rows), INSERT_ROWS):
             batch = [r.record() for r in rows[start:start + INSERT_ROWS]]
-            result = collection.insert(batch) if insert else collection.upsert(batch)
+            write = collection.insert if insert else collection.upsert
+            result = write(batch, timeout=CALL_TIMEOUT_S)
             ts = max(ts, int(result.timestamp))
         for start in range(0, len(deletes), QUERY_CHUNK):
             chunk = deletes[start:start + QUERY_CHUNK]
-            result = collection.delete(f"{PK} in [{', '.join(quote(pk) for pk in chunk)}]")
+            result = collection.delete(f"{PK} in [{', '.join(quote(pk) for pk in chunk)}]", timeout=CALL_TIMEOUT_S)
             ts = max(ts, int(result.timestamp))
         return ts
 
@@ -246,7 +273,7 @@ class MilvusWriter:
             time.sleep(0.5)
 
     def build_generation(self, rows: Sequence[Row], *, fingerprint: str, embedder_model: str, dim: int, kind: str,
-                         build: dict[str, int], search: dict[str, int], partition_key: bool = True) -> MilvusReport:
+                         build: dict[str, int], search: dict[str, int], partition_key: bool = False) -> MilvusReport:
         """A new generation holding `rows`, indexed and loaded, its properties written last; the alias
         then moves to it (created when there is none)."""
         existing = self.generations()
@@ -262,9 +289,9 @@ class MilvusWriter:
                                       index_params=_index_params(self.client, kind, build), consistency_level="Bounded", **extra)
         try:
             ts = self._write(name, rows, [], insert=True)
-            self._collection(name).flush()
+            self._collection(name).flush(timeout=CALL_TIMEOUT_S)
             self._wait_indexed(name, len(rows))
-            self.client.load_collection(name)
+            self.client.load_collection(name, timeout=LOAD_TIMEOUT_S)
             state = replace(state, write_ts=ts)
             self.client.alter_collection_properties(name, properties=state.properties())
         except BaseException:
@@ -325,7 +352,7 @@ class MilvusWriter:
             raise MilvusIndexError(f"no earlier generation of this embedder to roll back to from {live.name} "
                                    f"(`lookalike index` keeps the newest {2} generations by default)")
         target = earlier[-1]
-        self.client.load_collection(target.name)
+        self.client.load_collection(target.name, timeout=LOAD_TIMEOUT_S)
         self._point_alias(target.name)
         self.client.alter_collection_properties(
             live.name, properties={"lookalike.rejected": f"rolled back to generation {target.generation}"})

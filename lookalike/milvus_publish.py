@@ -16,7 +16,7 @@ import numpy as np
 from lookalike_client import LookalikeClient, LookalikeError, ServerInfo
 
 from .artifacts import EmbedderManifest
-from .milvus_index import MilvusIndexError, MilvusReport, MilvusWriter, Row, catalog_rows
+from .milvus_index import LOAD_TIMEOUT_S, MilvusIndexError, MilvusReport, MilvusWriter, Row, catalog_rows
 from .milvus_search import INDEX_TYPES, REFRESH_S, CollectionState, MilvusSettings
 from .publishing import ServerMismatchError
 
@@ -34,7 +34,7 @@ class MilvusTarget:
     generation even when the live one could be updated in place (`--full`, another index type)."""
 
     settings: MilvusSettings
-    partition_key: bool = True
+    partition_key: bool = False
 
 
 class MilvusEmbeddingStore:
@@ -55,7 +55,7 @@ class MilvusEmbeddingStore:
             source = same[-1] if same else None
         if source is None:
             return cls({})
-        writer.client.load_collection(source.name)
+        writer.client.load_collection(source.name, timeout=LOAD_TIMEOUT_S)
         return cls(writer.embeddings_of(source, hashes))
 
     def __len__(self) -> int:
@@ -130,7 +130,7 @@ def confirm_milvus(clients: Sequence[LookalikeClient], report: MilvusReport, tim
 
 def publish_milvus(writer: MilvusWriter, rows: Sequence[Row], manifest: EmbedderManifest, clients: Sequence[LookalikeClient], *,
                    live: CollectionState | None, kind: str, build: dict[str, int], search: dict[str, int], full: bool,
-                   partition_key: bool = True, keep: int = 2, log: Callable[[str], None] = print) -> MilvusReport:
+                   partition_key: bool = False, keep: int = 2, log: Callable[[str], None] = print) -> MilvusReport:
     """Writes `rows` as the catalog: a new generation when there is no live one of this embedder and index
     kind, or when `full`; else an incremental change of the live one. Then every server must confirm it.
     A new generation that a server does not confirm is rolled back (the alias returns to the live one)."""
