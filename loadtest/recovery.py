@@ -180,15 +180,17 @@ def kill_and_recover(serve: Serve, target: str, traffic_images: list[bytes], set
         os.kill(pid, signal.SIGKILL)
         detected = None
         while True:  # until /ready has said 503 and then 200, with the supervisor's repair done
-            code = serve.health()[0]
+            code, answer = serve.health()
             now = time.monotonic()
             if code != 200 and detected is None:
                 detected = now
-            repaired = any(i["recovered_after_s"] is not None for i in serve.status().get("incidents", [])[before:])
-            if code == 200 and detected is not None and repaired:
+            # /status only once /ready is 200 again: asked meanwhile, it could hold the loop past the repair
+            if code == 200 and detected is not None and any(
+                    i["recovered_after_s"] is not None for i in serve.status().get("incidents", [])[before:]):
                 break
             if now - killed > 120:
-                raise RuntimeError(f"{target}: no recovery in 120 s\n{serve.text()[-2000:]}")
+                raise RuntimeError(f"{target}: no recovery in 120 s; /ready {code} {answer}; /status {serve.status()}\n"
+                                   f"{serve.text()[-2000:]}")
             time.sleep(0.02)
         ready = time.monotonic()
         time.sleep(settle_s)

@@ -339,14 +339,28 @@ class Supervisor:
         self._search_tier = search_tier(self.repository)
 
     # -- state for /ready and /status --------------------------------------------------------------
-    def readiness(self) -> tuple[bool, str]:
+    def local_problem(self) -> str | None:
+        """Why not ready, from what the supervisor knows without asking tritonserver (None: nothing)."""
         process = self.server.process
         if process is None or process.poll() is not None:
-            return False, "tritonserver is not running"
+            return "tritonserver is not running"
         if self.busy:
-            return False, self.busy
+            return self.busy
         if not self.watch.healthy():
-            return False, "a Python-backend stub is dead"
+            return "a Python-backend stub is dead"
+        return None
+
+    def readiness(self) -> tuple[bool, str]:
+        problem = self.local_problem()
+        if problem is not None:
+            return False, problem
+        ready, reason = self._asked_readiness()
+        # tritonserver may answer only once a reload has finished (its readiness calls wait for it): a repair
+        # that began meanwhile, or a stub that died meanwhile, is not answered with "ready"
+        problem = self.local_problem()
+        return (False, problem) if problem is not None else (ready, reason)
+
+    def _asked_readiness(self) -> tuple[bool, str]:
         try:
             # Live, and each model that clients call ready. Not Triton's server readiness: it also counts
             # a model version on its way out, so it dips for a second after every index swap.
@@ -833,12 +847,18 @@ class HealthServer:
 
     async def _ready(self, supervisor: Supervisor | None) -> tuple[bool, str]:
         """The supervisor's readiness: one computation at a time, shared by every probe that arrives
-        while it runs (each may ask tritonserver twice)."""
+        while it runs (each may ask tritonserver twice). What the supervisor knows on its own (a repair
+        under way, a dead stub) is answered at once and overrides a shared answer that began before it."""
         if supervisor is None:
             return False, "starting"
+        problem = supervisor.local_problem()
+        if problem is not None:
+            return False, problem
         if self._readiness is None or self._readiness.done():
             self._readiness = self.loop.run_in_executor(self.pool, supervisor.readiness)
-        return await asyncio.shield(self._readiness)
+        ready, reason = await asyncio.shield(self._readiness)
+        problem = supervisor.local_problem()
+        return (False, problem) if problem is not None else (ready, reason)
 
     def _authorised(self, header_lines: list[str]) -> bool:
         if not self.status_key:

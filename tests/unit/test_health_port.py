@@ -18,6 +18,10 @@ class Ready:
     def __init__(self, delay_s: float = 0.0):
         self.asked = 0
         self.delay_s = delay_s
+        self.busy: str | None = None
+
+    def local_problem(self):
+        return self.busy
 
     def readiness(self):
         self.asked += 1
@@ -103,6 +107,29 @@ def test_concurrent_probes_share_one_readiness_check():
             probe.join(30)
         assert results == [200] * 20
         assert supervisor.asked <= 3  # 20 probes, one check in flight at a time
+    finally:
+        server.close()
+
+
+def test_a_repair_that_begins_during_a_shared_check_is_answered_503_at_once():
+    """tritonserver may answer a readiness check only after a reload has finished: probes that arrive
+    once the supervisor has begun a repair get 503 at once, including those waiting on a check that
+    began before it, which must not answer them "ready"."""
+    supervisor = Ready(delay_s=1.0)
+    server = HealthServer(lambda: supervisor, "127.0.0.1", 0).start()
+    try:
+        waiting = []
+        first = threading.Thread(target=lambda: waiting.append(get(server.port, "/ready")))
+        first.start()
+        time.sleep(0.2)  # the shared check is under way
+        supervisor.busy = "recovering product_search: stub crashed"
+        started = time.monotonic()
+        code, body = get(server.port, "/ready")
+        assert code == 503 and b"recovering product_search" in body and time.monotonic() - started < 0.5
+        first.join(10)
+        assert waiting[0][0] == 503  # the check that began before the repair does not say ready
+        supervisor.busy = None
+        assert get(server.port, "/ready")[0] == 200
     finally:
         server.close()
 
