@@ -108,7 +108,7 @@ def milvus_target(args: argparse.Namespace, repository: Repository):
     from .milvus_publish import MilvusTarget
     from .milvus_search import MilvusSettings
 
-    return MilvusTarget(MilvusSettings.from_params(chosen), partition_key=not args.no_category_partition)
+    return MilvusTarget(MilvusSettings.from_params(chosen), partition_key=args.category_partition)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -381,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-factory", default=None, help="expert: a FAISS index_factory string (inner product), "
                    "instead of --index")
     _add_search_backend(p, serve=False)
-    p.add_argument("--no-category-partition", action="store_true",
-                   help="milvus: a new generation without the category partition key (see docs/beyond-one-machine.md)")
+    p.add_argument("--category-partition", action="store_true",
+                   help="milvus: a new generation with category as its partition key, for catalogs whose searches are "
+                        "mostly filtered by category (see docs/beyond-one-machine.md)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--concurrency", type=_at_least_one, default=4, help="embedding requests in flight per server (default 4)")
     p.add_argument("--timeout", type=float, default=60.0)

@@ -34,11 +34,11 @@ def test_serve_writes_the_search_backend_where_every_load_reads_it_and_index_fol
 
     import argparse
 
-    plain = argparse.Namespace(search_backend=None, milvus_uri=None, milvus_collection=None, no_category_partition=False)
+    plain = argparse.Namespace(search_backend=None, milvus_uri=None, milvus_collection=None, category_partition=False)
     target = milvus_target(plain, Repository(repo))  # `lookalike index` without flags: what serve wrote
     assert target is not None and (target.settings.uri, target.settings.alias, target.partition_key) == \
-        ("http://127.0.0.1:19530", "shop", True)
-    faiss = argparse.Namespace(search_backend="faiss", milvus_uri=None, milvus_collection=None, no_category_partition=False)
+        ("http://127.0.0.1:19530", "shop", False)
+    faiss = argparse.Namespace(search_backend="faiss", milvus_uri=None, milvus_collection=None, category_partition=False)
     assert milvus_target(faiss, Repository(repo)) is None
 
     assert main(["serve", "--model-repository", str(repo), "--milvus-uri", "http://x:1"]) == 2
