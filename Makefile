@@ -98,7 +98,7 @@ stop:
 # Lint and types, then the tiers: tests/unit (plain Python: no torch export, no exported embedder, no
 # tritonserver), tests/export (torch exports, the exported embedder), tests/integration (tritonserver).
 test: lint $(EMBEDDER) $(IMAGE_FAISS)/.setup-done
-	$(BIN)/python -m pytest tests -v --durations=10
+	$(BIN)/python -m pytest tests -v --durations=25
 
 unit: $(VENV)/.setup-done $(IMAGE_FAISS)/.setup-done
 	$(BIN)/python -m pytest tests/unit -q
