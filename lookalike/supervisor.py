@@ -48,6 +48,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -307,6 +308,18 @@ class SupervisorOptions:
     restart_window_s: float = 600.0
     stop_timeout_s: float = 15.0  # SIGTERM, then SIGKILL, when restarting a broken tritonserver
     ready_timeout_s: float = 300.0
+    # A killed tritonserver can take a moment to exit (its memory is torn down) while its stubs are
+    # already gone and its ports closed: waited for this long before calling it hung rather than dead.
+    exit_grace_s: float = 3.0
+
+
+def exited_within(process: subprocess.Popen, timeout_s: float) -> bool:
+    """True once `process` has exited, waiting at most `timeout_s` for it."""
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 class Supervisor:
@@ -456,7 +469,7 @@ class Supervisor:
             raise
         except AdminError as exc:
             process = self.server.process
-            if process is not None and process.poll() is not None:  # its stubs died with it
+            if process is not None and exited_within(process, self.options.exit_grace_s):  # its stubs died with it
                 self._restart(f"tritonserver exited with code {process.returncode}", stop)
             else:
                 self._restart(f"{len(dead)} stub(s) dead and tritonserver does not answer ({exc})", stop)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from lookalike.stubs import StubId, StubProcess, kill_stubs_of, list_stubs, parse_stub_argv, read_state
 from lookalike.supervisor import StubWatch
 
@@ -312,6 +314,43 @@ def test_the_supervisor_never_restarts_a_server_it_cannot_look_at(monkeypatch, t
     assert server.stops == 0 and server.starts == 0 and supervisor.incidents == []
     assert any("cannot watch tritonserver" in line and "Too many open files" in line for line in lines), lines
     assert any("watching tritonserver again" in line for line in lines), lines
+
+
+class Dying:
+    """A tritonserver killed a moment ago: its stubs are gone and its API is closed, but the process
+    itself exits only after `delay_s` (a big process takes a while to tear down)."""
+
+    def __init__(self, tmp_path, delay_s):
+        from lookalike.server import ServerOptions
+
+        self.options = ServerOptions(model_repository=tmp_path, http_port=1, grpc_port=2, metrics_port=3)
+        self.process = subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep({delay_s}); os.kill(os.getpid(), 9)"])
+
+
+@pytest.mark.parametrize("delay_s, reason", [(0.5, "tritonserver exited with code -9"),
+                                             (30.0, "1 stub(s) dead and tritonserver does not answer")])
+def test_dead_stubs_and_no_answer_name_a_tritonserver_that_is_still_exiting_as_exited(monkeypatch, tmp_path, delay_s, reason):
+    from lookalike import supervisor as sup
+
+    monkeypatch.setattr(sup, "list_stubs", lambda pid: [])
+    monkeypatch.setattr(sup, "read_state", lambda pid: "Z")
+    monkeypatch.setattr(sup.Supervisor, "_refresh_serving", lambda self: None)
+
+    def unanswered(self):
+        raise sup.AdminError("POST /v2/repository/index: connection refused")
+
+    monkeypatch.setattr(sup.TritonAdmin, "model_states", unanswered)
+    server = Dying(tmp_path, delay_s)
+    try:
+        supervisor = sup.Supervisor(server, sup.SupervisorOptions(exit_grace_s=3.0))
+        supervisor.watch.add([StubProcess(10, PRE0, 100)], {10: "S"})
+        restarts = []
+        monkeypatch.setattr(supervisor, "_restart", lambda why, stop: restarts.append(why))
+        assert [d.pid for d in supervisor.check()] == [10]
+        assert len(restarts) == 1 and restarts[0].startswith(reason), restarts
+    finally:
+        server.process.kill()
+        server.process.wait()
 
 
 def test_a_dead_stub_is_reported_again_when_it_could_not_be_dealt_with():
