@@ -54,18 +54,18 @@ def recall_at_10(index: ProductIndex, exact: ProductIndex, queries: np.ndarray) 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf-pq"])
 def test_approximate_indexes_keep_recall_and_their_search_parameters(kind, tmp_path):
-    dim, n = 64, 12_000
+    dim, n = 32, 12_000  # 32-d, 8 codes of 4-d: FAISS trains 8-bit PQ codebooks slowly on 2 cores (~1 s each)
     vectors = clustered(n, dim, 50)
     products = [Product(f"p{i}") for i in range(n)]
     queries = clustered(100, dim, 50, seed=1)
     exact = ProductIndex.build(products, vectors, factory="Flat")
-    choice = choose(kind, n, dim, m=16)
+    choice = choose(kind, n, dim, m=8)
     index = ProductIndex.build(products, vectors, factory=choice.factory, search=choice.search)
     assert index.kind == kind and index.meta.search == choice.search
     index.save(tmp_path)
     loaded = ProductIndex.load(tmp_path)
     assert loaded.kind == kind and loaded.search_params == choice.search
-    recall = recall_at_10(loaded, exact, queries)  # a hard set: 50 wide clusters in 64-d
+    recall = recall_at_10(loaded, exact, queries)  # a hard set: 50 wide clusters in 32-d
     assert recall >= 0.6, recall
     # fewer candidates or cells: recall drops; the config's override applies without a rebuild
     loaded.set_search_params(ef_search=10, nprobe=1)
@@ -94,7 +94,7 @@ GPU_REASON = gpu_unavailable()
 @pytest.mark.skipif(GPU_REASON is not None, reason=f"no FAISS GPU here: {GPU_REASON}")
 @pytest.mark.parametrize("kind", ["flat", "ivf-pq", "hnsw"])
 def test_on_a_gpu_flat_and_ivf_pq_search_like_on_the_cpu_and_hnsw_is_refused(kind, tmp_path):
-    dim, n = 64, 12_000
+    dim, n = 32, 12_000  # 32-d, 8 codes of 4-d: FAISS trains 8-bit PQ codebooks slowly on 2 cores (~1 s each)
     vectors = clustered(n, dim, 50)
     choice = choose(kind, n, dim, m=16)
     ProductIndex.build([Product(f"p{i}") for i in range(n)], vectors, factory=choice.factory,
