@@ -260,7 +260,7 @@ def int8_repo(tmp_path_factory, images):
     from lookalike.sample_data import build_sample_catalog
 
     root = tmp_path_factory.mktemp("int8")
-    build_sample_catalog(root / "catalog", per_category=12, holdout=0)
+    build_sample_catalog(root / "catalog", per_category=6, holdout=0)  # 96 images: 64 calibrate, 32 held out
     items, _ = read_catalog(root / "catalog" / "catalog.csv")
     repo = copy_repository(REPOSITORY, root / "model_repository")
     export_embedder(get_backbone("efficientnet_lite0"), repo.root, images, precision="int8",
