@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lookalike_client import contract as c
 
-from .repository import Repository, default_repository
+from .repository import KEEP_VERSIONS, Repository, default_repository
 
 
 def printable(text: str) -> str:
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rollback", action="store_true",
                    help="serve the previous index version again (the newest is set aside), instead of indexing")
     p.add_argument("--full", action="store_true", help="embed every image again, even those the store holds")
-    p.add_argument("--keep-versions", type=_at_least_one, default=2,
+    p.add_argument("--keep-versions", type=_at_least_one, default=KEEP_VERSIONS,
                    help="index versions kept on disk, the new one included (default 2: one step of --rollback); "
                         "older ones are deleted, except a version that another lookalike serve on this repository "
                         "still serves")

@@ -28,7 +28,7 @@ from .fanout import AllServersGone, spread
 from .index_types import IndexChoice, choose
 from .preprocessing import ImageError, ImageLimits, PreprocessConfig
 from .publishing import ServingRecord, as_clients, check_server, check_servers, clean_stale_staging, publish_index
-from .repository import Repository
+from .repository import KEEP_VERSIONS, Repository
 from .search import CorruptIndexError, Product, ProductIndex, load_products
 
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ def index_catalog(
     factory: str | None = None,
     batch_size: int = 16,
     concurrency: int = 4,
-    keep_versions: int = 2,
+    keep_versions: int = KEEP_VERSIONS,
     progress: bool = True,
     reuse: bool = True,
     milvus: "MilvusTarget | None" = None,

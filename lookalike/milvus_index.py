@@ -44,6 +44,7 @@ from .milvus_search import (
     quote,
     read_state,
 )
+from .repository import KEEP_VERSIONS
 
 INSERT_ROWS = 1000  # rows a write call (1280-d: about 5 MB)
 QUERY_CHUNK = 256  # values of one `in [...]` expression
@@ -350,7 +351,7 @@ class MilvusWriter:
                    if g < live.generation and s is not None and not s.rejected and s.fingerprint == live.fingerprint]
         if not earlier:
             raise MilvusIndexError(f"no earlier generation of this embedder to roll back to from {live.name} "
-                                   f"(`lookalike index` keeps the newest {2} generations by default)")
+                                   f"(`lookalike index` keeps the newest {KEEP_VERSIONS} unless --keep-versions says otherwise)")
         target = earlier[-1]
         self.client.load_collection(target.name, timeout=LOAD_TIMEOUT_S)
         self._point_alias(target.name)

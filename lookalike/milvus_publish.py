@@ -19,6 +19,7 @@ from .artifacts import EmbedderManifest
 from .milvus_index import LOAD_TIMEOUT_S, MilvusIndexError, MilvusReport, MilvusWriter, Row, catalog_rows
 from .milvus_search import INDEX_TYPES, REFRESH_S, CollectionState, MilvusSettings
 from .publishing import ServerMismatchError
+from .repository import KEEP_VERSIONS
 
 if TYPE_CHECKING:
     from .catalog import CatalogItem
@@ -130,7 +131,7 @@ def confirm_milvus(clients: Sequence[LookalikeClient], report: MilvusReport, tim
 
 def publish_milvus(writer: MilvusWriter, rows: Sequence[Row], manifest: EmbedderManifest, clients: Sequence[LookalikeClient], *,
                    live: CollectionState | None, kind: str, build: dict[str, int], search: dict[str, int], full: bool,
-                   partition_key: bool = False, keep: int = 2, log: Callable[[str], None] = print) -> MilvusReport:
+                   partition_key: bool = False, keep: int = KEEP_VERSIONS, log: Callable[[str], None] = print) -> MilvusReport:
     """Writes `rows` as the catalog: a new generation when there is no live one of this embedder and index
     kind, or when `full`; else an incremental change of the live one. Then every server must confirm it.
     A new generation that a server does not confirm is rolled back (the alias returns to the live one)."""

@@ -44,7 +44,7 @@ from lookalike_client import LookalikeClient, LookalikeError, ServerInfo
 from lookalike_client import contract as c
 
 from .artifacts import ArtifactError, IndexMeta
-from .repository import STAGING_OWNER_FILE, STAGING_PREFIX, Repository
+from .repository import KEEP_VERSIONS, STAGING_OWNER_FILE, STAGING_PREFIX, Repository
 from .search import CorruptIndexError, ProductIndex, check_index_dir
 
 Log = Callable[[str], None]
@@ -199,7 +199,8 @@ def write_index_version(repository: Repository, save: Callable[[Path], None]) ->
     return version
 
 
-def prune_index_versions(repository: Repository, keep: int = 2, protected: set[int] | frozenset[int] = frozenset()) -> list[int]:
+def prune_index_versions(repository: Repository, keep: int = KEEP_VERSIONS,
+                         protected: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """Deletes all but the newest `keep` index versions (Triton serves only the newest), except the
     `protected` ones (served by another server); returns the versions deleted."""
     versions = repository.index_versions()
@@ -551,7 +552,7 @@ def _withdraw(repository: Repository, clients: Sequence[LookalikeClient], versio
 
 
 def publish_index(repository: Repository, index: ProductIndex, client: LookalikeClient | Sequence[LookalikeClient], *,
-                  keep_versions: int = 2) -> Publication:
+                  keep_versions: int = KEEP_VERSIONS) -> Publication:
     """Writes `index` as the next version, has the running server(s) load it, confirms through each
     one's INDEX_INFO that it serves it (`confirm_served`), then prunes old versions except those another
     server on this repository still serves (`serving_records`). If a server does not load it (refused, no
@@ -627,7 +628,8 @@ def rollback_index(repository: Repository, client: LookalikeClient | Sequence[Lo
     if not earlier:
         kept = ", ".join(map(str, versions[:-1])) or "none"
         raise RollbackError(f"no earlier index version of this embedder to roll back to from version {newest} "
-                            f"(other versions kept: {kept}; `lookalike index` keeps the newest 2)")
+                            f"(other versions kept: {kept}; `lookalike index` keeps the newest {KEEP_VERSIONS} unless "
+                            "--keep-versions says otherwise)")
     for stale in [v for v in versions[:-1] if v > earlier[-1]]:  # unservable ones in between
         set_aside(repository, stale, f"index version {stale} cannot be served; set aside by a rollback")
     where = set_aside(repository, newest, f"rolled back by `lookalike index --rollback` to version {earlier[-1]}")

@@ -32,6 +32,7 @@ from .preprocessing import ImageLimits, PreprocessConfig
 STAGING_PREFIX = ".staging-"
 STAGING_OWNER_FILE = ".owner.json"
 REJECTED_DIR = ".rejected"
+KEEP_VERSIONS = 2  # index versions (faiss) or generations (Milvus) `lookalike index` keeps by default
 # Inside product_search/: one record per running `lookalike serve` of the version it serves (`publishing`).
 SERVING_DIR = ".serving"
 
