@@ -2,10 +2,11 @@
 storage, no Docker) for the tests, the benchmarks and trying the Milvus backend on one machine.
 
 Every component is bound to 127.0.0.1. The server runs in a process group of its own and is stopped by
-signalling that group: SIGINT, as Ctrl-C would (the whole group is gone in well under a second, and a
-start on the same directory takes the usual 5-10 s); SIGTERM leaves the child `milvus run standalone`
-hanging and still listening. SIGKILL follows after a grace. A killed server leaves etcd sessions behind
-that slow the next start on its directory (50 s and more were seen): the tests start on a fresh one.
+signalling that group: SIGINT, as Ctrl-C would (the whole group is gone in about a second); SIGTERM
+leaves the child `milvus run standalone` hanging and still listening. SIGKILL follows after a grace.
+Either way its components' etcd sessions may stay behind until their lease (30 s) expires, and the next
+start on the same directory was ready 13-55 s after the stop (5-10 s on a fresh one): each test session
+starts on a fresh directory, and only the restart test pays it.
 Its internal ports are fixed by the wheel (etcd 2379, the coordinators' 53100, 19529...): one such
 server runs on a host at a time; the client port is free to choose.
 """

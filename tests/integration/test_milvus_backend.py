@@ -272,3 +272,34 @@ def test_milvus_unreachable_gives_unavailable_and_the_server_recovers_by_itself(
     assert all(down - 1 <= started <= back for started, _, _ in failed)
     assert sum(1 for started, ok, _ in traffic.results if started > back and ok) > 5
     assert milvus_serve.tritonserver_pid() == pid
+
+
+def test_a_milvus_restart_costs_only_the_requests_it_meets_and_serves_the_same_catalog(milvus, milvus_serve, catalog_small):
+    """Milvus stopped under traffic and started again on its data directory (as a pod restart would): the
+    requests that meet it down get UNAVAILABLE, every later one succeeds with the same answers, through
+    the same tritonserver (nothing reloaded) and the same generation. Last in the module: it restarts
+    the session's Milvus."""
+    pid = milvus_serve.tritonserver_pid()
+    images = images_of(catalog_small)
+    served = info(milvus_serve)
+    with LookalikeClient(milvus_serve.grpc) as client:
+        expected = [client.search(image, top_k=5) for image in images]
+    with Traffic(milvus_serve.grpc, images) as traffic:
+        time.sleep(1.0)
+        down = time.monotonic()
+        milvus.stop()
+        milvus.start(timeout_s=180)  # the same data directory and port
+        wait_for(lambda: milvus_serve.health()[0] == 200, 120, what="/ready to turn 200 again")
+        back = time.monotonic()
+        time.sleep(3.0)
+    print(f"\nMilvus restarted: ready again {back - down:.1f} s after the stop; {len(traffic.failures())} of "
+          f"{len(traffic.results)} requests failed")
+    failed = traffic.failures()
+    assert all("ServerUnavailableError" in why for _, _, why in failed), failed[:3]
+    assert all(down - 1 <= started <= back for started, _, _ in failed), failed[:3]
+    assert sum(1 for started, ok, _ in traffic.results if started > back and ok) > 5
+    assert milvus_serve.tritonserver_pid() == pid
+    after = info(milvus_serve)
+    assert (after.index_version, after.index_id, after.products) == (served.index_version, served.index_id, served.products)
+    with LookalikeClient(milvus_serve.grpc) as client:
+        assert [client.search(image, top_k=5) for image in images] == expected
