@@ -63,8 +63,10 @@ TIERS = {"export": "export", "integration": "integration"}  # tests/<folder> -> 
 def pytest_collection_modifyitems(config, items):
     """Tiers by folder: tests/unit needs neither torch exports nor the exported embedder nor tritonserver
     (make unit); tests/export exports with torch or reads the exported embedder; tests/integration starts
-    tritonserver. Each folder's tests carry its marker, so `-m "not integration"` and the like work."""
+    tritonserver. Each folder's tests carry its marker, so `-m "not integration"` and the like work.
+    Tests marked `last` run after all the others."""
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT).parts
         if len(parts) > 1 and parts[1] in TIERS:
             item.add_marker(TIERS[parts[1]])
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: the order is kept otherwise
