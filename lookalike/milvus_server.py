@@ -5,7 +5,7 @@ Every component is bound to 127.0.0.1. The server runs in a process group of its
 signalling that group: SIGINT, as Ctrl-C would (the whole group is gone in about a second); SIGTERM
 leaves the child `milvus run standalone` hanging and still listening. SIGKILL follows after a grace.
 Either way its components' etcd sessions may stay behind until their lease (30 s) expires, and the next
-start on the same directory was ready 13-55 s after the stop (5-10 s on a fresh one), and once in six
+start on the same directory was ready 13-55 s after the stop (5-10 s on a fresh one), and once in seven
 never (its proxy never registered): each test session starts on a fresh directory, and only the restart
 test, which runs last, starts one on a used directory.
 Its internal ports are fixed by the wheel (etcd 2379, the coordinators' 53100, 19529...): one such
