@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve the previous index version again (the newest is set aside), instead of indexing")
     p.add_argument("--full", action="store_true", help="embed every image again, even those the store holds")
     p.add_argument("--keep-versions", type=_at_least_one, default=KEEP_VERSIONS,
-                   help="index versions kept on disk, the new one included (default 2: one step of --rollback); "
+                   help=f"index versions kept on disk, the new one included (default {KEEP_VERSIONS}: one step of --rollback); "
                         "older ones are deleted, except a version that another lookalike serve on this repository "
                         "still serves")
     _add_repository(p)

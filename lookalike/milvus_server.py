@@ -8,8 +8,9 @@ Either way its components' etcd sessions may stay behind until their lease (30 s
 start on the same directory was ready 13-55 s after the stop (5-10 s on a fresh one), and once in seven
 never (its proxy never registered): each test session starts on a fresh directory, and only the restart
 test, which runs last, starts one on a used directory.
-Its internal ports are fixed by the wheel (etcd 2379, the coordinators' 53100, 19529...): one such
-server runs on a host at a time; the client port is free to choose.
+Its internal ports are the wheel's defaults (etcd 2379, the coordinators' 53100, 19529...; `milvus-server`
+has flags to move them, not used here): one such server runs on a host at a time; the client port is
+free to choose.
 """
 
 from __future__ import annotations
