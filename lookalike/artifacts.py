@@ -94,13 +94,17 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # -- embedder ----------------------------------------------------------------------------------------
 def fingerprint(embedder_dir: Path) -> str:
     """Identifies an embedding space: the ONNX model's bytes plus the preprocessing that feeds them
-    (its notes aside). An index built under one fingerprint is meaningless under another."""
+    (its notes aside). An index built under one fingerprint is meaningless under another. The query
+    views and their fusion (`query_views`, `query_fusion`) change only how a query is searched, never
+    a catalog vector: they are left out, so that changing them needs no re-index. The `query` keys stay
+    in: the catalog view `as_query` embeds each packshot framed by them."""
     digest = hashlib.sha256()
     with open(onnx_path(embedder_dir), "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     preprocessing = read_json(Path(embedder_dir) / PREPROCESSING_FILE, PREPROCESSING_FILE)
-    preprocessing.pop("notes", None)
+    for key in ("notes", "query_views", "query_fusion"):
+        preprocessing.pop(key, None)
     digest.update(json.dumps(preprocessing, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 

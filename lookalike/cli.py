@@ -288,7 +288,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     simulate = args.simulate if (args.simulate is not None or args.queries) else 1
     options = EvalOptions(catalog=args.catalog, queries_csv=args.queries, simulate=simulate or 0,
                           sample=args.sample, leave_out=args.leave_out, seed=args.seed, top_k=args.top_k,
-                          concurrency=args.concurrency, failures=args.failures)
+                          concurrency=args.concurrency, failures=args.failures, near_duplicates=args.near_duplicates)
     try:
         with _client(args) as client:
             report = run_eval(options, Repository(args.model_repository), client)
@@ -410,7 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_filters(p)
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("eval", help="recall of shopper photos through the running server (simulated and/or real)")
+    p = sub.add_parser(
+        "eval", help="recall of shopper photos through the running server (simulated and/or real); changes nothing it serves",
+        description="Recall of shopper photos through the running server. The catalog is embedded by embed_image, each "
+        "query's views by preprocess_query (visual_search's first step); the evaluation index (the catalog minus a few "
+        "left-out products) is built and searched in this process with product_search's own code and fusion. The "
+        "server's index, the repository's index versions and its embedding store are left exactly as they were: "
+        "other clients see the whole catalog throughout. Latency and throughput are measured on visual_search.")
     p.add_argument("catalog", type=Path, help="the catalog the server should search (CSV or folder, as for index)")
     p.add_argument("--queries", type=Path, default=None, help="real shopper photos: CSV image,product_id")
     p.add_argument("--simulate", type=int, default=None,
@@ -422,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--concurrency", type=int, default=4, help="clients of the throughput pass (0: skip it)")
     p.add_argument("--failures", type=int, default=40, help="worst failures shown in failures.html")
+    p.add_argument("--near-duplicates", type=int, default=0,
+                   help="indexed products whose re-shot packshot is also a query (reported apart from shopper photos)")
     p.add_argument("--out", type=Path, default=Path("results/eval"))
     _add_url(p, protocol=True)
     _add_repository(p)

@@ -1,9 +1,14 @@
-"""`lookalike eval`: how often the running server finds the product in a shopper's photo.
+"""`lookalike eval`: how often the running server finds the product in a shopper's photo, without
+changing what the server serves.
 
-Everything goes through the server exactly as clients call it: the catalog through `embed_image`
-(catalog-side preprocessing), the queries through `visual_search` (query-side preprocessing). The
-evaluation index is the catalog minus a few left-out products per category; after the run the server
-is given the index of the whole catalog, as `lookalike index CATALOG` would leave it.
+The catalog goes through `embed_image` (catalog-side preprocessing, catalog views) and each query photo
+through `preprocess_query`, the first step of `visual_search`: the server's own query views, embedded
+by the served embedder. The evaluation index (the catalog minus a few left-out products per
+category) is built and searched in this process with the code `product_search` runs
+(`lookalike.product_search.search_requests`: each view searched, the views fused as the preprocessing
+file's `query_fusion` says). Nothing is published: the served index, the repository's index versions
+and its embedding store stay exactly as they were, and other clients see the whole catalog throughout.
+Latency and throughput are measured on `visual_search` itself, as clients call it.
 
 Queries are real shopper photos (`--queries`, CSV `image,product_id`) and/or synthetic ones made from
 the catalog's packshots (`--simulate N`, lookalike.shopper). Reported: recall@1/5/10 and MRR, broken
@@ -33,19 +38,25 @@ import numpy as np
 from PIL import Image
 
 from lookalike_client import FileRefusedError, LookalikeClient, LookalikeError
+from lookalike_client import contract as c
+from lookalike_client.calls import Call, image_batch
 from lookalike_client.contract import quoted
 from lookalike_client.files import open_file, read_file
 
 from .catalog import CatalogItem, Problem, csv_records, read_catalog
+from .images import encode
 from .indexer import build_index, embed_items
 from .preprocessing import ImageError, ImageLimits, decode
-from .publishing import publish_index
+from .product_search import SearchRequest, search_requests
 from .report import figure, thumbnail_uri
 from .repository import Repository
+from .sample_data import perturb
 from .search import Product, ProductIndex
 from .shopper import DIMENSIONS, ShopperSimulator, background_photos, exclude_lookalikes, signature
 
 KS = (1, 5, 10)
+NEAR_DUPLICATE = "near_duplicate"  # a query's source tag: a re-shot catalog packshot, not a shopper photo
+LATENCY_QUERIES = 100  # visual_search calls, one at a time, for the latency at concurrency 1
 PACKSHOT_MAX_SIDE = 1024  # packshots are shrunk to this before simulation: the photos are at most 2340 px
 
 
@@ -65,7 +76,7 @@ class Outcome:
     ids: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     error: str = ""
-    latency_ms: float | None = None
+    views: int = 0  # query views the server embedded
 
     def rank(self) -> int | None:
         """1-based rank of the right product in the results, None when missing or failed."""
@@ -178,10 +189,14 @@ class EvalOptions:
     concurrency: int = 4  # clients of the throughput pass (0: skip it)
     load_repeat: int = 1  # passes over the queries in the throughput pass
     failures: int = 40  # worst failures shown in failures.html
+    near_duplicates: int = 0  # indexed products whose re-shot packshot is also a query (reported apart)
 
 
 def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClient,
-             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+             embedded: tuple[list[CatalogItem], list[np.ndarray], list[Problem]] | None = None) -> dict:
+    """`embedded`: the catalog's embeddings from an earlier run against the same embedder (embed_items'
+    answer), reused instead of embedding the catalog again (`report["_embedded"]` holds them)."""
     started = time.perf_counter()
     items, problems = read_catalog(options.catalog)
     unreadable_rows = len(problems)
@@ -191,10 +206,11 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
     limits = repository.image_limits()
     client.wait_until_ready(timeout_s=120.0, model="embed_image")
 
-    log(f"embedding {len(items)} catalog images through embed_image")
     catalog_side = config.for_side("catalog")
-    good, vectors, embed_problems = embed_items(client, items, progress=False, max_bytes=limits.max_bytes,
-                                                config=config, limits=limits)
+    if embedded is None:
+        log(f"embedding {len(items)} catalog images through embed_image")
+        embedded = embed_items(client, items, progress=False, max_bytes=limits.max_bytes, config=config, limits=limits)
+    good, vectors, embed_problems = embedded
     problems += embed_problems
     by_id: dict[str, CatalogItem] = {}
     for item in good:  # a product with several images: its first (as the index shows it)
@@ -256,18 +272,32 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
                 queries.append(Query(f"simulated:{product_id}#{n}", product_id, photo.jpeg(), photo.tags,
                                      left_out=product_id in left_out))
 
-    log(f"publishing an evaluation index of {len(indexed)} products ({len(left_out)} left out)")
-    manifest = repository.manifest()
-    eval_version = publish_index(repository, build_index(indexed, indexed_vectors, manifest), client).version
+    if options.near_duplicates > 0:
+        near = rng.sample(sorted({item.product_id for item in indexed}), min(options.near_duplicates, len(indexed)))
+        log(f"re-shooting the packshots of {len(near)} indexed products as near-duplicate queries")
+        for n, product_id in enumerate(near):
+            image = _packshot(by_id[product_id], limits, catalog_side)
+            if image is not None:
+                queries.append(Query(f"near-duplicate:{product_id}", product_id,
+                                     encode(perturb(image, seed=options.seed * 7919 + n), "JPEG", quality=75),
+                                     {"source": NEAR_DUPLICATE}))
 
-    try:
-        log(f"searching {len(queries)} queries through visual_search, one at a time")
-        outcomes = [_search(client, query, options.top_k) for query in queries]
-        loadable = [q.data for q in queries if q.data is not None and not q.error] * max(1, options.load_repeat)
-        throughput = _throughput(client, loadable, options.concurrency, options.top_k) if options.concurrency > 0 else None
-    finally:  # whatever happened, the server is left with the whole catalog
-        log(f"restoring the index of the whole catalog ({len(good)} products)")
-        full_version = publish_index(repository, build_index(good, vectors, manifest), client).version
+    manifest = repository.manifest()
+    served_before = _served(client)
+    log(f"building the evaluation index of {len(indexed)} products ({len(left_out)} left out) in this process; "
+        f"the server keeps serving {served_before}")
+    eval_index = build_index(indexed, indexed_vectors, manifest)
+    fusion = config.query_fusion
+    log(f"searching {len(queries)} queries: their views embedded by {c.PREPROCESS_QUERY_MODEL}, fused by {fusion}")
+    outcomes = [_search(client, eval_index, query, options.top_k, fusion, manifest.dim) for query in queries]
+    views = max((o.views for o in outcomes), default=0)
+    loadable = [q.data for q in queries if q.data is not None and not q.error]
+    log(f"latency of {c.VISUAL_SEARCH_MODEL} at concurrency 1 and throughput at {options.concurrency} clients "
+        f"(the served index)")
+    latency = _latency(client, loadable[:LATENCY_QUERIES], options.top_k)
+    throughput = (_throughput(client, loadable * max(1, options.load_repeat), options.concurrency, options.top_k)
+                  if options.concurrency > 0 else None)
+    served_after = _served(client)
 
     # the colour-histogram baseline on the same queries and the same indexed products
     hist_index = ProductIndex.build([Product(i) for i in hist_ids], np.stack(hist_vectors)) if hist_vectors else None
@@ -289,7 +319,8 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
         "products": {"catalog_rows": len(items) + unreadable_rows,
                      "embedded": len(good), "indexed": len(indexed), "left_out": sorted(left_out),
                      "skipped": [str(p) for p in problems]},
-        "index_versions": {"evaluation": eval_version, "restored_full_catalog": full_version},
+        "served_index": {"before": served_before, "after": served_after},
+        "query_views": {"views": views, "names": _view_names(config, views), "fusion": fusion},
         "embedder": {k: v for k, v in manifest.to_dict().items()
                      if k in ("model", "pooling", "weights_source", "random_weights", "dim", "input", "fingerprint")},
         "catalog_views": catalog_side.catalog_views,
@@ -300,28 +331,55 @@ def run_eval(options: EvalOptions, repository: Repository, client: LookalikeClie
         "backgrounds": background_info,
         "served": _summary(outcomes, categories),
         "colour_histogram_baseline": _summary(baseline_outcomes, categories),
-        "timing": {"latency_ms_concurrency_1": _latency(outcomes), "throughput": throughput},
+        "timing": {"latency_ms_concurrency_1": latency, "throughput": throughput},
         "seconds": round(time.perf_counter() - started, 1),
     }
     report["_outcomes"] = outcomes  # for the HTML page; not serialised
+    report["_embedded"] = embedded
     report["_by_id"] = by_id
     return report
 
 
 def _settings(config) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in ("notes", "query", "catalog_views")}
+    return {k: v for k, v in config.to_dict().items() if k not in ("notes", "query", "catalog_views", "query_views", "query_fusion")}
 
 
-def _search(client: LookalikeClient, query: Query, top_k: int) -> Outcome:
+def _served(client: LookalikeClient) -> dict[str, Any]:
+    """What the server serves: its index version and products (before and after the run, in the report)."""
+    info = client.info()
+    return {"version": info.index_version, "products": info.products, "index_id": info.index_id}
+
+
+def _view_names(config, views: int) -> list[str]:
+    """The names of the server's query views: the preprocessing file's, when the server embedded as many
+    (its `query_views` parameter may be off)."""
+    from .query_views import views_of
+
+    named = [v.name or f"view {i}" for i, v in enumerate(views_of(config))]
+    return named if len(named) == views else [f"view {i}" for i in range(views)]
+
+
+def query_views(client: LookalikeClient, data: bytes, dim: int) -> np.ndarray:
+    """The server's embeddings of one photo's query views, [V, dim]: `preprocess_query`, the first step
+    of `visual_search`, called on its own."""
+    call = Call(c.PREPROCESS_QUERY_MODEL, {c.IMAGE: image_batch([data])}, (c.EMBEDDING,),
+                lambda out: np.asarray(out[c.EMBEDDING], dtype=np.float32).reshape(-1, dim))
+    return client._run(call)  # noqa: SLF001 - the SDK's own retrying call, for a model it has no method for
+
+
+def _search(client: LookalikeClient, index: ProductIndex, query: Query, top_k: int, fusion: str, dim: int) -> Outcome:
+    """One query: its views from the server, searched and fused in process as `product_search` does."""
     if query.data is None:
         return Outcome(query, error=query.error)
-    started = time.perf_counter()
     try:
-        matches = client.search(query.data, top_k=top_k)
+        embeddings = query_views(client, query.data, dim)
     except LookalikeError as exc:
         return Outcome(query, error=f"{type(exc).__name__}: {exc}")
-    latency = (time.perf_counter() - started) * 1000
-    return Outcome(query, [m.product_id for m in matches], [m.score for m in matches], latency_ms=latency)
+    result = search_requests(index, [SearchRequest(embeddings, top_k, views=len(embeddings))], fusion)[0]
+    if isinstance(result, Exception):
+        return Outcome(query, error=f"{type(result).__name__}: {result}")
+    ids = [pid.decode("utf-8") for pid in result.product_ids[0] if pid]
+    return Outcome(query, ids, result.scores[0][: len(ids)].tolist(), views=len(embeddings))
 
 
 def _throughput(client: LookalikeClient, images: list[bytes], concurrency: int, top_k: int) -> dict | None:
@@ -344,22 +402,35 @@ def _throughput(client: LookalikeClient, images: list[bytes], concurrency: int, 
             "images_per_s": round(len(images) / seconds, 2)}
 
 
-def _latency(outcomes: Sequence[Outcome]) -> dict | None:
-    samples = sorted(o.latency_ms for o in outcomes if o.latency_ms is not None)
+def _latency(client: LookalikeClient, images: list[bytes], top_k: int) -> dict | None:
+    """visual_search one photo at a time: p50 and p90 in ms."""
+    samples = []
+    for data in images:
+        started = time.perf_counter()
+        try:
+            client.search(data, top_k=top_k)
+        except LookalikeError:
+            continue
+        samples.append((time.perf_counter() - started) * 1000)
     if not samples:
         return None
+    samples.sort()
     return {"p50": round(statistics.median(samples), 1), "p90": round(float(np.percentile(samples, 90)), 1),
             "samples": len(samples)}
 
 
 def _summary(outcomes: Sequence[Outcome], categories: dict[str, str]) -> dict:
-    recall = [o for o in outcomes if not o.query.left_out]
+    """Shopper photos (simulated and real) overall and by tag; near-duplicates apart (`near_duplicates`)."""
+    everything = [o for o in outcomes if not o.query.left_out]
+    near = [o for o in everything if o.query.tags.get("source") == NEAR_DUPLICATE]
+    recall = [o for o in everything if o.query.tags.get("source") != NEAR_DUPLICATE]
     ranks = [o.rank() for o in recall]
     relevance = [(categories.get(o.query.product_id, ""), o.ids) for o in outcomes if o.query.left_out]
     return {
         "overall": retrieval_metrics(ranks),
-        "by_source": {source: retrieval_metrics([o.rank() for o in recall if o.query.tags.get("source", "simulated") == source])
-                      for source in sorted({o.query.tags.get("source", "simulated") for o in recall})},
+        "near_duplicates": retrieval_metrics([o.rank() for o in near]) if near else None,
+        "by_source": {source: retrieval_metrics([o.rank() for o in everything if o.query.tags.get("source", "simulated") == source])
+                      for source in sorted({o.query.tags.get("source", "simulated") for o in everything})},
         "breakdown": breakdown([o.query.tags for o in recall], ranks),
         "category_relevance_left_out": category_precision(relevance, categories) if relevance else None,
         "failed": [{"query": o.query.name, "product_id": o.query.product_id, "error": o.error or o.query.error}
@@ -379,7 +450,9 @@ def render_markdown(report: dict) -> str:
     e = report["embedder"]
     lines += [f"Embedder `{e['model']}` ({e['weights_source']}), fingerprint `{e['fingerprint']}`."
               + (" **RANDOM WEIGHTS: meaningless.**" if e.get("random_weights") else ""),
-              f"Query preprocessing: `{json.dumps(report['preprocessing']['query'])}`.",
+              f"Query preprocessing: `{json.dumps(report['preprocessing']['query'])}`; "
+              f"{report['query_views']['views']} query view(s) ({', '.join(report['query_views']['names'])}), "
+              f"fused by {report['query_views']['fusion']}.",
               f"Catalog preprocessing: `{json.dumps(report['preprocessing']['catalog'])}`.",
               f"Catalog views (extra vectors per product): `{json.dumps(report['catalog_views'])}`.",
               f"Index: {report['products']['indexed']} products, {len(report['products']['left_out'])} left out "
@@ -387,9 +460,13 @@ def render_markdown(report: dict) -> str:
     lines += ["| | queries | recall@1 | recall@5 | recall@10 | MRR | same-category precision@10 (left-out products) |",
               "|---|---|---|---|---|---|---|"]
     for name, summary in (("served `visual_search`", served), ("colour-histogram baseline", base)):
-        o, c = summary["overall"], summary["category_relevance_left_out"] or {}
+        o, cp = summary["overall"], summary["category_relevance_left_out"] or {}
         lines.append(f"| {name} | {o['queries']} | {_fmt(o['recall@1'])} | {_fmt(o['recall@5'])} | {_fmt(o['recall@10'])} "
-                     f"| {_fmt(o['mrr'])} | {_fmt(c.get('precision@10'))} |")
+                     f"| {_fmt(o['mrr'])} | {_fmt(cp.get('precision@10'))} |")
+        near = summary.get("near_duplicates")
+        if near:
+            lines.append(f"| ... near-duplicates (re-shot packshots), apart | {near['queries']} | {_fmt(near['recall@1'])} "
+                         f"| {_fmt(near['recall@5'])} | {_fmt(near['recall@10'])} | {_fmt(near['mrr'])} | |")
     lines.append("")
     for dimension, groups in served["breakdown"].items():
         lines += [f"**By {dimension}** (served; baseline recall@1 in brackets)", "",
@@ -413,8 +490,10 @@ def render_markdown(report: dict) -> str:
     if report["backgrounds"]:
         lines += ["", f"Backgrounds: {', '.join(report['backgrounds']['used'])}; not used because they look like a "
                       f"catalog image: {', '.join(report['backgrounds']['dropped_as_catalog_lookalikes']) or 'none'}."]
-    lines += ["", f"Index versions: evaluation {report['index_versions']['evaluation']}, then the whole catalog "
-                  f"{report['index_versions']['restored_full_catalog']} (served now). {report['seconds']} s."]
+    before, after = report["served_index"]["before"], report["served_index"]["after"]
+    lines += ["", f"Served index: version {before['version']} ({before['products']} products) before the run, "
+                  f"version {after['version']} ({after['products']} products) after it; the evaluation index was "
+                  f"searched in process. {report['seconds']} s."]
     return "\n".join(lines) + "\n"
 
 

@@ -139,6 +139,13 @@ class PreprocessConfig:
     # Extra images of each catalog product that indexing embeds beside its packshot (lookalike.views):
     # [{"scale": 0.6, "background": [128, 128, 128], "rotate": 0}, ...]. Empty: the packshot alone.
     catalog_views: list[dict[str, Any]] = field(default_factory=list)
+    # Each shopper photo is embedded several ways (lookalike.query_views): [{"name": "crop"}, {"name":
+    # "zoom 60%", "zoom": 0.6}, {"name": "letterbox", "resize_mode": "letterbox"}, ...], each framing
+    # keys over the query side's. Empty: the query side's framing alone. `query_fusion` is how a
+    # product's per-view scores make its score (lookalike.fusion). Both are query side only: they stay
+    # out of the embedder's fingerprint, so changing them never asks for a re-index.
+    query_views: list[dict[str, Any]] = field(default_factory=list)
+    query_fusion: str = "max"
     notes: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -155,7 +162,15 @@ class PreprocessConfig:
         if not self.draft_oversample >= 1.0:
             raise ValueError(f"draft_oversample must be at least 1, got {self.draft_oversample!r}")
         self.views()  # validates them
-        fixed = {"height", "width", "mean", "std", "query", "catalog_views", "notes"} & set(self.query)
+        from .fusion import FUSIONS
+        from .query_views import QueryView
+
+        if self.query_fusion not in FUSIONS:
+            raise ValueError(f"query_fusion must be one of {FUSIONS}, got {self.query_fusion!r}")
+        for view in self.query_views:
+            QueryView.from_dict(view)
+        fixed = {"height", "width", "mean", "std", "query", "catalog_views", "query_views", "query_fusion",
+                 "notes"} & set(self.query)
         if fixed:
             raise ValueError(f"query settings cannot change {sorted(fixed)}: they are the embedder's input")
         unknown = set(self.query) - set(self.__dataclass_fields__)

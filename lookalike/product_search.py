@@ -18,7 +18,9 @@ import numpy as np
 from lookalike_client import contract as c
 
 from .adapter import Inputs, Log, Outcome, Outputs, required, run_together
-from .artifacts import EmbedderManifest
+from .artifacts import PREPROCESSING_FILE, EmbedderManifest
+from .fusion import depth as fusion_depth
+from .fusion import fuse
 from .search import DEFAULT_GPU_TEMP_MEMORY, NO_FILTER, Filter, ProductIndex, UnknownProductError, set_threads
 
 if TYPE_CHECKING:
@@ -35,6 +37,9 @@ DEFAULT_NORM_TOLERANCE = 0.01
 PAD_PRODUCT_ID = c.NO_PRODUCT_ID.encode()
 PAD_SCORE = float(np.finfo(np.float32).min)
 
+
+# Views of one query (EMBEDDING [N, V x D]) at most: the preprocessing file's query_views are a handful.
+MAX_VIEWS = 16
 
 INPUTS = (c.EMBEDDING, c.PRODUCT_ID, c.TOP_K, c.CATEGORY, c.EXCLUDE_IDS)
 
@@ -126,14 +131,15 @@ def parse_filters(inputs: Inputs, rows: int) -> tuple[Filter, ...]:
 
 @dataclass(frozen=True)
 class SearchRequest:
-    embeddings: np.ndarray | None  # [N, D], already checked; or None for search by product id:
+    embeddings: np.ndarray | None  # [N * V, D], already checked: V views per query row; or None for search by product id:
     k: int
     filters: tuple[Filter, ...] = ()  # one per row (empty: none)
     product_ids: tuple[str, ...] = ()  # similar_products: the catalog products to match
+    views: int = 1  # embeddings per query row (lookalike.query_views), fused (lookalike.fusion)
 
     @property
     def rows(self) -> int:
-        return len(self.embeddings) if self.embeddings is not None else len(self.product_ids)
+        return len(self.embeddings) // self.views if self.embeddings is not None else len(self.product_ids)
 
     def row_filters(self) -> list[Filter]:
         return list(self.filters) if self.filters else [NO_FILTER] * self.rows
@@ -145,15 +151,18 @@ class SearchResult:
     scores: np.ndarray  # [N, W] float32, best first
 
 
-def search_requests(index: "ProductIndex | MilvusIndex", requests: Sequence[SearchRequest]) -> list[SearchResult | Exception]:
+def search_requests(index: "ProductIndex | MilvusIndex", requests: Sequence[SearchRequest],
+                    fusion: str = "max") -> list[SearchResult | Exception]:
     """Searches the requests of one dynamic batch, one result per request, in order.
 
-    Requests with the same k share one FAISS call per filter (the common case: every client sends the
-    default and no filter); different k are searched apart, because an approximate index (HNSW's efSearch
-    grows with k) may answer a row differently when asked for more neighbours. Requests by product id
-    are answered one by one. Within a request, a row with fewer hits is padded with PAD_PRODUCT_ID /
-    PAD_SCORE up to the request's longest row. A request by product id that names an id the index does
-    not hold gets its UnknownProductError as its result (the others go on)."""
+    Requests with the same k and number of views share one search call per filter (the common case:
+    every client sends the default and no filter); different k are searched apart, because an
+    approximate index (HNSW's efSearch grows with k) may answer a row differently when asked for more
+    neighbours. A query row of V views searches each view (`fusion.depth` deep) and fuses their
+    product scores (`fusion.fuse`). Requests by product id are answered one by one. Within a request, a
+    row with fewer hits is padded with PAD_PRODUCT_ID / PAD_SCORE up to the request's longest row. A
+    request by product id that names an id the index does not hold gets its UnknownProductError as its
+    result (the others go on)."""
     results: list[SearchResult | Exception | None] = [None] * len(requests)
     for i, request in enumerate(requests):
         if request.embeddings is None:
@@ -162,10 +171,14 @@ def search_requests(index: "ProductIndex | MilvusIndex", requests: Sequence[Sear
             except UnknownProductError as exc:
                 results[i] = exc
     by_vector = [i for i, r in enumerate(requests) if r.embeddings is not None]
-    for k in sorted({requests[i].k for i in by_vector}):
-        members = [i for i in by_vector if requests[i].k == k]
+    for k, views in sorted({(requests[i].k, requests[i].views) for i in by_vector}):
+        members = [i for i in by_vector if (requests[i].k, requests[i].views) == (k, views)]
         queries = np.concatenate([requests[i].embeddings for i in members])  # type: ignore[misc]
-        ids, scores = index.search(queries, k, [f for i in members for f in requests[i].row_filters()])
+        filters = [f for i in members for f in requests[i].row_filters() for _ in range(views)]
+        ids, scores = index.search(queries, fusion_depth(k, views, fusion), filters)
+        if views > 1:
+            fused = [fuse(ids[r : r + views], scores[r : r + views], k, fusion) for r in range(0, len(ids), views)]
+            ids, scores = [f[0] for f in fused], [f[1] for f in fused]
         start = 0
         for i in members:
             count = requests[i].rows
@@ -208,9 +221,15 @@ def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM
                     raise UnknownProductError(f"{c.UNKNOWN_PRODUCT} {c.quoted(pid)}: not in the served index "
                                               f"({len(index)} products)")
         return SearchRequest(None, resolve_top_k(inputs.get(c.TOP_K), len(ids)), parse_filters(inputs, len(ids)), ids)
-    embeddings = check_embeddings(required(inputs, c.EMBEDDING), dim, norm_tolerance)
-    return SearchRequest(embeddings, resolve_top_k(inputs.get(c.TOP_K), len(embeddings)),
-                         parse_filters(inputs, len(embeddings)))
+    embedding = required(inputs, c.EMBEDDING)
+    views = embedding.shape[1] // dim if embedding.ndim == 2 and embedding.shape[1] % dim == 0 else 0
+    if views < 1 or views > MAX_VIEWS:
+        raise ValueError(f"{c.EMBEDDING} must be [N, {dim}], or [N, V x {dim}] for V views of each query "
+                         f"(V at most {MAX_VIEWS}), got {list(embedding.shape)}")
+    rows = embedding.shape[0]
+    embeddings = check_embeddings(embedding.reshape(rows * views, dim), dim, norm_tolerance)
+    return SearchRequest(embeddings, resolve_top_k(inputs.get(c.TOP_K), rows), parse_filters(inputs, rows),
+                         views=views)
 
 
 def outputs(result: SearchResult | Exception, info: bytes = b"{}") -> Outputs | Exception:
@@ -239,9 +258,10 @@ class ProductSearch:
     is looked up again for each batch (an alias move or a write changes it without a Triton reload)."""
 
     def __init__(self, index: "ProductIndex | MilvusIndex", norm_tolerance: float = DEFAULT_NORM_TOLERANCE, *,
-                 version: int = 0, embedder_model: str = "") -> None:
+                 version: int = 0, embedder_model: str = "", fusion: str = "max") -> None:
         self.index = index
         self.norm_tolerance = norm_tolerance
+        self.fusion = fusion  # how the views of one query make a product's score (lookalike.fusion)
         self.info = index_info(index, version, embedder_model) if isinstance(index, ProductIndex) else index.info()
         self._info_json = json.dumps(self.info, sort_keys=True).encode()
 
@@ -251,14 +271,15 @@ class ProductSearch:
         if isinstance(index, ProductIndex):
             return (f"{len(index)} products, {index.kind} index {index.meta.factory} {index.search_params} on the "
                     f"{index.device}" + (" (this FAISS build has no GPU support)" if index.device == "cpu" and
-                                         not _faiss_has_gpu() else ""))
+                                         not _faiss_has_gpu() else "") + f", query views fused by {self.fusion}")
         info = index.info()
         where = f"milvus {index.settings.uri}, alias {index.settings.alias}"
         if index.last_error:
             return f"{where}: not reachable yet ({index.last_error}); requests get UNAVAILABLE until it is"
         if index.refusal:
             return f"{where}: {index.refusal}"
-        return f"{where}: generation {info['version']}, {info['products']} products, {info['kind']}"
+        return (f"{where}: generation {info['version']}, {info['products']} products, {info['kind']}, "
+                f"query views fused by {self.fusion}")
 
     def close(self) -> None:
         if not isinstance(self.index, ProductIndex):
@@ -298,7 +319,8 @@ class ProductSearch:
                                   gpu_temp_memory_bytes=(temp_mb << 20) if temp_mb is not None else DEFAULT_GPU_TEMP_MEMORY)
         index.set_search_params(ef_search=_optional_int(params, "ef_search"), nprobe=_optional_int(params, "nprobe"),
                                 filter_scan_max_vectors=_optional_int(params, "filter_scan_max_vectors"))
-        manifest = EmbedderManifest.load((Path(model_dir) / params["embedder_manifest"]).resolve())
+        manifest_path = (Path(model_dir) / params["embedder_manifest"]).resolve()
+        manifest = EmbedderManifest.load(manifest_path)
         expected = manifest.fingerprint
         if index.fingerprint != expected:
             raise IndexMismatchError(
@@ -306,7 +328,7 @@ class ProductSearch:
                 f"but the embedder is {expected}: run `lookalike index` again"
             )
         return cls(index, float(params.get("embedding_norm_tolerance", DEFAULT_NORM_TOLERANCE)),
-                   version=int(version), embedder_model=manifest.model)
+                   version=int(version), embedder_model=manifest.model, fusion=query_fusion(manifest_path.parent))
 
     @classmethod
     def load_milvus(cls, model_dir: Path, version: str, params: Mapping[str, str]) -> "ProductSearch":
@@ -315,14 +337,15 @@ class ProductSearch:
         never searches a collection of another embedder (`MilvusIndex`)."""
         from .milvus_search import BackendUnavailableError, CollectionMismatchError, MilvusIndex, MilvusSettings
 
-        manifest = EmbedderManifest.load((Path(model_dir) / params["embedder_manifest"]).resolve())
+        manifest_path = (Path(model_dir) / params["embedder_manifest"]).resolve()
+        manifest = EmbedderManifest.load(manifest_path)
         index = MilvusIndex(MilvusSettings.from_params(params), manifest.fingerprint, manifest.model, manifest.dim)
         try:
             index.state(force=True)
         except (BackendUnavailableError, CollectionMismatchError):
             pass  # served as unavailable until Milvus answers (the log line says so)
         return cls(index, float(params.get("embedding_norm_tolerance", DEFAULT_NORM_TOLERANCE)),
-                   version=int(version), embedder_model=manifest.model)
+                   version=int(version), embedder_model=manifest.model, fusion=query_fusion(manifest_path.parent))
 
     def __call__(self, requests: Sequence[Inputs], log: Log | None = None) -> list[Outcome]:
         """The outcomes of one dynamic batch's requests, in order."""
@@ -335,7 +358,7 @@ class ProductSearch:
             local, unavailable = None, (BackendUnavailableError,)
 
         def compute(searches: list[SearchRequest]) -> list[Outputs | Exception]:
-            results = search_requests(self.index, searches)
+            results = search_requests(self.index, searches, self.fusion)
             info = self.current_info()
             return [outputs(r, info) for r in results]
 
@@ -344,6 +367,14 @@ class ProductSearch:
             parse=lambda inputs: parse_request(inputs, self.index.dim, self.norm_tolerance, local),
             compute=compute, what="search", log=log, unavailable=unavailable,
         )
+
+
+def query_fusion(embedder_dir: Path) -> str:
+    """The fusion of the query views that the embedder's preprocessing file names ("max" without one)."""
+    from .preprocessing import PreprocessConfig
+
+    path = Path(embedder_dir) / PREPROCESSING_FILE
+    return PreprocessConfig.load(path).query_fusion if path.exists() else "max"
 
 
 def _faiss_has_gpu() -> bool:

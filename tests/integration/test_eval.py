@@ -1,36 +1,55 @@
 """`lookalike eval` against the real server, and the query/catalog sides of preprocessing as served."""
 
+import csv
 import json
 import os
+import threading
+from pathlib import Path
 
 import numpy as np
 
 from lookalike.cli import main
 from lookalike.embedding import OnnxEmbedder
+from lookalike.evaluation import query_views
 from lookalike.preprocessing import Preprocessor
+from lookalike.product_search import SearchRequest, search_requests
+from lookalike.query_views import ViewPreprocessor
 from lookalike.repository import Repository
 from lookalike.search import ProductIndex
 from lookalike_client import LookalikeClient
 from tests.conftest import encode
 
 
-def test_visual_search_uses_query_side_and_embed_image_catalog_side(server, photos):
-    """A tall phone-shaped photo: visual_search's scores are those of the query-side pixels, and
-    embed_image's embedding is the catalog side's (they differ when the settings differ)."""
+def _files(directory: Path) -> list[tuple[str, int, int]]:
+    """Every file of the index versions, with its size and modification time (the supervisor's own
+    `.serving` record aside)."""
+    return sorted((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in directory.rglob("*") if p.is_file() and ".serving" not in p.parts)
+
+
+def test_visual_search_scores_the_query_views_fused_and_embed_image_the_catalog_side(server, photos):
+    """A tall phone-shaped photo: visual_search's results are the query views of the preprocessing file,
+    each embedded, searched and fused as the server's code does in process (lookalike.query_views,
+    lookalike.fusion); embed_image's embedding is the catalog side's (they differ when the settings do)."""
     repo = Repository(server.options.model_repository)
     config = repo.preprocessing()
     embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
     _, photo = photos[0]
     tall = encode(photo.resize((300, 650)), "JPEG", quality=90)
-    query = embedder(Preprocessor(config.for_side("query")).batch([tall]))
+    views = ViewPreprocessor(config)
+    query = embedder(views.batch([tall])[0])
     catalog = embedder(Preprocessor(config.for_side("catalog")).batch([tall]))
     index = ProductIndex.load(repo.latest_index_dir())
-    ids, scores = index.search(query, 5)
+    expected = search_requests(index, [SearchRequest(query, 5, views=len(views))], config.query_fusion)[0]
+    assert not isinstance(expected, Exception)
     with LookalikeClient(server.options.grpc_url) as client:
         served = client.search(tall, top_k=5)
         embedded = client.embed([tall])
-    assert [m.product_id for m in served][:3] == ids[0][:3]
-    np.testing.assert_allclose([m.score for m in served], scores[0], atol=1e-4)
+        served_views = query_views(client, tall, index.dim)
+    assert len(served_views) == len(views) == max(1, len(config.query_views))
+    np.testing.assert_allclose(served_views, query, atol=1e-4)
+    assert [m.product_id for m in served][:3] == [pid.decode() for pid in expected.product_ids[0][:3]]
+    np.testing.assert_allclose([m.score for m in served], expected.scores[0], atol=1e-4)
     np.testing.assert_allclose(embedded, catalog, atol=1e-4)
     if config.query:
         assert float(query[0] @ catalog[0]) < 0.999  # the sides really differ on a tall frame
@@ -52,17 +71,44 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
                                    f"pipe.jpg,{product_id}\nzero.jpg,{product_id}\n")
     out = tmp_path / "eval"
     before = server.index_report.products
-    code = main(["eval", str(catalog / "catalog.csv"), "--queries", str(queries / "q.csv"), "--simulate", "1",
-                 "--sample", "6", "--leave-out", "1", "--concurrency", "2", "--url", server.options.grpc_url,
-                 "--model-repository", str(server.options.model_repository), "--out", str(out)])
+    repository = Repository(server.options.model_repository)
+    versions_before = _files(repository.search_dir)
+    with LookalikeClient(server.options.grpc_url) as client:
+        served_before = client.info()
+        with open(catalog / "catalog.csv", newline="") as handle:
+            every_id = sorted({row["product_id"] for row in csv.DictReader(handle)})
+    # Another client of the same server, all through the run: it must see the whole catalog each time.
+    seen: list[tuple[int, int, int]] = []
+    stop = threading.Event()
+
+    def other_client() -> None:
+        with LookalikeClient(server.options.grpc_url) as client:
+            while not stop.is_set():
+                info = client.info()
+                found = client.similar_batch(every_id, top_k=1)  # NotFoundError for a product not served
+                seen.append((info.index_version, info.products, len(found)))
+
+    watcher = threading.Thread(target=other_client)
+    watcher.start()
+    try:
+        code = main(["eval", str(catalog / "catalog.csv"), "--queries", str(queries / "q.csv"), "--simulate", "1",
+                     "--sample", "6", "--leave-out", "1", "--concurrency", "2", "--near-duplicates", "4",
+                     "--url", server.options.grpc_url,
+                     "--model-repository", str(server.options.model_repository), "--out", str(out)])
+    finally:
+        stop.set()
+        watcher.join()
     assert code == 0
+    assert len(seen) >= 3 and set(seen) == {(served_before.index_version, before, len(every_id))}
     report = json.loads((out / "eval.json").read_text())
     served = report["served"]
     left_out = report["products"]["left_out"]
     assert left_out and report["products"]["indexed"] == report["products"]["embedded"] - len(left_out)
-    # 6 real photos (5 of them unusable) + 6 simulated ones: every one counted
+    # 6 real photos (5 of them unusable) + 6 simulated ones: every one counted; near-duplicates apart
     assert served["overall"]["queries"] == 12
     assert served["by_source"]["photo"]["queries"] == 6
+    assert served["near_duplicates"]["queries"] == served["by_source"]["near_duplicate"]["queries"] == 4
+    assert served["near_duplicates"]["recall@10"] >= 0.5  # a re-shot packshot finds its product
     failed = {f["query"].split("/")[-1].split(" ")[-1]: f["error"] for f in served["failed"]}
     assert set(failed) == {"missing.jpg", "corrupt.jpg", "stranger.jpg", "pipe.jpg", "zero.jpg"}
     assert "not a regular file (a FIFO)" in failed["pipe.jpg"]
@@ -75,15 +121,18 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
     assert set(served["breakdown"]) == {"frame", "scale", "occlusion", "rotation"}
     assert served["category_relevance_left_out"]["queries"] == len(left_out)
     assert report["colour_histogram_baseline"]["overall"]["queries"] == 12
-    assert report["timing"]["latency_ms_concurrency_1"]["samples"] == 8 + len(left_out)  # + category queries
+    # visual_search, one at a time: every query that has a readable photo, refused ones (corrupt.jpg) aside
+    usable = 12 - len(failed) + 4 + len(left_out)
+    assert report["timing"]["latency_ms_concurrency_1"]["samples"] == usable
+    assert report["query_views"]["views"] == max(1, len(repository.preprocessing().query_views))
     assert report["backgrounds"]["used"]
     markdown = (out / "eval.md").read_text()
     assert "| served `visual_search` | 12 |" in markdown and "**By frame**" in markdown
     assert "missing.jpg" in markdown
     assert (out / "failures.html").read_text().count("<section>") >= 2
-    # afterwards the server serves the whole catalog again
-    with LookalikeClient(server.options.grpc_url) as client:
-        assert client.served_index_versions() == [report["index_versions"]["restored_full_catalog"]]
-    index = ProductIndex.load(Repository(server.options.model_repository).latest_index_dir())
-    assert len(index) == before
+    # nothing was published: the server and the repository are as they were
+    assert report["served_index"]["before"] == report["served_index"]["after"]
+    assert report["served_index"]["before"]["version"] == served_before.index_version
+    assert _files(repository.search_dir) == versions_before  # index versions and their stored embeddings
+    assert len(ProductIndex.load(repository.latest_index_dir())) == before
     assert "recall@1" in capsys.readouterr().out

@@ -64,6 +64,13 @@ def test_fingerprint_covers_the_model_and_the_preprocessing_but_not_its_notes(tm
     first = fingerprint(tmp_path)
     (tmp_path / "preprocessing.json").write_text(json.dumps({"height": 224, "notes": {"a": 2}}))
     assert fingerprint(tmp_path) == first
+    # query views and their fusion are searched with, never indexed: changing them needs no re-index
+    (tmp_path / "preprocessing.json").write_text(json.dumps(
+        {"height": 224, "query_views": [{"name": "crop"}, {"zoom": 0.6}], "query_fusion": "mean_top2"}))
+    assert fingerprint(tmp_path) == first
+    # the query framing is indexed: the catalog view "as_query" embeds each packshot framed by it
+    (tmp_path / "preprocessing.json").write_text(json.dumps({"height": 224, "query": {"resize_size": 300}}))
+    assert fingerprint(tmp_path) != first
     (tmp_path / "preprocessing.json").write_text(json.dumps({"height": 256}))
     assert fingerprint(tmp_path) != first
     (tmp_path / "preprocessing.json").write_text(json.dumps({"height": 224}))

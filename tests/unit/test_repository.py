@@ -31,7 +31,9 @@ def tensors(entries):
 def test_contract_tensors():
     for model in (c.PREPROCESS_MODEL, c.PREPROCESS_QUERY_MODEL):
         assert tensors(load(model).input) == {c.IMAGE: ("TYPE_STRING", [1], False)}
-        assert tensors(load(model).output) == {c.PIXELS: ("TYPE_FP32", [3, -1, -1], False)}
+    assert tensors(load(c.PREPROCESS_MODEL).output) == {c.PIXELS: ("TYPE_FP32", [3, -1, -1], False)}
+    # the query views of a photo, embedded: [V x D], which product_search's EMBEDDING [-1] takes as it is
+    assert tensors(load(c.PREPROCESS_QUERY_MODEL).output) == {c.EMBEDDING: ("TYPE_FP32", [-1], False)}
     filters = {c.TOP_K: ("TYPE_INT32", [1], True), c.CATEGORY: ("TYPE_STRING", [1], True),
                c.EXCLUDE_IDS: ("TYPE_STRING", [-1], True)}
     results = {c.PRODUCT_IDS: ("TYPE_STRING", [-1], False), c.SCORES: ("TYPE_FP32", [-1], False)}
@@ -43,8 +45,8 @@ def test_contract_tensors():
     assert visual.platform == "ensemble"
     assert tensors(visual.input) == {c.IMAGE: ("TYPE_STRING", [1], False), **filters}
     assert tensors(visual.output) == results
-    assert [s.model_name for s in visual.ensemble_scheduling.step] == [c.PREPROCESS_QUERY_MODEL, c.EMBEDDER_MODEL, c.SEARCH_MODEL]
-    assert set(visual.ensemble_scheduling.step[2].input_map) == {c.EMBEDDING, *filters}
+    assert [s.model_name for s in visual.ensemble_scheduling.step] == [c.PREPROCESS_QUERY_MODEL, c.SEARCH_MODEL]
+    assert set(visual.ensemble_scheduling.step[1].input_map) == {c.EMBEDDING, *filters}
     similar = load(c.SIMILAR_PRODUCTS_MODEL)
     assert similar.platform == "ensemble"
     assert tensors(similar.input) == {c.PRODUCT_ID: ("TYPE_STRING", [1], False), **filters}
@@ -57,13 +59,15 @@ def test_contract_tensors():
         assert load(model).max_batch_size == c.MAX_BATCH_SIZE  # composing models >= ensembles
 
 
-def test_query_and_catalog_preprocess_share_code_and_limits():
-    """preprocess_query is preprocess with side "query": the same model code (a link) and limits."""
-    query_dir, catalog_dir = REPOSITORY / c.PREPROCESS_QUERY_MODEL, REPOSITORY / c.PREPROCESS_MODEL
-    assert (query_dir / "1" / "model.py").resolve() == (catalog_dir / "1" / "model.py").resolve()
+def test_query_and_catalog_preprocess_share_the_preprocessing_file_and_limits():
+    """preprocess_query reads the same preprocessing file with the same limits as preprocess; its views
+    are on by default, and each BLS call fits the embedder's batch."""
     params = {m: model_configs.parameters(load(m)) for m in (c.PREPROCESS_MODEL, c.PREPROCESS_QUERY_MODEL)}
-    assert params[c.PREPROCESS_MODEL].pop("side") == "catalog" and params[c.PREPROCESS_QUERY_MODEL].pop("side") == "query"
-    assert params[c.PREPROCESS_MODEL] == params[c.PREPROCESS_QUERY_MODEL]
+    assert params[c.PREPROCESS_MODEL].pop("side") == "catalog"
+    query = params[c.PREPROCESS_QUERY_MODEL]
+    assert query.pop("query_views") == "on"
+    assert int(query.pop("embedder_max_batch_size")) == c.MAX_BATCH_SIZE
+    assert params[c.PREPROCESS_MODEL] == query
 
 
 @pytest.mark.parametrize("variant", ["python", "onnxruntime", "tensorrt"])
