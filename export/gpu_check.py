@@ -45,7 +45,7 @@ def throughput(fn, batch: torch.Tensor, repeats: int = 20) -> float:
 def check(name: str, images: list[bytes], weights_dir: Path | None) -> dict:
     backbone = BACKBONES[name]
     weights: str | None = None
-    if name == "efficientnet_lite0":
+    if name.startswith("efficientnet_lite"):
         weights = "DEFAULT"
     elif weights_dir is not None and (weights_dir / f"{name}.pth").exists():
         weights = str(weights_dir / f"{name}.pth")

@@ -42,7 +42,7 @@ def main() -> None:
     rows = []
     for name, backbone in BACKBONES.items():
         with tempfile.TemporaryDirectory() as tmp:
-            weights = "DEFAULT" if name == "efficientnet_lite0" else None
+            weights = "DEFAULT" if name.startswith("efficientnet_lite") else None
             manifest = export_embedder(backbone, Path(tmp), images, weights=weights)
             onnx_path = Repository(Path(tmp)).onnx_file
             embedder = OnnxEmbedder(onnx_path)
