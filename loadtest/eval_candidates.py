@@ -98,8 +98,13 @@ def main() -> int:
                         print(f"== {model}: {name}", file=sys.stderr)
                         repo.preprocessing_file.write_text(
                             json.dumps({**exported, "query_views": views, "query_fusion": fusion}, indent=2) + "\n")
-                        admin.load_model(c.PREPROCESS_QUERY_MODEL)
-                        admin.load_model(c.SEARCH_MODEL)
+                        for model_name in (c.PREPROCESS_QUERY_MODEL, c.SEARCH_MODEL):
+                            # tritonserver keeps a model's instances on a reload whose config did not
+                            # change (and the preprocessing file is not in the model's directory): a
+                            # parameter that changes each time makes new instances, which read the file.
+                            config = admin.get_model_config(model_name, as_json=True)["config"]
+                            config["parameters"]["candidate"] = {"string_value": name}
+                            admin.load_model(model_name, config=json.dumps(config))
                         client.wait_until_ready(timeout_s=120.0)
                         report = run_eval(EvalOptions(catalog=args.catalog, simulate=args.simulate, sample=args.sample,
                                                       near_duplicates=args.near_duplicates,
@@ -107,6 +112,8 @@ def main() -> int:
                         slug = "".join(ch if ch.isalnum() else "_" for ch in f"{model} {name}")[:80]
                         write_reports(report, args.out / slug, 40)
                         row = _row(model, name, views, fusion, report)
+                        if row["served_views"] != max(1, len(views)):
+                            raise RuntimeError(f"the server embedded {row['served_views']} views, not {len(views)}")
                         single = single or row["images_per_s"]
                         row["throughput_vs_single_view"] = round(row["images_per_s"] / single, 2) if single else None
                         rows.append(row)

@@ -1,8 +1,10 @@
 """Measure preprocessing choices on near-duplicates, in process: recall@1/@5 of re-shot copies
 (off-centre crop, rescale, relight, JPEG) of catalog images against the catalog, for the exported
 embedder under several preprocessing variants, each with its catalog side for the catalog (and its
-catalog views, when it has some) and its query side for the queries. The exported variant is the one
-to beat; shopper photos are `lookalike eval`'s job.
+catalog views, when it has some) and its query side for the queries: its query views, searched and
+fused with the server's own code (lookalike.query_views, product_search.search_requests). The exported
+variant is the one to beat; shopper photos are `lookalike eval`'s job (which also reports
+near-duplicates served: --near-duplicates).
 
     .venv/bin/python loadtest/eval_preprocessing.py --catalog data/sample_catalog --queries 200
 """
@@ -23,6 +25,8 @@ from PIL import Image
 from lookalike.embedding import OnnxEmbedder
 from lookalike.images import encode, over_background
 from lookalike.preprocessing import ImageError, Preprocessor
+from lookalike.product_search import SearchRequest, search_requests
+from lookalike.query_views import ViewPreprocessor
 from lookalike.repository import Repository
 from lookalike.sample_data import perturb
 from lookalike.search import Product, ProductIndex
@@ -48,8 +52,10 @@ def main() -> None:
         "exported (letterbox catalog + views, crop queries)"
         if exported.catalog_views else "exported": exported,
         "exported without catalog views": dataclasses.replace(exported, catalog_views=[]),
-        "letterbox both sides, no views": base,
-        "resize 256 + centre crop 224 both sides, no views": dataclasses.replace(base, resize_mode="crop", resize_size=256),
+        "exported without query views": dataclasses.replace(exported, query_views=[]),
+        "letterbox both sides, no views": dataclasses.replace(base, query_views=[]),
+        "resize 256 + centre crop 224 both sides, no views": dataclasses.replace(base, resize_mode="crop", resize_size=256,
+                                                                                  query_views=[]),
     }
     embedder = OnnxEmbedder(repo.onnx_file)
     with open(args.catalog / "catalog.csv") as handle:
@@ -67,7 +73,7 @@ def main() -> None:
     results = {}
     for name, config in variants.items():
         pre = Preprocessor(config.for_side("catalog"))
-        query_pre = Preprocessor(config.for_side("query"))
+        query_views = ViewPreprocessor(config)
         ids, blocks = [], []
         for pid, blob in data.items():
             try:
@@ -78,7 +84,10 @@ def main() -> None:
                 continue
         index = ProductIndex.build([Product(i) for i in ids], np.concatenate(blocks), vectors=[len(b) for b in blocks])
         qids = [q for q in queries if q in set(ids)]
-        found, _ = index.search(embedder(query_pre.batch([queries[q] for q in qids])), 5)
+        # the query views and their fusion, as the server runs them (lookalike.query_views, lookalike.fusion)
+        requests = [SearchRequest(embedder(query_views(queries[q])[0]), 5, views=len(query_views)) for q in qids]
+        results = search_requests(index, requests, config.query_fusion)
+        found = [[pid.decode() for pid in r.product_ids[0]] for r in results if not isinstance(r, Exception)]
         r1 = float(np.mean([f[0] == q for f, q in zip(found, qids)]))
         r5 = float(np.mean([q in f for f, q in zip(found, qids)]))
         results[name] = {"recall@1": r1, "recall@5": r5, "queries": len(qids), "catalog": len(ids)}

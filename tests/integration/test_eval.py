@@ -17,6 +17,7 @@ from lookalike.query_views import ViewPreprocessor
 from lookalike.repository import Repository
 from lookalike.search import ProductIndex
 from lookalike_client import LookalikeClient
+from lookalike_client import contract as c
 from tests.conftest import encode
 
 
@@ -136,3 +137,34 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
     assert _files(repository.search_dir) == versions_before  # index versions and their stored embeddings
     assert len(ProductIndex.load(repository.latest_index_dir())) == before
     assert "recall@1" in capsys.readouterr().out
+
+
+def test_query_views_switched_off_by_the_parameter_leave_one_view_and_no_reindex(server, photos):
+    """preprocess_query's query_views parameter "off": one embedding a photo (the query side's own
+    framing), on the index already served; the server's own config back afterwards."""
+    import tritonclient.grpc as grpcclient
+
+    from lookalike import model_configs
+
+    repo = Repository(server.options.model_repository)
+    config = repo.preprocessing()
+    views = ViewPreprocessor(config, enabled=False)
+    embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
+    _, photo = photos[1]
+    data = encode(photo, "JPEG", quality=90)
+    admin = grpcclient.InferenceServerClient(server.options.grpc_url)
+    served = admin.get_model_config(c.PREPROCESS_QUERY_MODEL, as_json=True)["config"]
+    assert model_configs.parameters(model_configs.read(repo.root / c.PREPROCESS_QUERY_MODEL / "config.pbtxt"))[
+        "query_views"] == "on"
+    off = {**served, "parameters": {**served["parameters"], "query_views": {"string_value": "off"}}}
+    with LookalikeClient(server.options.grpc_url) as client:
+        version = client.info().index_version
+        try:
+            admin.load_model(c.PREPROCESS_QUERY_MODEL, config=json.dumps(off))
+            one = query_views(client, data, repo.manifest().dim)
+            assert one.shape[0] == 1
+            np.testing.assert_allclose(one, embedder(views.batch([data])[0]), atol=1e-4)
+            assert client.search(data, top_k=3) and client.info().index_version == version
+        finally:
+            admin.load_model(c.PREPROCESS_QUERY_MODEL, config=json.dumps(served))  # the server's own config again
+        assert query_views(client, data, one.shape[1]).shape[0] == max(1, len(config.query_views))

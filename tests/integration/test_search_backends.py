@@ -163,3 +163,25 @@ def test_milvus_flat_gives_faiss_flat_ids_and_scores(milvus, milvus_serve):
         for row in range(len(queries)):
             assert got_ids[row] == expected_ids[row]
             np.testing.assert_allclose(got_scores[row][: len(expected_ids[row])], expected_scores[row], atol=1e-4)
+
+
+def test_query_views_are_searched_each_and_fused_on_both_backends(backend):
+    """product_search given one query of 3 views (EMBEDDING [1, 3 x D], as preprocess_query sends them):
+    the fusion (the preprocessing file's query_fusion) of what each view alone gets from the same
+    server, on either backend; each view is a catalog packshot, so its product comes out on top."""
+    from lookalike.fusion import depth, fuse
+    from lookalike.repository import Repository
+
+    grpc_url, _, catalog_dir, _ = backend
+    fusion = Repository(Path(__file__).resolve().parents[2] / "model_repository").preprocessing().query_fusion
+    with LookalikeClient(grpc_url, timeout_s=60) as client:
+        found = indexed(catalog_dir, client, 3)
+        views = client.embed([(catalog_dir / row["image"]).read_bytes() for row in found])
+    triton = grpcclient.InferenceServerClient(grpc_url)
+    alone = [product_search(triton, views[v : v + 1], depth(5, 3, fusion)) for v in range(3)]
+    expected_ids, expected_scores = fuse([a[0][0] for a in alone], [a[1][0][: len(a[0][0])] for a in alone], 5, fusion)
+    ids, scores = product_search(triton, views.reshape(1, -1), 5)
+    assert ids[0] == expected_ids
+    np.testing.assert_allclose(scores[0], expected_scores, atol=1e-5)
+    if fusion == "max":
+        assert set(ids[0][:3]) == {row["product_id"] for row in found}
