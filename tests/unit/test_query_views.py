@@ -34,12 +34,17 @@ def test_each_view_is_the_query_side_framed_its_way_and_equals_a_preprocessor_of
     views = ViewPreprocessor(config)
     assert views.names == ["crop", "zoom 50%", "letterbox"]
     assert [(v.resize_mode, v.resize_size) for v in views.configs[:2]] == [("crop", 36), ("crop", 72)]
-    assert views.configs[2].resize_mode == "letterbox" and views.decode_config is views.configs[1]
+    assert views.configs[2].resize_mode == "letterbox"
+    assert views.decode_config.resize_size == 54  # the 50 % zoom (72) may upsample by 1 / 0.75: decoded for 54
     data = encode(tall_photo(), "PNG")
     pixels = views.batch([data, data])
     assert pixels.shape == (2, 3, 3, 32, 32)
-    for v, settings in enumerate(views.configs):  # the same pixels as a one-view preprocessor of that framing
-        np.testing.assert_allclose(pixels[0, v], Preprocessor(settings).batch([data])[0], atol=1e-6)
+    for v, settings in enumerate(views.configs):  # the pixels of a one-view preprocessor of that framing
+        alone = Preprocessor(settings).batch([data])[0]
+        if views.views[v].zoom == 1.0:
+            np.testing.assert_allclose(pixels[0, v], alone, atol=1e-6)
+        else:  # resampled once, straight from the decoded photo (zoomed_crop)
+            assert np.abs(pixels[0, v] - alone).mean() < 0.02
     # the letterbox keeps the red top band, the crops do not; the zoomed crop is mostly the blue square
     red = lambda p: float(((p[0] > 0.3) & (p[1] < -0.5)).mean())  # noqa: E731
     assert red(pixels[0, 2]) > 0.05 and red(pixels[0, 0]) == 0.0
@@ -135,3 +140,19 @@ def test_product_search_reads_v_views_end_to_end_and_refuses_other_widths():
     bad[1, 2] *= 2
     with pytest.raises(ValueError, match="L2 norm"):
         parse_request({c.EMBEDDING: bad.reshape(2, 24)}, dim=8)
+
+
+def test_a_zoomed_view_resamples_only_the_crop_and_matches_resize_then_crop():
+    from PIL import Image
+
+    from lookalike.preprocessing import resize
+    from lookalike.query_views import zoomed_crop
+
+    rng = np.random.default_rng(3)
+    smooth = Image.fromarray(rng.integers(0, 255, (12, 9, 3), dtype=np.uint8)).resize((450, 600), Image.Resampling.BICUBIC)
+    for zoom in (0.6, 0.45):
+        settings = QueryView(zoom=zoom).config(dataclasses.replace(BASE, height=224, width=224,
+                                                                   query={"resize_mode": "crop", "resize_size": 256}).for_side("query"))
+        fast, slow = np.asarray(zoomed_crop(smooth, settings), np.float32), np.asarray(resize(smooth, settings), np.float32)
+        assert fast.shape == slow.shape == (224, 224, 3)
+        assert np.abs(fast - slow).mean() < 1.5  # grey levels: the same picture, resampled once
