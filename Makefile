@@ -53,7 +53,7 @@ $(IMAGE_FAISS)/.setup-done: docker/requirements-serve.txt
 
 # --- artefacts (generated, not in git) ----------------------------------------------------------
 export: $(EMBEDDER)
-$(EMBEDDER): $(VENV)/.setup-done export/*.py lookalike/preprocessing.py lookalike/views.py lookalike/model_configs.py
+$(EMBEDDER): $(VENV)/.setup-done export/*.py lookalike/preprocessing.py lookalike/views.py lookalike/query_views.py lookalike/model_configs.py
 	$(BIN)/lookalike export --model $(MODEL) --model-repository $(REPO)
 
 catalog: $(CATALOG)/catalog.csv

@@ -110,10 +110,12 @@ def requests_for(concurrency: int, base: int) -> int:
 class InProcess:
     def __init__(self, repo, index_dir: Path) -> None:
         from lookalike.embedding import OnnxEmbedder
-        from lookalike.preprocessing import Preprocessor
+        from lookalike.query_views import ViewPreprocessor
         from lookalike.search import ProductIndex, set_threads
 
-        self.preprocessor = Preprocessor(repo.preprocessing().for_side("query"), repo.image_limits())
+        # the served query side: its views (lookalike.query_views), searched and fused as product_search does
+        self.preprocessor = ViewPreprocessor(repo.preprocessing(), repo.image_limits())
+        self.fusion = repo.preprocessing().query_fusion
         self.embedder = OnnxEmbedder(repo.onnx_file)  # ONNX Runtime's defaults: a thread per core
         self.onnx_file = repo.onnx_file
         set_threads(1)  # as product_search's faiss_threads
@@ -121,7 +123,7 @@ class InProcess:
 
     def loop(self, images: list[bytes], batch: int, requests: int, top_k: int) -> dict:
         def pipeline(chunk: list[bytes]) -> None:
-            self.index.search(self.embedder(self.preprocessor.batch(chunk)), top_k)
+            self.search(chunk, top_k)
 
         pipeline(images[:batch])  # warm-up
         latencies, done = [], 0
@@ -135,8 +137,15 @@ class InProcess:
         wall = time.perf_counter() - started
         return {**summary(latencies, wall), "requests": done, "images_per_s": done / wall, "batch": batch}
 
+    def search(self, images: list[bytes], top_k: int) -> list[list[str]]:
+        from lookalike.product_search import search_views
+
+        pixels = self.preprocessor.batch(images)
+        embeddings = self.embedder(pixels.reshape(-1, *pixels.shape[2:]))
+        return search_views(self.index, embeddings, len(self.preprocessor), top_k, self.fusion)[0]
+
     def ids(self, image: bytes, top_k: int) -> list[str]:
-        return self.index.search(self.embedder(self.preprocessor.batch([image])), top_k)[0][0]
+        return self.search([image], top_k)[0]
 
     def stage_costs(self, images: list[bytes], top_k: int) -> dict:
         """Single-thread CPU time of one photo's stages, ms: what bounds any server on this machine."""
@@ -150,13 +159,16 @@ class InProcess:
             return (time.perf_counter() - start) / repeat * 1000
 
         start = time.perf_counter()
-        pixels = np.stack([self.preprocessor(d) for d in images])
+        pixels = np.stack([self.preprocessor(d) for d in images])  # [N, V, 3, H, W]
         preprocess = (time.perf_counter() - start) / len(images) * 1000
         one_thread = OnnxEmbedder(self.onnx_file, intra_op_threads=1)
-        batch = pixels[:8]
-        embed = timed(lambda: one_thread(batch), 10) / len(batch)
-        embeddings = one_thread(pixels[:1])
-        search = timed(lambda: self.index.search(embeddings, top_k), 200)
+        views = len(self.preprocessor)
+        batch = pixels[: max(1, 8 // views)].reshape(-1, *pixels.shape[2:])
+        embed = timed(lambda: one_thread(batch), 10) / len(batch) * views  # a photo's views
+        embeddings = one_thread(pixels[0])
+        from lookalike.product_search import search_views
+
+        search = timed(lambda: search_views(self.index, embeddings, views, top_k, self.fusion), 200)
         return {"preprocess_ms": preprocess, "embed_ms_at_batch_8": embed, "search_ms": search,
                 "total_ms": preprocess + embed + search}
 

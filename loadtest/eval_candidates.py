@@ -102,7 +102,9 @@ def main() -> int:
                             # tritonserver keeps a model's instances on a reload whose config did not
                             # change (and the preprocessing file is not in the model's directory): a
                             # parameter that changes each time makes new instances, which read the file.
-                            config = admin.get_model_config(model_name, as_json=True)["config"]
+                            answer = admin.get_model_config(model_name, as_json=True)
+                            assert answer is not None
+                            config = answer["config"]
                             config["parameters"]["candidate"] = {"string_value": name}
                             admin.load_model(model_name, config=json.dumps(config))
                         client.wait_until_ready(timeout_s=120.0)

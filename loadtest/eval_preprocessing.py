@@ -25,7 +25,7 @@ from PIL import Image
 from lookalike.embedding import OnnxEmbedder
 from lookalike.images import encode, over_background
 from lookalike.preprocessing import ImageError, Preprocessor
-from lookalike.product_search import SearchRequest, search_requests
+from lookalike.product_search import search_views
 from lookalike.query_views import ViewPreprocessor
 from lookalike.repository import Repository
 from lookalike.sample_data import perturb
@@ -85,9 +85,8 @@ def main() -> None:
         index = ProductIndex.build([Product(i) for i in ids], np.concatenate(blocks), vectors=[len(b) for b in blocks])
         qids = [q for q in queries if q in set(ids)]
         # the query views and their fusion, as the server runs them (lookalike.query_views, lookalike.fusion)
-        requests = [SearchRequest(embedder(query_views(queries[q])[0]), 5, views=len(query_views)) for q in qids]
-        results = search_requests(index, requests, config.query_fusion)
-        found = [[pid.decode() for pid in r.product_ids[0]] for r in results if not isinstance(r, Exception)]
+        found = [search_views(index, embedder(query_views(queries[q])), len(query_views), 5, config.query_fusion)[0][0]
+                 for q in qids]
         r1 = float(np.mean([f[0] == q for f, q in zip(found, qids)]))
         r5 = float(np.mean([q in f for f, q in zip(found, qids)]))
         results[name] = {"recall@1": r1, "recall@5": r5, "queries": len(qids), "catalog": len(ids)}

@@ -26,7 +26,9 @@ from typing import Annotated
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 
 from lookalike.embedding import OnnxEmbedder
-from lookalike.preprocessing import ImageError, Preprocessor
+from lookalike.preprocessing import ImageError
+from lookalike.product_search import search_views
+from lookalike.query_views import ViewPreprocessor
 from lookalike.repository import Repository
 from lookalike.search import ProductIndex, set_threads
 
@@ -34,7 +36,9 @@ _repo = Repository(Path(os.environ.get("PEER_MODEL_REPOSITORY", "model_repositor
 _index_dir = os.environ.get("PEER_INDEX_DIR") or _repo.latest_index_dir()
 if _index_dir is None:
     raise SystemExit(f"no index version in {_repo.search_dir}: run `lookalike index` first")
-preprocessor = Preprocessor(_repo.preprocessing().for_side("query"), _repo.image_limits())
+# the served query side: its views, searched and fused as product_search does
+preprocessor = ViewPreprocessor(_repo.preprocessing(), _repo.image_limits())
+fusion = _repo.preprocessing().query_fusion
 embedder = OnnxEmbedder(_repo.onnx_file)
 set_threads(1)
 index = ProductIndex.load(_index_dir)
@@ -46,7 +50,7 @@ def _search(data: bytes, top_k: int) -> dict:
         pixels = preprocessor(data)
     except ImageError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
-    ids, scores = index.search(embedder(pixels[None]), top_k)
+    ids, scores = search_views(index, embedder(pixels), len(pixels), top_k, fusion)
     return {"product_ids": ids[0], "scores": scores[0].tolist()}
 
 

@@ -47,7 +47,7 @@ from .catalog import CatalogItem, Problem, csv_records, read_catalog
 from .images import encode
 from .indexer import build_index, embed_items
 from .preprocessing import ImageError, ImageLimits, decode
-from .product_search import SearchRequest, search_requests
+from .product_search import search_views
 from .report import figure, thumbnail_uri
 from .repository import Repository
 from .sample_data import perturb
@@ -375,11 +375,8 @@ def _search(client: LookalikeClient, index: ProductIndex, query: Query, top_k: i
         embeddings = query_views(client, query.data, dim)
     except LookalikeError as exc:
         return Outcome(query, error=f"{type(exc).__name__}: {exc}")
-    result = search_requests(index, [SearchRequest(embeddings, top_k, views=len(embeddings))], fusion)[0]
-    if isinstance(result, Exception):
-        return Outcome(query, error=f"{type(result).__name__}: {result}")
-    ids = [pid.decode("utf-8") for pid in result.product_ids[0] if pid]
-    return Outcome(query, ids, result.scores[0][: len(ids)].tolist(), views=len(embeddings))
+    ids, scores = search_views(index, embeddings, len(embeddings), top_k, fusion)
+    return Outcome(query, ids[0], scores[0].tolist(), views=len(embeddings))
 
 
 def _throughput(client: LookalikeClient, images: list[bytes], concurrency: int, top_k: int) -> dict | None:

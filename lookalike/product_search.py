@@ -187,6 +187,19 @@ def search_requests(index: "ProductIndex | MilvusIndex", requests: Sequence[Sear
     return results  # type: ignore[return-value]
 
 
+def search_views(index: "ProductIndex | MilvusIndex", embeddings: np.ndarray, views: int, k: int,
+                 fusion: str = "max") -> tuple[list[list[str]], list[np.ndarray]]:
+    """What product_search answers for photos embedded as `views` views each ([N x views, D], the photos'
+    views in turn): each photo's product ids and scores, best first, padding dropped. The same work in
+    process as served (`lookalike eval`, the benchmarks' in-process pipeline and peer)."""
+    result = search_requests(index, [SearchRequest(np.ascontiguousarray(embeddings, dtype=np.float32), k,
+                                                   views=views)], fusion)[0]
+    if isinstance(result, Exception):
+        raise result
+    ids = [[pid.decode("utf-8") for pid in row if pid != PAD_PRODUCT_ID] for row in result.product_ids]
+    return ids, [scores[: len(row)] for row, scores in zip(ids, result.scores)]
+
+
 def _rectangular(ids: list[list[str]], scores: list[np.ndarray]) -> SearchResult:
     width = max((len(row) for row in ids), default=0)
     out_ids = np.full((len(ids), width), PAD_PRODUCT_ID, dtype=np.object_)
