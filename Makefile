@@ -143,18 +143,23 @@ bench-sdk: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/sdk_overhead.py --catalog $(CATALOG)/catalog.csv --out results/bench/sdk_overhead \
 		$(if $(filter-out 127.0.0.1,$(URL)),--url $(URL) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT))
 
-# Shopper-photo recall through the server (started like `make demo` if none runs; left running, serving
-# the whole sample catalog afterwards): results/eval/eval.md, eval.json, failures.html.
+# Shopper-photo recall through the server (started like `make demo` if none runs), which keeps serving
+# what it served: the evaluation index is searched in process with the server's query-view embeddings and
+# fusion; latency and throughput are visual_search's on the served index (`make demo` serves the sample
+# catalog): results/eval/eval.md, eval.json, failures.html.
 eval: $(EMBEDDER) $(CATALOG)/catalog.csv
 	@$(MAKE) --no-print-directory up
 	$(BIN)/lookalike eval $(CATALOG)/catalog.csv --simulate 1 --sample 200 --url 127.0.0.1:$(GRPC_PORT) \
 		--model-repository $(REPO) --out results/eval
 
-# Each search-quality candidate exported, served on its own server and evaluated (about 4 min each).
+# Query-view sets (and backbones: BACKBONES="/tmp/lite2-repo ...", each an exported repository) served
+# and evaluated on one server per backbone, shopper photos and near-duplicates: results/eval_candidates/.
 eval-candidates: $(EMBEDDER) $(CATALOG)/catalog.csv
-	$(BIN)/python loadtest/eval_candidates.py --catalog $(CATALOG)/catalog.csv --out results/eval_candidates
+	$(BIN)/python loadtest/eval_candidates.py --catalog $(CATALOG)/catalog.csv --out results/eval_candidates \
+		$(foreach repo,$(BACKBONES),--backbone $(repo))
 
-# Near-duplicate (re-shot catalog image) recall under preprocessing variants, in process.
+# Near-duplicate (re-shot catalog image) recall under preprocessing variants, in process, with the server's
+# query views and fusion.
 eval-preprocessing: $(EMBEDDER) $(CATALOG)/catalog.csv
 	$(BIN)/python loadtest/eval_preprocessing.py --catalog $(CATALOG) --queries 200
 
