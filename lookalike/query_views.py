@@ -51,6 +51,8 @@ class QueryView:
             raise ValueError(f"query view resize_size must be a positive integer, got {self.resize_size!r}")
         if not 0.2 <= self.zoom <= 1.0:
             raise ValueError(f"query view zoom must be in 0.2..1, got {self.zoom!r}")
+        if self.resize_mode == "letterbox" and self.zoom != 1.0:
+            raise ValueError("query view zoom needs resize_mode crop (a letterbox keeps the whole picture)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QueryView":
