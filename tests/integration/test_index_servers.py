@@ -41,7 +41,7 @@ def ports(name: str, **more) -> dict:
 def servers(tmp_path_factory):
     """`a` (a tritonserver) and `b` (`lookalike serve`, whose supervisor restarts its tritonserver) over one
     repository; `other` over a copy of its own (its own empty index: the same version number, another
-    index id), serving visual_search only (all that the check asks)."""
+    index id), serving visual_search only (all that the check asks) and the embedder it calls."""
     if not (REPOSITORY / "embedder" / "manifest.json").exists():
         pytest.fail("no exported embedder: run `make export` (make test does) before the integration tests")
     root = tmp_path_factory.mktemp("index_servers")
@@ -55,7 +55,8 @@ def servers(tmp_path_factory):
         b = Serve(shared, ServerOptions(model_repository=shared.root, **ports("b", health_port=free_port())),
                   root / "serve-b.log").start(wait=False)
         other_server = lookalike_server(ServerOptions(model_repository=other.root, **ports("other", health_port=None)),
-                                        log_file=root / "tritonserver-other.log").start([c.VISUAL_SEARCH_MODEL])
+                                        log_file=root / "tritonserver-other.log").start(
+            [c.VISUAL_SEARCH_MODEL, c.EMBEDDER_MODEL])  # preprocess_query calls the embedder through BLS, not as a step
         a.wait_ready()
         b.wait_ready()
         other_server.wait_ready()
