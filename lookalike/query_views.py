@@ -161,6 +161,12 @@ def zoomed_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
     return image.resize((config.width, config.height), resample=resample, box=box)
 
 
+class EmbedderUnavailableError(RuntimeError):
+    """The embedder did not answer a BLS request of preprocess_query (unloaded, reloading, its stub gone,
+    the server shutting down): UNAVAILABLE for the requests of that batch, which clients retry, as an
+    ensemble step whose model is not there is answered."""
+
+
 def embed_views(pixels: Sequence[np.ndarray], embed: Callable[[np.ndarray], np.ndarray], max_batch: int) -> list[np.ndarray]:
     """The views of several requests ([N_i, V, 3, H, W] each) embedded together, `max_batch` rows per
     `embed` call ([B, 3, H, W] -> [B, D]); returns [N_i, V * D] per request: each photo's V

@@ -156,3 +156,23 @@ def test_a_zoomed_view_resamples_only_the_crop_and_matches_resize_then_crop():
         fast, slow = np.asarray(zoomed_crop(smooth, settings), np.float32), np.asarray(resize(smooth, settings), np.float32)
         assert fast.shape == slow.shape == (224, 224, 3)
         assert np.abs(fast - slow).mean() < 1.5  # grey levels: the same picture, resampled once
+
+
+def test_an_embedder_that_does_not_answer_is_unavailable_for_the_batch_and_a_bad_photo_keeps_its_own_error():
+    """preprocess_query's execute, without Triton: its requests parsed by the views, embedded together;
+    an embedder BLS failure is UNAVAILABLE (clients retry), a bad photo is INVALID_ARG on its own."""
+    from lookalike.adapter import required, run_together
+    from lookalike.query_views import EmbedderUnavailableError
+
+    views = ViewPreprocessor(dataclasses.replace(BASE, query_views=VIEWS))
+
+    def gone(_rows):
+        raise EmbedderUnavailableError("embedder: model is not ready")
+
+    requests = [{c.IMAGE: np.array([[encode(tall_photo(), "PNG")]], dtype=object)},
+                {c.IMAGE: np.array([[b"not an image"]], dtype=object)}]
+    outcomes = run_together(requests, parse=lambda inputs: views.batch(required(inputs, c.IMAGE).reshape(-1).tolist()),
+                            compute=lambda pixels: [{c.EMBEDDING: e} for e in embed_views(pixels, gone, 64)],
+                            what="preprocess_query", refuse=(ImageError,), unavailable=(EmbedderUnavailableError,))
+    assert outcomes[0].unavailable and "model is not ready" in (outcomes[0].error or "")
+    assert outcomes[1].invalid and "not an image" in (outcomes[1].error or "")

@@ -4,8 +4,9 @@ shopper photo embedded (visual_search's first step).
 Each request's photos are decoded and cut into their views on their own (a bad image fails its own
 request with INVALID_ARG, never the other requests of the dynamic batch); then the views of all valid
 requests go to `embedder` together, as one BLS request per `embedder_max_batch_size` rows, which the
-embedder's dynamic batcher batches further with the other instances' calls. No exception escapes
-`execute` (`lookalike.adapter`).
+embedder's dynamic batcher batches further with the other instances' calls. An embedder that does not
+answer (unloaded, reloading, the server shutting down) is UNAVAILABLE for that batch, which clients retry.
+No exception escapes `execute` (`lookalike.adapter`).
 """
 
 from pathlib import Path
@@ -15,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from lookalike.adapter import model_parameters, request_inputs, required, responses, run_together
 from lookalike.preprocessing import ImageError, ImageLimits, PreprocessConfig
-from lookalike.query_views import ViewPreprocessor, embed_views, views_enabled
+from lookalike.query_views import EmbedderUnavailableError, ViewPreprocessor, embed_views, views_enabled
 from lookalike_client import contract as c
 
 
@@ -36,10 +37,10 @@ class TritonPythonModel:
         response = request.exec()
         error = response.error() if response.has_error() else None
         if error is not None:
-            raise RuntimeError(f"embedder: {error.message()}")
+            raise EmbedderUnavailableError(f"{c.EMBEDDER_MODEL}: {error.message()}")
         embedding = pb_utils.get_output_tensor_by_name(response, c.EMBEDDING)
         if embedding is None:
-            raise RuntimeError(f"embedder: no {c.EMBEDDING} in its answer")
+            raise RuntimeError(f"{c.EMBEDDER_MODEL}: no {c.EMBEDDING} in its answer")
         return embedding.as_numpy()
 
     def execute(self, requests):
@@ -48,5 +49,6 @@ class TritonPythonModel:
             parse=lambda inputs: self.views.batch(required(inputs, c.IMAGE).reshape(-1).tolist()),
             compute=lambda pixels: [{c.EMBEDDING: e} for e in embed_views(pixels, self._embed, self.max_batch)],
             what="preprocess_query", log=pb_utils.Logger.log_error, refuse=(ImageError,),
+            unavailable=(EmbedderUnavailableError,),
         )
         return responses(pb_utils, outcomes)
