@@ -353,9 +353,9 @@ def _served(client: LookalikeClient) -> dict[str, Any]:
 def _view_names(config, views: int) -> list[str]:
     """The names of the server's query views: the preprocessing file's, when the server embedded as many
     (its `query_views` parameter may be off)."""
-    from .query_views import views_of
+    from .query_views import view_names, views_of
 
-    named = [v.name or f"view {i}" for i, v in enumerate(views_of(config))]
+    named = view_names(views_of(config))
     return named if len(named) == views else [f"view {i}" for i in range(views)]
 
 
@@ -411,7 +411,6 @@ def _latency(client: LookalikeClient, images: list[bytes], top_k: int) -> dict |
         samples.append((time.perf_counter() - started) * 1000)
     if not samples:
         return None
-    samples.sort()
     return {"p50": round(statistics.median(samples), 1), "p90": round(float(np.percentile(samples, 90)), 1),
             "samples": len(samples)}
 

@@ -18,7 +18,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import simplejpeg
@@ -571,18 +571,29 @@ class Preprocessor:
 
     def __call__(self, data: bytes) -> np.ndarray:
         """One encoded image -> float32 [3, H, W]. Raises ImageError."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ImageError("not_an_image", f"expected encoded image bytes, got {type(data).__name__}")
-        return self.normalise(resize(decode(bytes(data), self.config, self.limits), self.config))
+        return self.normalise(resize(decode(encoded(data), self.config, self.limits), self.config))
 
     def batch(self, items: Sequence[bytes]) -> np.ndarray:
         """N encoded images -> float32 [N, 3, H, W]. The first bad image raises ImageError naming it."""
-        out = np.empty((len(items), *self.output_shape), dtype=np.float32)
-        for i, data in enumerate(items):
-            try:
-                out[i] = self(data)
-            except ImageError as exc:
-                if len(items) == 1:
-                    raise
-                raise ImageError(exc.reason, f"image {i} of {len(items)}: {exc.message}") from None
-        return out
+        return stack_each(items, self.output_shape, self)
+
+
+def encoded(data: object) -> bytes:
+    """An upload's bytes; anything else (a number, a nested array) is not an image."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageError("not_an_image", f"expected encoded image bytes, got {type(data).__name__}")
+    return bytes(data)
+
+
+def stack_each(items: Sequence[bytes], shape: tuple[int, ...], one: Callable[[bytes], np.ndarray]) -> np.ndarray:
+    """`one` of each of N encoded images, float32 [N, *shape]. The first bad image raises ImageError
+    naming its position (unless it is the only one)."""
+    out = np.empty((len(items), *shape), dtype=np.float32)
+    for i, data in enumerate(items):
+        try:
+            out[i] = one(data)
+        except ImageError as exc:
+            if len(items) == 1:
+                raise
+            raise ImageError(exc.reason, f"image {i} of {len(items)}: {exc.message}") from None
+    return out

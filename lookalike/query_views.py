@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .preprocessing import RESIZE_MODES, ImageError, ImageLimits, PreprocessConfig, Preprocessor, decode, resize
+from .preprocessing import RESIZE_MODES, ImageLimits, PreprocessConfig, Preprocessor, decode, encoded, resize, stack_each
 
 KEYS = ("name", "resize_mode", "resize_size", "zoom")
 # The offline default embedder's query views (README "Search quality", `make eval-candidates`): the centre
@@ -84,6 +84,11 @@ def views_enabled(value: str) -> bool:
     return text == "on"
 
 
+def view_names(views: Sequence[QueryView]) -> list[str]:
+    """Each view's name, or its position when it has none."""
+    return [view.name or f"view {i}" for i, view in enumerate(views)]
+
+
 def views_of(config: PreprocessConfig, enabled: bool = True) -> list[QueryView]:
     """The views a config's query side embeds: its `query_views`, or (none, or `enabled` false) the query
     side's own framing alone."""
@@ -117,7 +122,7 @@ class ViewPreprocessor:
 
     @property
     def names(self) -> list[str]:
-        return [view.name or f"view {i}" for i, view in enumerate(self.views)]
+        return view_names(self.views)
 
     def describe(self) -> str:
         """One line for the log: each view's name and framing."""
@@ -127,24 +132,13 @@ class ViewPreprocessor:
 
     def __call__(self, data: bytes) -> np.ndarray:
         """One encoded photo -> [V, 3, H, W]. Raises ImageError."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ImageError("not_an_image", f"expected encoded image bytes, got {type(data).__name__}")
-        image = decode(bytes(data), self.decode_config, self.limits)
+        image = decode(encoded(data), self.decode_config, self.limits)
         return np.stack([p.normalise(resize(image, p.config) if view.zoom == 1.0 else zoomed_crop(image, p.config))
                          for view, p in zip(self.views, self.preprocessors)])
 
     def batch(self, items: Sequence[bytes]) -> np.ndarray:
         """N encoded photos -> [N, V, 3, H, W]. The first bad photo raises ImageError naming it."""
-        first = self.preprocessors[0]
-        out = np.empty((len(items), len(self), *first.output_shape), dtype=np.float32)
-        for i, data in enumerate(items):
-            try:
-                out[i] = self(data)
-            except ImageError as exc:
-                if len(items) == 1:
-                    raise
-                raise ImageError(exc.reason, f"image {i} of {len(items)}: {exc.message}") from None
-        return out
+        return stack_each(items, (len(self), *self.preprocessors[0].output_shape), self)
 
 
 def zoomed_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image:
