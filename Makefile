@@ -28,7 +28,7 @@ ENGINE_ARGS ?=
 
 # --- environment --------------------------------------------------------------------------------
 setup: $(VENV)/.setup-done $(IMAGE_FAISS)/.setup-done
-$(VENV)/.setup-done: requirements.lock pyproject.toml client/pyproject.toml scripts/install-system-deps.sh package-lock.json \
+$(VENV)/.setup-done: requirements.lock pyproject.toml setup.py client/pyproject.toml scripts/install-system-deps.sh package-lock.json \
 		scripts/install_helm.py .npmrc
 	bash scripts/install-system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,11 +53,11 @@ $(IMAGE_FAISS)/.setup-done: docker/requirements-serve.txt
 
 # --- artefacts (generated, not in git) ----------------------------------------------------------
 export: $(EMBEDDER)
-$(EMBEDDER): $(VENV)/.setup-done export/*.py lookalike/preprocessing.py lookalike/views.py lookalike/query_views.py lookalike/model_configs.py
+$(EMBEDDER): $(VENV)/.setup-done export/*.py lookalike/serving/preprocessing.py lookalike/serving/views.py lookalike/serving/query_views.py lookalike/indexing/model_configs.py
 	$(BIN)/lookalike export --model $(MODEL) --model-repository $(REPO)
 
 catalog: $(CATALOG)/catalog.csv
-$(CATALOG)/catalog.csv: $(VENV)/.setup-done lookalike/sample_data.py
+$(CATALOG)/catalog.csv: $(VENV)/.setup-done lookalike/quality/sample_data.py
 	$(BIN)/lookalike sample-catalog --out $(CATALOG)
 
 # --- running ------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lookalike.preprocessing import PreprocessConfig
-from lookalike.query_views import DEFAULT_QUERY_FUSION, DEFAULT_QUERY_VIEWS
-from lookalike.views import DEFAULT_CATALOG_VIEWS
+from lookalike.serving.preprocessing import PreprocessConfig
+from lookalike.serving.query_views import DEFAULT_QUERY_FUSION, DEFAULT_QUERY_VIEWS
+from lookalike.serving.views import DEFAULT_CATALOG_VIEWS
 
 
 @dataclass(frozen=True)
@@ -415,9 +415,9 @@ def _lite_preprocessing(variant: str) -> PreprocessConfig:
         # tall phone frame letterboxed into a square leaves it tiny: centre-crop them. Their JPEGs are
         # decoded at the smallest DCT scale that still covers the resize (draft_oversample 1).
         query={"resize_mode": "crop", "resize_size": resize, "draft_oversample": 1.0},
-        # Products as shoppers photograph them: smaller, on something else, tilted (lookalike.views).
+        # Products as shoppers photograph them: smaller, on something else, tilted (lookalike.serving.views).
         catalog_views=[dict(view) for view in DEFAULT_CATALOG_VIEWS],
-        # Each shopper photo also as its central 60 %, a product scored by its best view (lookalike.query_views).
+        # Each shopper photo also as its central 60 %, a product scored by its best view (lookalike.serving.query_views).
         query_views=[dict(view) for view in DEFAULT_QUERY_VIEWS],
         query_fusion=DEFAULT_QUERY_FUSION,
         notes=notes,

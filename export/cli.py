@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 from lookalike_client import contract as c
 
 if TYPE_CHECKING:
-    from lookalike.catalog import CatalogItem
+    from lookalike.indexing.catalog import CatalogItem
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"lookalike export needs the export extra (torch): {exc}", file=sys.stderr)
         return 1
-    from lookalike.catalog import read_catalog
-    from lookalike.images import encode
-    from lookalike.sample_data import real_photos
+    from lookalike.indexing.catalog import read_catalog
+    from lookalike.quality.sample_data import real_photos
+    from lookalike.serving.images import encode
 
     try:
         backbone = get_backbone(args.model)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 def read_catalog_images(items: Sequence[CatalogItem], count: int, command: str) -> list[bytes]:
     """The bytes of the first `count` catalog images that are regular files within the server's default
     upload limit (`ImageLimits().max_bytes`); each one refused is skipped, saying why, on stderr."""
-    from lookalike.preprocessing import ImageLimits
+    from lookalike.serving.preprocessing import ImageLimits
     from lookalike_client.files import FileRefusedError, read_file
 
     max_bytes = ImageLimits().max_bytes
@@ -115,8 +115,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def run_engine(args: argparse.Namespace) -> int:
     """`lookalike engine`: the TensorRT engine of the embedder in the model repository, from its own
     model.onnx (never re-exported), gated, with the fingerprint unchanged."""
-    from lookalike.catalog import read_catalog
-    from lookalike.images import encode
+    from lookalike.indexing.catalog import read_catalog
+    from lookalike.serving.images import encode
 
     from .engine import EngineError, build_repository_engine
 
@@ -125,7 +125,7 @@ def run_engine(args: argparse.Namespace) -> int:
             items, _ = read_catalog(args.images)
             images = read_catalog_images(items, args.gate_images, "lookalike engine")
         else:
-            from lookalike.sample_data import real_photos
+            from lookalike.quality.sample_data import real_photos
 
             images = [encode(image) for _, image in list(real_photos())[: args.gate_images]]
         manifest = build_repository_engine(args.model_repository, images, args.precision,

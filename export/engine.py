@@ -23,10 +23,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from lookalike.artifacts import PLAN_FILE, ArtifactError, EmbedderManifest, file_digest, fingerprint
-from lookalike.model_configs import write_embedder_configs
-from lookalike.preprocessing import Preprocessor
-from lookalike.repository import Repository
+from lookalike.indexing.model_configs import write_embedder_configs
+from lookalike.indexing.repository import Repository
+from lookalike.serving.artifacts import PLAN_FILE, ArtifactError, EmbedderManifest, file_digest, fingerprint
+from lookalike.serving.preprocessing import Preprocessor
 
 from .parity import MIN_COSINE
 
@@ -58,7 +58,7 @@ def engine_precision(manifest: EmbedderManifest, requested: str | None) -> str:
 
 def decodable_pixels(preprocessor: Preprocessor, images: Sequence[bytes]) -> np.ndarray:
     """The pixels of the images that decode (a catalog may hold a few that do not, or are too large)."""
-    from lookalike.preprocessing import ImageError
+    from lookalike.serving.preprocessing import ImageError
 
     out = []
     for data in images:
@@ -87,7 +87,7 @@ def build_gated_engine(onnx_path: Path, staging: Path, pixels: np.ndarray, preci
                           "GPU that serves it: make engine") from None
     if not tensorrt_build.cuda_available():
         raise EngineError("a TensorRT engine needs a CUDA GPU")
-    from lookalike.embedding import OnnxEmbedder
+    from lookalike.serving.embedding import OnnxEmbedder
 
     network_onnx, network = onnx_path, {"format": "onnx-qdq" if precision == "int8" else "onnx"}
     if precision == "fp16":

@@ -217,7 +217,7 @@ def _elem_types(model: Any) -> dict[str, int]:
 
 def check_fp16(fp32_onnx: Path, fp16_onnx: Path, pixels: np.ndarray, what: str) -> dict[str, Any]:
     """The FP16 file against the FP32 one in ONNX Runtime on `pixels`, gated at MIN_COSINE["fp16"]."""
-    from lookalike.embedding import OnnxEmbedder
+    from lookalike.serving.embedding import OnnxEmbedder
 
     reference = OnnxEmbedder(fp32_onnx, providers=["CPUExecutionProvider"])(pixels)
     candidate = OnnxEmbedder(fp16_onnx, providers=["CPUExecutionProvider"])(pixels)

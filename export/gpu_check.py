@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lookalike.images import encode
-from lookalike.preprocessing import Preprocessor
-from lookalike.sample_data import real_photos
+from lookalike.quality.sample_data import real_photos
+from lookalike.serving.images import encode
+from lookalike.serving.preprocessing import Preprocessor
 
 from .backbones import BACKBONES
 from .onnx_export import Embedder

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lookalike.artifacts import EMBEDDER_VERSION, ONNX_FILE, PLAN_FILE, PREPROCESSING_FILE, EmbedderManifest, fingerprint, utc_now
-from lookalike.embedding import OnnxEmbedder
-from lookalike.model_configs import write_embedder_configs
-from lookalike.preprocessing import Preprocessor
-from lookalike.repository import Repository
+from lookalike.indexing.model_configs import write_embedder_configs
+from lookalike.indexing.repository import Repository
+from lookalike.serving.artifacts import EMBEDDER_VERSION, ONNX_FILE, PLAN_FILE, PREPROCESSING_FILE, EmbedderManifest, fingerprint, utc_now
+from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.preprocessing import Preprocessor
 from lookalike_client import contract as c
 
 from .backbones import Backbone

@@ -107,7 +107,7 @@ def quantize_int8(fp32_onnx: Path, out: Path, calibration: np.ndarray) -> Quanti
 
 
 def embed(onnx_path: Path, pixels: np.ndarray, batch: int = 16) -> np.ndarray:
-    from lookalike.embedding import OnnxEmbedder
+    from lookalike.serving.embedding import OnnxEmbedder
 
     embedder = OnnxEmbedder(onnx_path, intra_op_threads=0)
     return np.concatenate([embedder(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
@@ -133,8 +133,8 @@ def retrieval_check(fp32_onnx: Path, int8_onnx: Path, packshots: Sequence[bytes]
 
     from PIL import Image
 
-    from lookalike.preprocessing import ImageError, Preprocessor
-    from lookalike.shopper import ShopperSimulator, background_photos
+    from lookalike.quality.shopper import ShopperSimulator, background_photos
+    from lookalike.serving.preprocessing import ImageError, Preprocessor
 
     simulator = ShopperSimulator(background_photos())
     catalog, query = Preprocessor(catalog_side), Preprocessor(query_side)

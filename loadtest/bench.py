@@ -109,11 +109,11 @@ def requests_for(concurrency: int, base: int) -> int:
 
 class InProcess:
     def __init__(self, repo, index_dir: Path) -> None:
-        from lookalike.embedding import OnnxEmbedder
-        from lookalike.query_views import ViewPreprocessor
-        from lookalike.search import ProductIndex, set_threads
+        from lookalike.serving.embedding import OnnxEmbedder
+        from lookalike.serving.query_views import ViewPreprocessor
+        from lookalike.serving.search import ProductIndex, set_threads
 
-        # the served query side: its views (lookalike.query_views), searched and fused as product_search does
+        # the served query side: its views (lookalike.serving.query_views), searched and fused as product_search does
         self.preprocessor = ViewPreprocessor(repo.preprocessing(), repo.image_limits())
         self.fusion = repo.preprocessing().query_fusion
         self.embedder = OnnxEmbedder(repo.onnx_file)  # ONNX Runtime's defaults: a thread per core
@@ -138,7 +138,7 @@ class InProcess:
         return {**summary(latencies, wall), "requests": done, "images_per_s": done / wall, "batch": batch}
 
     def search(self, images: list[bytes], top_k: int) -> list[list[str]]:
-        from lookalike.product_search import search_views
+        from lookalike.serving.product_search import search_views
 
         pixels = self.preprocessor.batch(images)
         embeddings = self.embedder(pixels.reshape(-1, *pixels.shape[2:]))
@@ -149,7 +149,7 @@ class InProcess:
 
     def stage_costs(self, images: list[bytes], top_k: int) -> dict:
         """Single-thread CPU time of one photo's stages, ms: what bounds any server on this machine."""
-        from lookalike.embedding import OnnxEmbedder
+        from lookalike.serving.embedding import OnnxEmbedder
 
         def timed(fn: Callable[[], object], repeat: int) -> float:
             fn()
@@ -166,7 +166,7 @@ class InProcess:
         batch = pixels[: max(1, 8 // views)].reshape(-1, *pixels.shape[2:])
         embed = timed(lambda: one_thread(batch), 10) / len(batch) * views  # a photo's views
         embeddings = one_thread(pixels[0])
-        from lookalike.product_search import search_views
+        from lookalike.serving.product_search import search_views
 
         search = timed(lambda: search_views(self.index, embeddings, views, top_k, self.fusion), 200)
         return {"preprocess_ms": preprocess, "embed_ms_at_batch_8": embed, "search_ms": search,
@@ -331,7 +331,7 @@ def measure_peer(port: int, images: list[bytes], concurrencies: list[int], base_
 # --- the machine, the report ---------------------------------------------------------------------------
 
 def products_in(index_dir: Path | None) -> int:
-    from lookalike.artifacts import IndexMeta
+    from lookalike.serving.artifacts import IndexMeta
 
     return 0 if index_dir is None else IndexMeta.load(index_dir).count
 
@@ -475,10 +475,10 @@ def main() -> int:
     parser.add_argument("--no-in-process", action="store_true", help="skip (a) except the stage costs")
     args = parser.parse_args()
 
-    from lookalike.indexer import index_catalog
-    from lookalike.repository import Repository, copy_repository
-    from lookalike.serve import lookalike_server
-    from lookalike.server import ServerOptions, free_port
+    from lookalike.indexing.indexer import index_catalog
+    from lookalike.indexing.repository import Repository, copy_repository
+    from lookalike.server.launcher import ServerOptions, free_port
+    from lookalike.server.serve import lookalike_server
     from lookalike_client import LookalikeClient
 
     print(f"phone photos: {args.photos} (cached in {args.photo_cache})", flush=True)

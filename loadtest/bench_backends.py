@@ -1,6 +1,6 @@
-"""`make bench-backends`: product_search's two search backends, FAISS in process (`lookalike.search.
-ProductIndex`) and Milvus (`lookalike.milvus_search.MilvusIndex` over a real local Milvus 2.3.5 standalone,
-`lookalike.milvus_server.MilvusServer`), measured in one run on this machine:
+"""`make bench-backends`: product_search's two search backends, FAISS in process (`lookalike.serving.search.
+ProductIndex`) and Milvus (`lookalike.serving.milvus_search.MilvusIndex` over a real local Milvus 2.3.5 standalone,
+`lookalike.server.milvus.MilvusServer`), measured in one run on this machine:
 
   1. search only   --vectors synthetic 1280-d catalog-like vectors (`synthetic.catalog_like`, --group of
                    them a product, like a catalog image and its 9 views), FAISS hnsw as `lookalike index
@@ -19,7 +19,7 @@ ProductIndex`) and Milvus (`lookalike.milvus_search.MilvusIndex` over a real loc
                    many as a real catalog), photos of products in the category ("in") and of any product
                    ("any": mostly outside it, the hard case for a graph); FAISS hnsw alongside.
   3. end to end    visual_search on each backend: two tritonservers, one after the other, over copies of
-                   --model-repository, each with --catalog indexed (`lookalike.indexer.index_catalog`,
+                   --model-repository, each with --catalog indexed (`lookalike.indexing.indexer.index_catalog`,
                    index hnsw, Milvus through `MilvusTarget`), --concurrency gRPC clients in a closed loop
                    (`bench.closed_loop`) sending the same query photos: queries/s, p50/p95/p99, milvus /
                    faiss, Triton's time per model and CPU per photo (Milvus's own processes included).
@@ -54,8 +54,8 @@ from typing import Any, Callable, cast
 import numpy as np
 from bench_index import Truth, recall_at_10, rss_mb
 
-from lookalike.index_types import choose
-from lookalike.search import NO_FILTER, Filter, Product, ProductIndex, set_threads
+from lookalike.indexing.index_types import choose
+from lookalike.serving.search import NO_FILTER, Filter, Product, ProductIndex, set_threads
 
 from bench import breakdown, closed_loop, cpu_per_image, cpu_seconds, same_results, stats, summary, warm_up
 from synthetic import catalog_like, categories_for
@@ -167,7 +167,7 @@ class Synthetic:
 
     def milvus_rows(self) -> list:
         """The catalog as `lookalike index` writes it into Milvus: one image of `group` vectors a product."""
-        from lookalike.milvus_index import catalog_rows
+        from lookalike.indexing.milvus_index import catalog_rows
 
         g = self.group
         return catalog_rows([(p.product_id, p.category, [(f"synthetic/{p.product_id}.jpg", f"{i:064x}",
@@ -226,8 +226,8 @@ def milvus_busy() -> bool:
 
 def start_milvus(work: Path, wait_s: float):
     """Our Milvus standalone, once no other runs on this host (waits up to `wait_s`)."""
-    from lookalike.milvus_server import MilvusServer, MilvusStartError, milvus_server_binary
-    from lookalike.server import free_port
+    from lookalike.server.launcher import free_port
+    from lookalike.server.milvus import MilvusServer, MilvusStartError, milvus_server_binary
 
     if milvus_server_binary() is None:
         raise SystemExit("no milvus-server in this environment: `make setup` installs milvus==2.3.5")
@@ -254,8 +254,8 @@ class MilvusBuild:
 
     def __init__(self, uri: str, name: str, data: Synthetic, rows: list, kind: str, build: dict[str, int],
                  search: dict[str, int], partition_key: bool, server_pid: int) -> None:
-        from lookalike.milvus_index import MilvusWriter
-        from lookalike.milvus_search import MilvusIndex, MilvusSettings
+        from lookalike.indexing.milvus_index import MilvusWriter
+        from lookalike.serving.milvus_search import MilvusIndex, MilvusSettings
 
         self.settings = MilvusSettings(uri, alias=f"bench_{name}", timeout_s=60.0)
         self.writer = MilvusWriter(self.settings, log=lambda _m: None)
@@ -277,7 +277,7 @@ class MilvusBuild:
 
     def bare(self) -> Search:
         """The Milvus search call alone (what MilvusIndex sends), rows grouped by product, not rescored."""
-        from lookalike.milvus_search import MAX_LIMIT, PRODUCT_ID, filter_expression, search_params
+        from lookalike.serving.milvus_search import MAX_LIMIT, PRODUCT_ID, filter_expression, search_params
 
         client, state = self.writer.client, self.state
         limit = min(MAX_LIMIT, 10 * state.max_vectors)
@@ -303,7 +303,7 @@ class MilvusBuild:
         `product_id in [...]` query returning every stored vector (IVF-PQ's rescoring, whose scores are
         approximate), and a search restricted to them with a top-k covering all their rows (HNSW's, which
         Milvus answers by brute force: only ids and scores travel)."""
-        from lookalike.milvus_search import PRODUCT_ID, RESCORE_SLACK, VECTOR, in_expression, search_params
+        from lookalike.serving.milvus_search import PRODUCT_ID, RESCORE_SLACK, VECTOR, in_expression, search_params
 
         client, state = self.writer.client, self.state
         rng = np.random.default_rng(0)
@@ -369,8 +369,8 @@ class MilvusBuild:
 def milvus_phase(milvus: Any, data: Synthetic, truth: Truth, filter_truth: dict[tuple[str, str], Truth],
                  hnsw_choice: dict, args: argparse.Namespace) -> dict:
     """Milvus HNSW with and without the partition key (unfiltered and filtered), and FLAT."""
-    from lookalike.index_types import IndexChoice
-    from lookalike.milvus_publish import milvus_kind
+    from lookalike.indexing.index_types import IndexChoice
+    from lookalike.indexing.milvus_publish import milvus_kind
 
     kind, build, search = milvus_kind(IndexChoice("hnsw", hnsw_choice["factory"], "asked for", hnsw_choice["search"]))
     rows = data.milvus_rows()
@@ -446,13 +446,13 @@ def end_to_end(backend: str, catalog: Path, images: list[bytes], work: Path, arg
     """One tritonserver on `backend` over a copy of the model repository, the catalog indexed (hnsw), then
     --e2e-rounds closed loops of --concurrency clients."""
     from lookalike.cli import set_search_backend
-    from lookalike.indexer import index_catalog
-    from lookalike.milvus_publish import MilvusTarget
-    from lookalike.milvus_search import MilvusSettings
-    from lookalike.model_configs import search_backend_parameters
-    from lookalike.repository import Repository, copy_repository
-    from lookalike.serve import lookalike_server
-    from lookalike.server import ServerOptions, free_port
+    from lookalike.indexing.indexer import index_catalog
+    from lookalike.indexing.milvus_publish import MilvusTarget
+    from lookalike.indexing.model_configs import search_backend_parameters
+    from lookalike.indexing.repository import Repository, copy_repository
+    from lookalike.server.launcher import ServerOptions, free_port
+    from lookalike.server.serve import lookalike_server
+    from lookalike.serving.milvus_search import MilvusSettings
     from lookalike_client import NO_RETRIES, LookalikeClient
 
     root = copy_repository(args.model_repository, work / f"e2e-{backend}" / "model_repository").root
@@ -656,7 +656,7 @@ def main() -> int:
 
     import pymilvus
 
-    from lookalike.milvus_index import PARTITIONS
+    from lookalike.indexing.milvus_index import PARTITIONS
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *sys.argv[1:]])
     machine = f"{platform.node()} ({os.cpu_count()} CPUs), {platform.platform()}, Python {platform.python_version()}"

@@ -1,6 +1,6 @@
 """Benchmark of the index types (`lookalike index --index flat|hnsw|ivf-pq`) on synthetic clustered unit
 vectors: build time, memory, size on disk, queries/s at batch 1 and 64, and recall@10 against exact
-search, all through `lookalike.search.ProductIndex` (what product_search serves), in one run.
+search, all through `lookalike.serving.search.ProductIndex` (what product_search serves), in one run.
 
     .venv/bin/python loadtest/bench_index.py --sizes 100000 --out results
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.index_types import choose
-from lookalike.search import Filter, Product, ProductIndex, set_threads
+from lookalike.indexing.index_types import choose
+from lookalike.serving.search import Filter, Product, ProductIndex, set_threads
 
 from synthetic import catalog_like, categories_for
 

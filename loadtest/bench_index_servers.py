@@ -1,7 +1,7 @@
 """`make bench-index-servers`: `lookalike index` of one catalog through 1 server, then through 2, on one
 model repository (as on a shared volume), every image embedded each time (`--full`: reuse=False).
 
-Starts the largest of --servers tritonservers on this machine (free loopback ports, `lookalike.serve.
+Starts the largest of --servers tritonservers on this machine (free loopback ports, `lookalike.server.serve.
 lookalike_server`, as the integration tests do) over one copy of --model-repository, so that every
 server serves the repository that `index` writes into. Each server first embeds a few images (the
 first requests of a model are slow), then each point indexes the whole catalog through the first N
@@ -38,7 +38,7 @@ def machine() -> str:
 
 def warm_up(clients, catalog: Path, images: int) -> None:
     """A few real catalog images through each server's embed_image, outside the measurement."""
-    from lookalike.catalog import read_catalog
+    from lookalike.indexing.catalog import read_catalog
 
     items, _ = read_catalog(catalog)
     data = [item.image.read_bytes() for item in items[:images]]
@@ -48,7 +48,7 @@ def warm_up(clients, catalog: Path, images: int) -> None:
 
 def embedder_setup(repository: Path) -> str:
     """How each server runs the embedder (from its config.pbtxt): instances and ONNX Runtime threads."""
-    from lookalike.model_configs import CONFIG_FILE, parameters, read
+    from lookalike.indexing.model_configs import CONFIG_FILE, parameters, read
 
     config = read(repository / "embedder" / CONFIG_FILE)
     instances = sum(group.count or 1 for group in config.instance_group) or 1
@@ -80,10 +80,10 @@ def main() -> int:
     if min(args.servers) < 1:
         parser.error("--servers: 1 or more")
 
-    from lookalike.indexer import index_catalog
-    from lookalike.repository import copy_repository
-    from lookalike.serve import lookalike_server
-    from lookalike.server import ServerOptions, free_port
+    from lookalike.indexing.indexer import index_catalog
+    from lookalike.indexing.repository import copy_repository
+    from lookalike.server.launcher import ServerOptions, free_port
+    from lookalike.server.serve import lookalike_server
     from lookalike_client import LookalikeClient
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *sys.argv[1:]])

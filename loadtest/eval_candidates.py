@@ -57,13 +57,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results/eval_candidates")
     args = parser.parse_args()
 
-    from lookalike.catalog import read_catalog
-    from lookalike.evaluation import EvalOptions, run_eval, write_reports
-    from lookalike.indexer import build_index, embed_items
-    from lookalike.publishing import publish_index
-    from lookalike.repository import Repository, copy_repository
-    from lookalike.serve import lookalike_server
-    from lookalike.server import ServerOptions, free_port
+    from lookalike.indexing.catalog import read_catalog
+    from lookalike.indexing.indexer import build_index, embed_items
+    from lookalike.indexing.publishing import publish_index
+    from lookalike.indexing.repository import Repository, copy_repository
+    from lookalike.quality.evaluation import EvalOptions, run_eval, write_reports
+    from lookalike.server.launcher import ServerOptions, free_port
+    from lookalike.server.serve import lookalike_server
     from lookalike_client import LookalikeClient
     from lookalike_client import contract as c
 

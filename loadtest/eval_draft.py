@@ -1,5 +1,5 @@
 """How far can a JPEG query be DCT-downscaled while decoding (`draft_oversample`) before search quality
-moves? In process: shopper photos of catalog products (`lookalike.shopper`, at its frame sizes) and the
+moves? In process: shopper photos of catalog products (`lookalike.quality.shopper`, at its frame sizes) and the
 same scenes as 12-megapixel phone JPEGs (`phone_photos.py`), searched against the repository's newest
 index version (the one `make demo` built) with the query-side preprocessing at each --oversample value.
 Reports recall@1/@10, the embeddings' cosine to the first value's, and preprocessing ms a photo.
@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike.catalog import read_catalog
-from lookalike.embedding import OnnxEmbedder
-from lookalike.preprocessing import Preprocessor
-from lookalike.repository import Repository
-from lookalike.search import ProductIndex
-from lookalike.shopper import ShopperSimulator, background_photos
+from lookalike.indexing.catalog import read_catalog
+from lookalike.indexing.repository import Repository
+from lookalike.quality.shopper import ShopperSimulator, background_photos
+from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.preprocessing import Preprocessor
+from lookalike.serving.search import ProductIndex
 
 from phone_photos import PHONE_FRAMES, camera_jpeg
 

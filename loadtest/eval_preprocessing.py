@@ -2,7 +2,7 @@
 (off-centre crop, rescale, relight, JPEG) of catalog images against the catalog, for the exported
 embedder under several preprocessing variants, each with its catalog side for the catalog (and its
 catalog views, when it has some) and its query side for the queries: its query views, searched and
-fused with the server's own code (lookalike.query_views, product_search.search_requests). The exported
+fused with the server's own code (lookalike.serving.query_views, product_search.search_requests). The exported
 variant is the one to beat; shopper photos are `lookalike eval`'s job (which also reports
 near-duplicates served: --near-duplicates).
 
@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike.embedding import OnnxEmbedder
-from lookalike.images import encode, over_background
-from lookalike.preprocessing import ImageError, Preprocessor
-from lookalike.product_search import search_views
-from lookalike.query_views import ViewPreprocessor
-from lookalike.repository import Repository
-from lookalike.sample_data import perturb
-from lookalike.search import Product, ProductIndex
+from lookalike.indexing.repository import Repository
+from lookalike.quality.sample_data import perturb
+from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.images import encode, over_background
+from lookalike.serving.preprocessing import ImageError, Preprocessor
+from lookalike.serving.product_search import search_views
+from lookalike.serving.query_views import ViewPreprocessor
+from lookalike.serving.search import Product, ProductIndex
 
 
 def flatten(data: bytes) -> Image.Image:
@@ -84,7 +84,7 @@ def main() -> None:
                 continue
         index = ProductIndex.build([Product(i) for i in ids], np.concatenate(blocks), vectors=[len(b) for b in blocks])
         qids = [q for q in queries if q in set(ids)]
-        # the query views and their fusion, as the server runs them (lookalike.query_views, lookalike.fusion)
+        # the query views and their fusion, as the server runs them (lookalike.serving.query_views, lookalike.serving.fusion)
         found = [search_views(index, embedder(query_views(queries[q])), len(query_views), 5, config.query_fusion)[0][0]
                  for q in qids]
         r1 = float(np.mean([f[0] == q for f, q in zip(found, qids)]))

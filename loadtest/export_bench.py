@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.embedding import OnnxEmbedder
-from lookalike.images import encode
-from lookalike.preprocessing import Preprocessor
-from lookalike.repository import Repository
-from lookalike.sample_data import real_photos
+from lookalike.indexing.repository import Repository
+from lookalike.quality.sample_data import real_photos
+from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.images import encode
+from lookalike.serving.preprocessing import Preprocessor
 from lookalike_export.backbones import BACKBONES
 from lookalike_export.onnx_export import export_embedder
 

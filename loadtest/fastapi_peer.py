@@ -25,12 +25,12 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 
-from lookalike.embedding import OnnxEmbedder
-from lookalike.preprocessing import ImageError
-from lookalike.product_search import search_views
-from lookalike.query_views import ViewPreprocessor
-from lookalike.repository import Repository
-from lookalike.search import ProductIndex, set_threads
+from lookalike.indexing.repository import Repository
+from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.preprocessing import ImageError
+from lookalike.serving.product_search import search_views
+from lookalike.serving.query_views import ViewPreprocessor
+from lookalike.serving.search import ProductIndex, set_threads
 
 _repo = Repository(Path(os.environ.get("PEER_MODEL_REPOSITORY", "model_repository")))
 _index_dir = os.environ.get("PEER_INDEX_DIR") or _repo.latest_index_dir()

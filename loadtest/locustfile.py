@@ -10,7 +10,7 @@ the server holds the catalog's ids) and a deliberately bad image (empty, not an 
 decompression bomb's header), whose INVALID_ARGUMENT is the expected answer: it counts as a success,
 anything else (an answer, another error) as a failure. Every call is reported to locust with its name,
 latency and outcome. Images are drawn from a catalog folder or CSV (`--images`), read as `lookalike index`
-reads it (`lookalike.catalog`).
+reads it (`lookalike.indexing.catalog`).
 
 More load than one process can drive: `--processes N` (or `--master` and `--worker`s), locust's own
 distributed mode; each worker process runs this file and its users.
@@ -47,8 +47,8 @@ from lookalike_client import NO_RETRIES, FileRefusedError, InvalidRequestError, 
 from lookalike_client.files import read_file
 from PIL import Image
 
-from lookalike.catalog import read_catalog
-from lookalike.preprocessing import ImageLimits
+from lookalike.indexing.catalog import read_catalog
+from lookalike.serving.preprocessing import ImageLimits
 
 MAX_IMAGES = 300  # read once per process
 

@@ -1,7 +1,7 @@
 """Full-size phone-camera JPEGs of catalog products, for benchmarks: what a shop's app uploads when a
 shopper photographs a product, not a thumbnail.
 
-Each photo is a shopper photo of a catalog packshot (`lookalike.shopper.ShopperSimulator`: the product
+Each photo is a shopper photo of a catalog packshot (`lookalike.quality.shopper.ShopperSimulator`: the product
 on a real background, tilted, partly covered, relit), scaled up to a 12-megapixel phone frame (4032 x
 3024 landscape or 3024 x 4032 portrait) or a 1080 x 2340 screenshot, given sensor noise at that size
 (so that it compresses like a camera's photo, about 1.5-3 MB) and saved as a baseline JPEG at quality
@@ -46,8 +46,8 @@ def phone_photo(packshot: Image.Image, seed: int, simulator) -> bytes:
 
 def phone_photos(catalog_csv: Path, count: int, cache: Path, seed: int = 0) -> list[bytes]:
     """`count` phone JPEGs of products drawn from the catalog (cached under `cache`)."""
-    from lookalike.catalog import read_catalog
-    from lookalike.shopper import ShopperSimulator, background_photos
+    from lookalike.indexing.catalog import read_catalog
+    from lookalike.quality.shopper import ShopperSimulator, background_photos
 
     folder = Path(cache) / f"phone-{count}-{seed}"
     files = sorted(folder.glob("*.jpg"))

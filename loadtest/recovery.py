@@ -30,8 +30,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lookalike.repository import Repository, copy_repository
-from lookalike.server import ServerOptions, free_port
+from lookalike.indexing.repository import Repository, copy_repository
+from lookalike.server.launcher import ServerOptions, free_port
 from lookalike_client import LookalikeClient, ServerUnavailableError, wait_for
 from lookalike_client import contract as c
 
@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
-    from lookalike.indexer import index_catalog
+    from lookalike.indexing.indexer import index_catalog
 
     images = [p.read_bytes() for p in sorted((args.catalog / "queries").rglob("*"))[:32] if p.is_file()]
     runs = []

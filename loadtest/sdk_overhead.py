@@ -330,10 +330,10 @@ def markdown(results: dict[str, Any]) -> str:
 def start_server(model_repository: Path, catalog: Path, work: Path) -> tuple[Any, str, str]:
     """lookalike's own tritonserver over a copy of the repository, as bench.py starts it: its newest
     index version, or the catalog indexed into the copy when there is none."""
-    from lookalike.indexer import index_catalog
-    from lookalike.repository import Repository, copy_repository
-    from lookalike.serve import lookalike_server
-    from lookalike.server import ServerOptions, free_port
+    from lookalike.indexing.indexer import index_catalog
+    from lookalike.indexing.repository import Repository, copy_repository
+    from lookalike.server.launcher import ServerOptions, free_port
+    from lookalike.server.serve import lookalike_server
 
     repo = copy_repository(model_repository, work / "model_repository",
                            with_indexes=products_in(Repository(model_repository).latest_index_dir()) > 0)

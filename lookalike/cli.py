@@ -12,9 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from lookalike.indexing.repository import KEEP_VERSIONS, Repository, default_repository
 from lookalike_client import contract as c
-
-from .repository import KEEP_VERSIONS, Repository, default_repository
 
 
 def printable(text: str) -> str:
@@ -57,7 +56,7 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
 def _search_backend_choice(args: argparse.Namespace, command: str) -> dict[str, str] | None:
     """product_search's search-backend parameters from --search-backend/--milvus-uri/--milvus-collection
     (None when --search-backend is not given); ValueError naming a bad value."""
-    from .model_configs import search_backend_parameters
+    from lookalike.indexing.model_configs import search_backend_parameters
 
     if args.search_backend is None:
         if args.milvus_uri or args.milvus_collection:
@@ -70,7 +69,7 @@ def set_search_backend(repository: Repository, values: dict[str, str]) -> bool:
     """Writes the search backend into product_search/config.pbtxt, where every load of the model reads it
     (a later `lookalike index` reload, the supervisor's restarts): returns whether it changed. On a
     read-only repository that says otherwise, OSError says what to do."""
-    from .model_configs import CONFIG_FILE, write_parameters
+    from lookalike.indexing.model_configs import CONFIG_FILE, write_parameters
 
     path = repository.search_dir / CONFIG_FILE
     try:
@@ -95,7 +94,7 @@ def _add_search_backend(parser: argparse.ArgumentParser, serve: bool) -> None:
 def milvus_target(args: argparse.Namespace, repository: Repository):
     """Where `lookalike index` writes: --search-backend/--milvus-uri/--milvus-collection, else what
     product_search/config.pbtxt of the repository says (the servers read the same file). None: faiss."""
-    from .model_configs import CONFIG_FILE, parameters, read
+    from lookalike.indexing.model_configs import CONFIG_FILE, parameters, read
 
     chosen = _search_backend_choice(args, "lookalike index")
     if chosen is None:
@@ -105,15 +104,15 @@ def milvus_target(args: argparse.Namespace, repository: Repository):
             chosen = {}
     if (chosen.get("search_backend") or "faiss") != "milvus":
         return None
-    from .milvus_publish import MilvusTarget
-    from .milvus_search import MilvusSettings
+    from lookalike.indexing.milvus_publish import MilvusTarget
+    from lookalike.serving.milvus_search import MilvusSettings
 
     return MilvusTarget(MilvusSettings.from_params(chosen), partition_key=args.category_partition)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve_forever
-    from .server import LaunchError, ServerOptions
+    from lookalike.server.launcher import LaunchError, ServerOptions
+    from lookalike.server.serve import serve_forever
 
     try:
         backend = _search_backend_choice(args, "lookalike serve")
@@ -150,9 +149,8 @@ def _client(args: argparse.Namespace):
 def cmd_index(args: argparse.Namespace) -> int:
     from contextlib import ExitStack
 
+    from lookalike.indexing.indexer import index_catalog
     from lookalike_client import LookalikeClient, LookalikeError
-
-    from .indexer import index_catalog
 
     repository = Repository(args.model_repository)
     if args.rollback == (args.catalog is not None):
@@ -164,8 +162,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         with ExitStack() as stack:
             clients = [stack.enter_context(LookalikeClient(url, timeout_s=args.timeout)) for url in urls]
             if args.rollback and milvus is not None:
-                from .milvus_index import MilvusWriter
-                from .milvus_publish import rollback_milvus
+                from lookalike.indexing.milvus_index import MilvusWriter
+                from lookalike.indexing.milvus_publish import rollback_milvus
 
                 with MilvusWriter(milvus.settings) as writer:
                     old, now = rollback_milvus(writer, clients)
@@ -173,7 +171,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                       "marked rejected); confirmed by " + ("each server" if len(clients) > 1 else "the server"))
                 return 0
             if args.rollback:
-                from .publishing import rollback_index
+                from lookalike.indexing.publishing import rollback_index
 
                 old, now = rollback_index(repository, clients)
                 where = f" on {len(clients)} servers" if len(clients) > 1 else ""
@@ -234,9 +232,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
+    from lookalike.serving.search import load_products
     from lookalike_client import LookalikeError
-
-    from .search import load_products
 
     products = {}
     latest = Repository(args.model_repository).latest_index_dir()
@@ -272,7 +269,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             category = products[product_id].category if product_id in products else ""
             print(f"  {rank:>3}  {printable(product_id):<40} {score:.4f}  {printable(category)}")
     if getattr(args, "html", None):
-        from .report import render
+        from lookalike.quality.report import render
 
         Path(args.html).write_text(render(results, products))
         print(f"\nwrote {Path(args.html).resolve()}")
@@ -280,10 +277,9 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from lookalike.indexing.publishing import PublishError
+    from lookalike.quality.evaluation import EvalOptions, run_eval, write_reports
     from lookalike_client import LookalikeError
-
-    from .evaluation import EvalOptions, run_eval, write_reports
-    from .publishing import PublishError
 
     simulate = args.simulate if (args.simulate is not None or args.queries) else 1
     options = EvalOptions(catalog=args.catalog, queries_csv=args.queries, simulate=simulate or 0,
@@ -303,7 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample_catalog(args: argparse.Namespace) -> int:
-    from .sample_data import build_sample_catalog
+    from lookalike.quality.sample_data import build_sample_catalog
 
     try:
         summary = build_sample_catalog(args.out, per_category=args.per_category)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike import images
+from lookalike.serving import images
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
@@ -26,7 +26,7 @@ def photo() -> Image.Image:
 
 @pytest.fixture(scope="session")
 def photos():
-    from lookalike.sample_data import real_photos
+    from lookalike.quality.sample_data import real_photos
 
     return list(real_photos())
 

@@ -10,10 +10,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from lookalike.artifacts import fingerprint
-from lookalike.model_configs import read
-from lookalike.repository import copy_repository
-from lookalike.serve import LaunchError, check_model_config_name
+from lookalike.indexing.model_configs import read
+from lookalike.indexing.repository import copy_repository
+from lookalike.server.serve import LaunchError, check_model_config_name
+from lookalike.serving.artifacts import fingerprint
 from lookalike_export.engine import EngineError, build_repository_engine, engine_precision, profile_batches
 from tests.conftest import REPOSITORY, ROOT
 
@@ -27,7 +27,7 @@ def repo(tmp_path):
 
 @pytest.fixture(scope="module")
 def images(photos):
-    from lookalike.images import encode
+    from lookalike.serving.images import encode
 
     return [encode(image) for _, image in photos[:3]]
 

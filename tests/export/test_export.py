@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from lookalike.embedding import OnnxEmbedder
-from lookalike.images import encode
-from lookalike.preprocessing import Preprocessor
-from lookalike.repository import Repository, copy_repository
+from lookalike.indexing.repository import Repository, copy_repository
+from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.images import encode
+from lookalike.serving.preprocessing import Preprocessor
 from lookalike_export.backbones import BACKBONES, get_backbone
 from lookalike_export.onnx_export import ExportError, export_embedder
 from tests.conftest import REPOSITORY, ROOT
@@ -256,8 +256,8 @@ def test_the_tensorrt_build_uses_no_deprecated_api_but_the_named_ones():
 # -- INT8 by explicit quantization (Q/DQ ONNX, gated in ONNX Runtime) ------------------------------
 @pytest.fixture(scope="module")
 def int8_repo(tmp_path_factory, images):
-    from lookalike.catalog import read_catalog
-    from lookalike.sample_data import build_sample_catalog
+    from lookalike.indexing.catalog import read_catalog
+    from lookalike.quality.sample_data import build_sample_catalog
 
     root = tmp_path_factory.mktemp("int8")
     build_sample_catalog(root / "catalog", per_category=6, holdout=0)  # 96 images: 64 calibrate, 32 held out
@@ -294,10 +294,10 @@ def test_int8_export_is_a_qdq_onnx_that_passed_its_gates(int8_repo, images):
 
 def test_the_int8_embedder_serves_through_visual_search(int8_repo):
     int8_repo, catalog = int8_repo
-    from lookalike.catalog import read_catalog
-    from lookalike.indexer import index_catalog
-    from lookalike.serve import lookalike_server
-    from lookalike.server import ServerOptions, free_port
+    from lookalike.indexing.catalog import read_catalog
+    from lookalike.indexing.indexer import index_catalog
+    from lookalike.server.launcher import ServerOptions, free_port
+    from lookalike.server.serve import lookalike_server
     from lookalike_client import LookalikeClient
 
     options = ServerOptions(model_repository=int8_repo.root, http_port=free_port(), grpc_port=free_port(),

@@ -7,12 +7,12 @@ import numpy as np
 import onnx
 import pytest
 
-from lookalike.catalog import CatalogItem
-from lookalike.embedding import OnnxEmbedder
-from lookalike.indexer import embed_items
-from lookalike.model_configs import read
-from lookalike.preprocessing import ImageError, Preprocessor
-from lookalike.repository import Repository
+from lookalike.indexing.catalog import CatalogItem
+from lookalike.indexing.indexer import embed_items
+from lookalike.indexing.model_configs import read
+from lookalike.indexing.repository import Repository
+from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.preprocessing import ImageError, Preprocessor
 from lookalike_client import InvalidRequestError
 from lookalike_client import contract as c
 from tests.conftest import REPOSITORY, encode
@@ -89,7 +89,7 @@ def test_each_product_gets_its_packshot_then_its_views_and_a_bad_file_costs_only
 def test_served_session_settings_change_speed_only(repo, photos):
     """The served embedder's ONNX Runtime settings (one thread, no spin-wait: model_configs) give the
     embeddings of ORT's defaults, and the generated config carries them to model.py."""
-    from lookalike import model_configs
+    from lookalike.indexing import model_configs
 
     params = model_configs.parameters(model_configs.read(repo.embedder_dir / "config.pbtxt"))
     assert params["intra_op_threads"] == str(model_configs.EMBEDDER_INTRA_OP_THREADS)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lookalike.images import encode
-from lookalike.preprocessing import Preprocessor
+from lookalike.serving.images import encode
+from lookalike.serving.preprocessing import Preprocessor
 from lookalike_export.backbones import BACKBONES, _efficientnet_lite0, _LitePooled, lite_input_size, lite_weights_file
 
 EGYPTIAN_CAT = 285  # ImageNet class of scikit-image's "chelsea"

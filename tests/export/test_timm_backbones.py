@@ -13,10 +13,10 @@ pytest.importorskip("timm")
 import timm  # noqa: E402
 from timm.data import create_transform  # noqa: E402
 
-from lookalike.embedding import OnnxEmbedder  # noqa: E402
-from lookalike.images import encode  # noqa: E402
-from lookalike.preprocessing import Preprocessor  # noqa: E402
-from lookalike.repository import Repository, copy_repository  # noqa: E402
+from lookalike.indexing.repository import Repository, copy_repository  # noqa: E402
+from lookalike.serving.embedding import OnnxEmbedder  # noqa: E402
+from lookalike.serving.images import encode  # noqa: E402
+from lookalike.serving.preprocessing import Preprocessor  # noqa: E402
 from lookalike_export.backbones import BACKBONES, get_backbone  # noqa: E402
 from lookalike_export.onnx_export import export_embedder  # noqa: E402
 from lookalike_export.parity import MIN_COSINE  # noqa: E402

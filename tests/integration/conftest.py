@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.indexer import index_catalog
-from lookalike.repository import Repository, copy_repository
-from lookalike.sample_data import build_sample_catalog
-from lookalike.serve import lookalike_server
-from lookalike.server import ServerOptions, free_port
+from lookalike.indexing.indexer import index_catalog
+from lookalike.indexing.repository import Repository, copy_repository
+from lookalike.quality.sample_data import build_sample_catalog
+from lookalike.server.launcher import ServerOptions, free_port
+from lookalike.server.serve import lookalike_server
 from lookalike_client import LookalikeClient
 from tests.conftest import REPOSITORY
 
@@ -53,7 +53,7 @@ def catalog_small(sample_catalog, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def milvus(tmp_path_factory):
     """One real Milvus standalone server (milvus==2.3.5) for the session, on a fresh data directory."""
-    from lookalike.milvus_server import MilvusServer, milvus_server_binary
+    from lookalike.server.milvus import MilvusServer, milvus_server_binary
 
     if milvus_server_binary() is None:
         pytest.fail("no milvus-server: `make setup` installs milvus==2.3.5")

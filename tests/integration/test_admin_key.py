@@ -6,10 +6,10 @@ import asyncio
 import pytest
 from PIL import Image
 
-from lookalike.publishing import write_empty_index
-from lookalike.repository import copy_repository
-from lookalike.serve import lookalike_server
-from lookalike.server import ServerOptions, free_port
+from lookalike.indexing.publishing import write_empty_index
+from lookalike.indexing.repository import copy_repository
+from lookalike.server.launcher import ServerOptions, free_port
+from lookalike.server.serve import lookalike_server
 from lookalike_client import AsyncLookalikeClient, LookalikeClient, PermissionDeniedError
 from tests.conftest import REPOSITORY, encode
 
@@ -52,7 +52,7 @@ def test_the_supervisor_repairs_with_the_admin_key_where_model_control_is_restri
     import threading
     import time
 
-    from lookalike.supervisor import Supervisor, SupervisorOptions
+    from lookalike.server.supervisor import Supervisor, SupervisorOptions
 
     repo = copy_repository(REPOSITORY, tmp_path / "model_repository")
     options = ServerOptions(model_repository=repo.root, http_port=free_port(), grpc_port=free_port(),

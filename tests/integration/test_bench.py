@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lookalike.repository import copy_repository
+from lookalike.indexing.repository import copy_repository
 from tests.conftest import REPOSITORY
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from lookalike.indexer import index_catalog
-from lookalike.publishing import publish_index, rollback_index
-from lookalike.repository import Repository
-from lookalike.search import ProductIndex
+from lookalike.indexing.indexer import index_catalog
+from lookalike.indexing.publishing import publish_index, rollback_index
+from lookalike.indexing.repository import Repository
+from lookalike.serving.search import ProductIndex
 from lookalike_client import InvalidRequestError, LookalikeClient, NotFoundError
 from lookalike_client import contract as c
 

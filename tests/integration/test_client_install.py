@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.repository import Repository
-from lookalike.search import ProductIndex
+from lookalike.indexing.repository import Repository
+from lookalike.serving.search import ProductIndex
 
 ROOT = Path(__file__).resolve().parents[2]
 PIP_TIMEOUT_S = 300

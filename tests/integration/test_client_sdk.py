@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.repository import copy_repository
-from lookalike.serve import lookalike_server
-from lookalike.server import ServerOptions, free_port
+from lookalike.indexing.repository import copy_repository
+from lookalike.server.launcher import ServerOptions, free_port
+from lookalike.server.serve import lookalike_server
 from lookalike_client import (
     AsyncLookalikeClient,
     InvalidImageError,
@@ -165,8 +165,8 @@ def test_health_and_info_come_from_the_server(sdk, server):
     assert health.ok and health.live and health.ready and set(health.models) >= {c.VISUAL_SEARCH_MODEL, c.SEARCH_MODEL}
     info = sdk.info()
     served = sdk.served_index_versions()
-    from lookalike.repository import Repository
-    from lookalike.search import ProductIndex
+    from lookalike.indexing.repository import Repository
+    from lookalike.serving.search import ProductIndex
 
     index = ProductIndex.load(Repository(server.options.model_repository).latest_index_dir())
     manifest = Repository(server.options.model_repository).manifest()

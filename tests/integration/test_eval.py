@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.cli import main
-from lookalike.embedding import OnnxEmbedder
-from lookalike.evaluation import query_views
-from lookalike.preprocessing import Preprocessor
-from lookalike.product_search import SearchRequest, search_requests
-from lookalike.query_views import ViewPreprocessor
-from lookalike.repository import Repository
-from lookalike.search import ProductIndex
+from lookalike.indexing.repository import Repository
+from lookalike.quality.evaluation import query_views
+from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.preprocessing import Preprocessor
+from lookalike.serving.product_search import SearchRequest, search_requests
+from lookalike.serving.query_views import ViewPreprocessor
+from lookalike.serving.search import ProductIndex
 from lookalike_client import LookalikeClient
 from lookalike_client import contract as c
 from tests.conftest import encode
@@ -29,8 +29,8 @@ def _files(directory: Path) -> list[tuple[str, int, int]]:
 
 def test_visual_search_scores_the_query_views_fused_and_embed_image_the_catalog_side(server, photos):
     """A tall phone-shaped photo: visual_search's results are the query views of the preprocessing file,
-    each embedded, searched and fused as the server's code does in process (lookalike.query_views,
-    lookalike.fusion); embed_image's embedding is the catalog side's (they differ when the settings do)."""
+    each embedded, searched and fused as the server's code does in process (lookalike.serving.query_views,
+    lookalike.serving.fusion); embed_image's embedding is the catalog side's (they differ when the settings do)."""
     repo = Repository(server.options.model_repository)
     config = repo.preprocessing()
     embedder = OnnxEmbedder(repo.embedder_dir / "1" / "model.onnx")
@@ -150,7 +150,7 @@ def test_query_views_switched_off_by_the_parameter_leave_one_view_and_no_reindex
     framing), on the index already served; the server's own config back afterwards."""
     import tritonclient.grpc as grpcclient
 
-    from lookalike import model_configs
+    from lookalike.indexing import model_configs
 
     repo = Repository(server.options.model_repository)
     config = repo.preprocessing()

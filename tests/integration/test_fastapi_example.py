@@ -14,9 +14,9 @@ from typing import Iterator
 import pytest
 import requests
 
-from lookalike.repository import Repository
-from lookalike.search import ProductIndex
-from lookalike.server import free_port
+from lookalike.indexing.repository import Repository
+from lookalike.server.launcher import free_port
+from lookalike.serving.search import ProductIndex
 
 pytestmark = pytest.mark.integration
 

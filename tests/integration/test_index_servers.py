@@ -18,11 +18,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from loadtest.recovery import Serve
-from lookalike.artifacts import IndexMeta
-from lookalike.indexer import index_catalog
-from lookalike.repository import Repository, copy_repository
-from lookalike.serve import lookalike_server
-from lookalike.server import ServerOptions, free_port
+from lookalike.indexing.indexer import index_catalog
+from lookalike.indexing.repository import Repository, copy_repository
+from lookalike.server.launcher import ServerOptions, free_port
+from lookalike.server.serve import lookalike_server
+from lookalike.serving.artifacts import IndexMeta
 from lookalike_client import LookalikeClient
 from lookalike_client import contract as c
 from tests.conftest import REPOSITORY

@@ -9,8 +9,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from lookalike.repository import Repository
-from lookalike.search import ProductIndex
+from lookalike.indexing.repository import Repository
+from lookalike.serving.search import ProductIndex
 from lookalike_client import LookalikeClient
 
 pytestmark = pytest.mark.integration

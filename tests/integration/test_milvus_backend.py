@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from lookalike.cli import main as lookalike
-from lookalike.milvus_index import MilvusWriter, catalog_rows
-from lookalike.milvus_search import MilvusIndex, MilvusSettings, connect
+from lookalike.indexing.milvus_index import MilvusWriter, catalog_rows
+from lookalike.serving.milvus_search import MilvusIndex, MilvusSettings, connect
 from lookalike_client import LookalikeClient, NotFoundError, ServerUnavailableError, wait_for
 
 pytestmark = pytest.mark.integration
@@ -278,7 +278,7 @@ def restart(milvus, tries: int = 2, timeout_s: float = 90.0) -> str | None:
     """Stops Milvus and starts it again on its data directory; None once it answers, else why not (the
     2.3.5 standalone server sometimes never becomes ready after a restart on its directory: its proxy
     never registers; a second start has fixed that)."""
-    from lookalike.milvus_server import MilvusStartError
+    from lookalike.server.milvus import MilvusStartError
 
     milvus.stop()
     problem = None

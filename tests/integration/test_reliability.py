@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from loadtest.recovery import Serve, kill_and_recover
-from lookalike.indexer import index_catalog
-from lookalike.publishing import PublishError
-from lookalike.repository import STAGING_OWNER_FILE, copy_repository
-from lookalike.search import ProductIndex
-from lookalike.serve import lookalike_server
-from lookalike.server import ServerOptions, free_port
+from lookalike.indexing.indexer import index_catalog
+from lookalike.indexing.publishing import PublishError
+from lookalike.indexing.repository import STAGING_OWNER_FILE, copy_repository
+from lookalike.server.launcher import ServerOptions, free_port
+from lookalike.server.serve import lookalike_server
+from lookalike.serving.search import ProductIndex
 from lookalike_client import LookalikeClient, wait_for
 from lookalike_client import contract as c
 from tests.conftest import REPOSITORY
@@ -254,7 +254,7 @@ def small_catalog(catalog: Path, tmp_path: Path, products: int = 5) -> Path:
 
 
 def tiny_index(repo, products: int = 3) -> ProductIndex:
-    from lookalike.search import Product
+    from lookalike.serving.search import Product
 
     dim = repo.manifest().dim
     vectors = np.eye(products, dim, dtype=np.float32)
@@ -267,7 +267,7 @@ def test_a_crash_repair_keeps_the_version_that_served(tmp_path, catalog):
     killed tritonserver makes the server move to it: the repair reloads the version that served, and
     the restart loads it pinned. `lookalike index` then moves the server on, as it should. The server
     runs with --require-admin-key: /status needs the key, /ready does not."""
-    from lookalike.publishing import serving_records, write_index_version
+    from lookalike.indexing.publishing import serving_records, write_index_version
 
     key = "k3y-for-tests"
     s = new_serve(tmp_path)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from lookalike.search import Filter, Product, ProductIndex
+from lookalike.serving.search import Filter, Product, ProductIndex
 from lookalike_client import InvalidRequestError, LookalikeClient, NotFoundError
 from lookalike_client import contract as c
 
@@ -169,8 +169,8 @@ def test_query_views_are_searched_each_and_fused_on_both_backends(backend):
     """product_search given one query of 3 views (EMBEDDING [1, 3 x D], as preprocess_query sends them):
     the fusion (the preprocessing file's query_fusion) of what each view alone gets from the same
     server, on either backend; each view is a catalog packshot, so its product comes out on top."""
-    from lookalike.fusion import depth, fuse
-    from lookalike.repository import Repository
+    from lookalike.indexing.repository import Repository
+    from lookalike.serving.fusion import depth, fuse
 
     grpc_url, _, catalog_dir, _ = backend
     fusion = Repository(Path(__file__).resolve().parents[2] / "model_repository").preprocessing().query_fusion

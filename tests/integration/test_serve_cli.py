@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from lookalike.repository import copy_repository
-from lookalike.server import free_port
+from lookalike.indexing.repository import copy_repository
+from lookalike.server.launcher import free_port
 from tests.conftest import REPOSITORY
 
 pytestmark = pytest.mark.integration

@@ -7,14 +7,14 @@ import csv
 import numpy as np
 import pytest
 
-from lookalike.images import encode
-from lookalike.indexer import index_catalog
-from lookalike.publishing import write_index_version
-from lookalike.repository import copy_repository
-from lookalike.sample_data import real_photos
-from lookalike.search import Product, ProductIndex
-from lookalike.serve import lookalike_server
-from lookalike.server import ServerOptions, free_port
+from lookalike.indexing.indexer import index_catalog
+from lookalike.indexing.publishing import write_index_version
+from lookalike.indexing.repository import copy_repository
+from lookalike.quality.sample_data import real_photos
+from lookalike.server.launcher import ServerOptions, free_port
+from lookalike.server.serve import lookalike_server
+from lookalike.serving.images import encode
+from lookalike.serving.search import Product, ProductIndex
 from lookalike_client import LookalikeClient
 from lookalike_export.backbones import get_backbone
 from lookalike_export.onnx_export import export_embedder

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.embedding import OnnxEmbedder
-from lookalike.images import over_background
-from lookalike.index_types import choose
-from lookalike.indexer import index_catalog
-from lookalike.preprocessing import Preprocessor
-from lookalike.publishing import publish_index, write_index_version
-from lookalike.repository import Repository
-from lookalike.sample_data import perturb
-from lookalike.search import ProductIndex
+from lookalike.indexing.index_types import choose
+from lookalike.indexing.indexer import index_catalog
+from lookalike.indexing.publishing import publish_index, write_index_version
+from lookalike.indexing.repository import Repository
+from lookalike.quality.sample_data import perturb
+from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.images import over_background
+from lookalike.serving.preprocessing import Preprocessor
+from lookalike.serving.search import ProductIndex
 from lookalike_client import InvalidRequestError, LookalikeClient
 from tests.conftest import encode
 
@@ -227,7 +227,7 @@ def test_index_from_another_embedder_is_refused_and_old_version_keeps_serving(se
     repo = Repository(server.options.model_repository)
     serving = repo.index_versions()[-1]
     vectors = np.eye(3, 1280, dtype=np.float32)
-    from lookalike.search import Product
+    from lookalike.serving.search import Product
 
     stale = ProductIndex.build([Product(f"X{i}") for i in range(3)], vectors, embedder_fingerprint="another-embedder")
     version = write_index_version(repo, stale.save)
@@ -315,9 +315,9 @@ def test_index_refuses_a_server_of_another_repository_or_embedder_before_embeddi
     another embedder: refused with both sides named, before one image is sent; nothing written."""
     import tritonclient.grpc as grpcclient
 
-    from lookalike.artifacts import EmbedderManifest
-    from lookalike.publishing import write_empty_index
-    from lookalike.repository import copy_repository
+    from lookalike.indexing.publishing import write_empty_index
+    from lookalike.indexing.repository import copy_repository
+    from lookalike.serving.artifacts import EmbedderManifest
 
     def embedded() -> int:
         stats = grpcclient.InferenceServerClient(server.options.grpc_url).get_inference_statistics("embed_image")
@@ -350,7 +350,7 @@ def test_index_claims_only_what_the_server_confirmed(server, catalog, tmp_path):
     """A copy of the server's repository (same versions, same ids) passes the check before embedding,
     but the server never sees what is written there: after the reload it still serves its own version,
     so the new version is set aside in the copy, and nothing claims it is served."""
-    from lookalike.repository import copy_repository
+    from lookalike.indexing.repository import copy_repository
 
     rows = catalog_rows(catalog)[:2]
     (tmp_path / "two.csv").write_text("product_id,image,category\n" + "".join(
@@ -389,7 +389,7 @@ def test_a_product_with_several_images_is_found_by_each_and_listed_once(server, 
 
 
 def test_a_catalog_whose_every_row_fails_leaves_the_served_version(server, catalog, tmp_path):
-    from lookalike.indexer import EmptyCatalogError
+    from lookalike.indexing.indexer import EmptyCatalogError
 
     repo = Repository(server.options.model_repository)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)

@@ -1,11 +1,11 @@
-"""lookalike.artifacts: the embedder manifest and index metadata are read only through their schemas, and
+"""lookalike.serving.artifacts: the embedder manifest and index metadata are read only through their schemas, and
 a file of the wrong shape is refused naming the field."""
 
 import json
 
 import pytest
 
-from lookalike.artifacts import MANIFEST_FILE, ArtifactError, EmbedderManifest, IndexMeta, fingerprint, onnx_path
+from lookalike.serving.artifacts import MANIFEST_FILE, ArtifactError, EmbedderManifest, IndexMeta, fingerprint, onnx_path
 from lookalike_client import ServerUnavailableError, wait_for
 from lookalike_client.errors import InvalidRequestError, translate
 

@@ -1,11 +1,11 @@
-"""lookalike.catalog: CSV and folder catalogs, bad rows reported and skipped."""
+"""lookalike.indexing.catalog: CSV and folder catalogs, bad rows reported and skipped."""
 
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from lookalike.catalog import CatalogError, read_catalog
+from lookalike.indexing.catalog import CatalogError, read_catalog
 from tests.conftest import finishes
 
 
@@ -102,7 +102,7 @@ def test_csv_header_without_a_required_column_is_refused_whole(tmp_path):
 def test_csv_bad_rows_of_every_kind_cost_only_themselves(tmp_path):
     import os
 
-    from lookalike.catalog import MAX_ID_CHARS
+    from lookalike.indexing.catalog import MAX_ID_CHARS
     from lookalike_client.contract import quoted
 
     make_image(tmp_path / "img" / "a.png")

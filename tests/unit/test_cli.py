@@ -17,15 +17,15 @@ def test_serve_writes_the_search_backend_where_every_load_reads_it_and_index_fol
     import shutil
 
     from lookalike.cli import main, milvus_target
-    from lookalike.model_configs import parameters, read
-    from lookalike.repository import Repository
+    from lookalike.indexing.model_configs import parameters, read
+    from lookalike.indexing.repository import Repository
     from tests.conftest import REPOSITORY
 
     repo = tmp_path / "repo"
     (repo / "product_search").mkdir(parents=True)
     shutil.copy(REPOSITORY / "product_search" / "config.pbtxt", repo / "product_search" / "config.pbtxt")
     ran = []
-    monkeypatch.setattr("lookalike.serve.serve_forever", lambda options: ran.append(options) or 0)
+    monkeypatch.setattr("lookalike.server.serve.serve_forever", lambda options: ran.append(options) or 0)
     assert main(["serve", "--model-repository", str(repo), "--search-backend", "milvus", "--milvus-uri",
                  "http://127.0.0.1:19530", "--milvus-collection", "shop"]) == 0 and ran
     assert "searches with milvus at http://127.0.0.1:19530" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.evaluation import (
+from lookalike.quality.evaluation import (
     ColourHistogram,
     Outcome,
     Query,
@@ -73,7 +73,7 @@ def test_read_queries_keeps_unreadable_rows_as_failures(tmp_path):
 
 
 def test_thumbnails_from_bytes_or_files_never_fail_the_page(tmp_path):
-    from lookalike.report import figure, thumbnail_uri
+    from lookalike.quality.report import figure, thumbnail_uri
 
     buffer = io.BytesIO()
     Image.new("RGBA", (300, 100), (255, 0, 0, 128)).save(buffer, format="PNG")

@@ -12,11 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from lookalike.artifacts import EmbedderManifest, IndexMeta
-from lookalike.catalog import CatalogItem
-from lookalike.fanout import AllServersGone, spread
-from lookalike.indexer import build_index, embed_across, embed_items
-from lookalike.publishing import (
+from lookalike.indexing.catalog import CatalogItem
+from lookalike.indexing.fanout import AllServersGone, spread
+from lookalike.indexing.indexer import build_index, embed_across, embed_items
+from lookalike.indexing.publishing import (
     REASON_FILE,
     PublishError,
     RollbackError,
@@ -27,7 +26,8 @@ from lookalike.publishing import (
     write_empty_index,
     write_index_version,
 )
-from lookalike.repository import Repository
+from lookalike.indexing.repository import Repository
+from lookalike.serving.artifacts import EmbedderManifest, IndexMeta
 from lookalike_client import InvalidRequestError, ServerError, ServerUnavailableError
 
 # -- the spread itself ------------------------------------------------------------------------------

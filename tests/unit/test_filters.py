@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.artifacts import EmbedderManifest
-from lookalike.catalog import CatalogItem
-from lookalike.indexer import EmbeddingStore, IndexReport, build_index, compare_versions
-from lookalike.product_search import ProductSearch, parse_filters, parse_request
-from lookalike.publishing import REASON_FILE, RollbackError, rollback_index, write_index_version
-from lookalike.repository import Repository
-from lookalike.search import CorruptIndexError, Filter, Product, ProductIndex, UnknownProductError
+from lookalike.indexing.catalog import CatalogItem
+from lookalike.indexing.indexer import EmbeddingStore, IndexReport, build_index, compare_versions
+from lookalike.indexing.publishing import REASON_FILE, RollbackError, rollback_index, write_index_version
+from lookalike.indexing.repository import Repository
+from lookalike.serving.artifacts import EmbedderManifest
+from lookalike.serving.product_search import ProductSearch, parse_filters, parse_request
+from lookalike.serving.search import CorruptIndexError, Filter, Product, ProductIndex, UnknownProductError
 from lookalike_client import contract as c
 
 DIM = 32
@@ -71,7 +71,7 @@ def test_a_filtered_query_returns_top_k_of_the_category_and_never_an_excluded_id
 def test_a_graph_index_gets_sub_indexes_for_categories_too_large_to_scan(catalog, tmp_path, monkeypatch):
     """HNSW + selector loses recall for photos far from a large category; such categories get their own
     graph, saved with the version, and exclusions still apply inside it."""
-    import lookalike.search as search
+    import lookalike.serving.search as search
 
     monkeypatch.setattr(search, "FILTER_SCAN_MAX_VECTORS", 100)  # "big" (1,000 of 2,000 vectors) is "large" here
     products, vectors = catalog
@@ -278,7 +278,7 @@ class Server:
     def info(self):
         from types import SimpleNamespace
 
-        from lookalike.artifacts import IndexMeta
+        from lookalike.serving.artifacts import IndexMeta
 
         meta = IndexMeta.load(self.repo.search_dir / str(self.served[-1]))
         return SimpleNamespace(index_version=self.served[-1], index_id=meta.index_id, products=meta.count,
@@ -327,7 +327,7 @@ class Elsewhere(Server):
 
 
 def test_publish_confirms_the_version_through_index_info_or_sets_it_aside(repo, tmp_path):
-    from lookalike.publishing import PublishError, publish_index
+    from lookalike.indexing.publishing import PublishError, publish_index
 
     v1, _ = publish(repo, [("A", "x", "h1")])
     server = Server(repo)
@@ -348,7 +348,7 @@ def test_publish_confirms_the_version_through_index_info_or_sets_it_aside(repo, 
 def test_index_checks_the_server_before_anything_is_embedded(repo, tmp_path):
     import shutil
 
-    from lookalike.publishing import ServerMismatchError, check_server, write_empty_index
+    from lookalike.indexing.publishing import ServerMismatchError, check_server, write_empty_index
 
     v1, _ = publish(repo, [("A", "x", "h1")])
     assert check_server(repo, Server(repo)).index_version == v1
@@ -384,7 +384,7 @@ def test_pruning_keeps_and_names_a_version_another_server_still_serves(repo):
     import sys
     import time
 
-    from lookalike.publishing import publish_index, serving_records
+    from lookalike.indexing.publishing import publish_index, serving_records
 
     versions = [publish(repo, [(f"P{i}", "x", f"h{i}")])[0] for i in range(3)]
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -413,7 +413,7 @@ def test_pruning_keeps_and_names_a_version_another_server_still_serves(repo):
 def test_a_serving_record_is_written_atomically_and_removed(repo):
     import os
 
-    from lookalike.publishing import clear_serving, record_serving, serving_records
+    from lookalike.indexing.publishing import clear_serving, record_serving, serving_records
 
     path = record_serving(repo, 4, "lookalike:h:1", ("127.0.0.1:8001", "127.0.0.1:8000"))
     (record,) = serving_records(repo)

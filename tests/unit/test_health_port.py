@@ -1,4 +1,4 @@
-"""The health port (`lookalike.supervisor.HealthServer`) on a real socket, without tritonserver: a
+"""The health port (`lookalike.server.supervisor.HealthServer`) on a real socket, without tritonserver: a
 flood of idle connections neither exhausts it nor starves the probes, a slow or oversized request is
 cut off, and /status needs the admin key where it is required."""
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lookalike.supervisor import HealthLimits, HealthServer
+from lookalike.server.supervisor import HealthLimits, HealthServer
 
 
 class Ready:

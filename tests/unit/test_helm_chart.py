@@ -166,8 +166,8 @@ def test_probes_ask_the_supervisors_health_port(case):
 def test_the_probed_paths_are_the_health_servers():
     """The chart's probe paths against lookalike's HealthServer itself: /live answers 200 while the
     supervisor runs (here: before it has started anything), /ready 503 until tritonserver is ready."""
-    from lookalike.server import free_port
-    from lookalike.supervisor import HealthServer
+    from lookalike.server.launcher import free_port
+    from lookalike.server.supervisor import HealthServer
 
     main = container(rendered("default"))
     port = free_port()

@@ -14,10 +14,10 @@ import faiss
 import numpy as np
 import pytest
 
-from lookalike import search
-from lookalike.artifacts import INDEX_FILE
-from lookalike.index_types import choose
-from lookalike.search import Product, ProductIndex
+from lookalike.indexing.index_types import choose
+from lookalike.serving import search
+from lookalike.serving.artifacts import INDEX_FILE
+from lookalike.serving.search import Product, ProductIndex
 from tests.conftest import ROOT
 from tests.unit import image_faiss_reader
 from tests.unit.test_docker import pins

@@ -1,10 +1,10 @@
-"""lookalike.images: the one encode and the one composite over a background."""
+"""lookalike.serving.images: the one encode and the one composite over a background."""
 
 import io
 
 from PIL import Image
 
-from lookalike.images import encode, over_background
+from lookalike.serving.images import encode, over_background
 
 
 def test_transparent_pixels_go_over_the_background_and_rgb_stays_as_is():

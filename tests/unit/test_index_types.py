@@ -1,11 +1,11 @@
-"""lookalike.index_types and the approximate indexes in lookalike.search: what auto picks and why, the
+"""lookalike.indexing.index_types and the approximate indexes in lookalike.serving.search: what auto picks and why, the
 settings refused before any embedding, and recall of hnsw and ivf-pq against exact search."""
 
 import numpy as np
 import pytest
 
-from lookalike.index_types import AUTO_FLAT_MAX, AUTO_HNSW_MAX, choose, default_ef_search, default_m, default_nlist
-from lookalike.search import GpuUnavailableError, Product, ProductIndex, gpu_unavailable
+from lookalike.indexing.index_types import AUTO_FLAT_MAX, AUTO_HNSW_MAX, choose, default_ef_search, default_m, default_nlist
+from lookalike.serving.search import GpuUnavailableError, Product, ProductIndex, gpu_unavailable
 
 
 def test_auto_picks_by_vector_count_and_says_why():

@@ -1,9 +1,9 @@
-"""lookalike.indexer without a server: a file over the server's limit is refused from its size, unread."""
+"""lookalike.indexing.indexer without a server: a file over the server's limit is refused from its size, unread."""
 
 import tracemalloc
 
-from lookalike.catalog import CatalogItem
-from lookalike.indexer import embed_items
+from lookalike.indexing.catalog import CatalogItem
+from lookalike.indexing.indexer import embed_items
 from tests.conftest import finishes
 
 
@@ -33,8 +33,8 @@ def test_several_images_of_a_product_make_one_product_scored_by_its_best_image(t
 
     import numpy as np
 
-    from lookalike.artifacts import EmbedderManifest
-    from lookalike.indexer import build_index
+    from lookalike.indexing.indexer import build_index
+    from lookalike.serving.artifacts import EmbedderManifest
 
     rng = np.random.default_rng(0)
     blocks = [rng.standard_normal((n, 16)).astype(np.float32) for n in (3, 3, 2)]
@@ -55,7 +55,7 @@ def test_a_fifo_or_device_in_the_catalog_is_a_problem_not_a_hang(tmp_path):
 
     import pytest
 
-    from lookalike.indexer import content_hash
+    from lookalike.indexing.indexer import content_hash
     from lookalike_client import FileRefusedError
 
     os.mkfifo(tmp_path / "pipe.jpg")

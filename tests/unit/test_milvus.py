@@ -10,10 +10,11 @@ import sysconfig
 import numpy as np
 import pytest
 
-from lookalike import model_configs
-from lookalike.adapter import run_together
-from lookalike.milvus_index import Timed, catalog_rows, row_pk
-from lookalike.milvus_search import (
+from lookalike.indexing import model_configs
+from lookalike.indexing.milvus_index import Timed, catalog_rows, row_pk
+from lookalike.server.launcher import shared_libpython_dir
+from lookalike.serving.adapter import run_together
+from lookalike.serving.milvus_search import (
     BackendUnavailableError,
     CollectionMismatchError,
     CollectionState,
@@ -27,8 +28,7 @@ from lookalike.milvus_search import (
     generation_of,
     quote,
 )
-from lookalike.search import Filter
-from lookalike.server import shared_libpython_dir
+from lookalike.serving.search import Filter
 from lookalike_client import contract as c
 from tests.conftest import REPOSITORY
 
@@ -274,7 +274,7 @@ def test_the_launcher_puts_this_interpreters_shared_libpython_first():
         assert directory is None
     else:
         assert directory == sysconfig.get_config_var("LIBDIR")
-        from lookalike.server import find_tritonserver
+        from lookalike.server.launcher import find_tritonserver
 
         binary = find_tritonserver()
         if binary.env:  # the wheel's tritonserver (not one on PATH)

@@ -1,4 +1,4 @@
-"""lookalike.preprocessing: formats, modes, limits, errors, and parity with the reference transforms."""
+"""lookalike.serving.preprocessing: formats, modes, limits, errors, and parity with the reference transforms."""
 
 import dataclasses
 import io
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from lookalike.preprocessing import (
+from lookalike.serving.preprocessing import (
     ImageError,
     ImageLimits,
     PreprocessConfig,

@@ -1,4 +1,4 @@
-"""lookalike.publishing without tritonserver: which index version can be served, setting aside the ones
+"""lookalike.indexing.publishing without tritonserver: which index version can be served, setting aside the ones
 that cannot, and staging directories left by killed writers."""
 
 import json
@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.artifacts import EmbedderManifest
-from lookalike.publishing import (
+from lookalike.indexing.publishing import (
     REASON_FILE,
     NothingToServeError,
     clean_stale_staging,
@@ -23,8 +22,9 @@ from lookalike.publishing import (
     version_problem,
     write_index_version,
 )
-from lookalike.repository import STAGING_OWNER_FILE, Repository
-from lookalike.search import CorruptIndexError, Product, ProductIndex
+from lookalike.indexing.repository import STAGING_OWNER_FILE, Repository
+from lookalike.serving.artifacts import EmbedderManifest
+from lookalike.serving.search import CorruptIndexError, Product, ProductIndex
 
 DIM = 8
 
@@ -230,7 +230,7 @@ def test_a_write_refused_with_erofs_makes_the_start_read_only(repo, monkeypatch)
     """os.access can say yes where the write fails (a server-side read-only export)."""
     import errno
 
-    import lookalike.publishing as publishing
+    import lookalike.indexing.publishing as publishing
 
     version = write_index(repo)
     (repo.search_dir / str(version) / "model.py").write_text("# an older release's adapter\n")
@@ -249,7 +249,7 @@ def test_a_write_refused_with_erofs_makes_the_start_read_only(repo, monkeypatch)
 def test_another_error_of_a_write_is_not_taken_for_read_only(repo, monkeypatch):
     import errno
 
-    import lookalike.publishing as publishing
+    import lookalike.indexing.publishing as publishing
 
     (repo.search_dir / str(write_index(repo)) / "model.py").write_text("# an older release's adapter\n")
 
@@ -263,7 +263,7 @@ def test_another_error_of_a_write_is_not_taken_for_read_only(repo, monkeypatch):
 
 # -- several servers starting at once on one writable volume ----------------------------------------
 def test_a_version_set_aside_meanwhile_by_another_server_is_skipped(repo, monkeypatch):
-    import lookalike.publishing as publishing
+    import lookalike.indexing.publishing as publishing
 
     good = write_index(repo, 5)
     bad = write_index(repo, 6)
@@ -282,7 +282,7 @@ def test_a_version_set_aside_meanwhile_by_another_server_is_skipped(repo, monkey
 
 
 def test_an_empty_index_published_first_by_another_server_is_served(repo, monkeypatch):
-    import lookalike.publishing as publishing
+    import lookalike.indexing.publishing as publishing
 
     real = publishing.next_version
     calls = []
@@ -306,8 +306,8 @@ def test_an_empty_index_published_first_by_another_server_is_served(repo, monkey
 RACE = """
 import sys, time
 from pathlib import Path
-from lookalike.publishing import ensure_servable_index
-from lookalike.repository import Repository
+from lookalike.indexing.publishing import ensure_servable_index
+from lookalike.indexing.repository import Repository
 start = float(sys.argv[2])
 while time.time() < start:
     time.sleep(0.001)

@@ -1,4 +1,4 @@
-"""Query views (lookalike.query_views), their fusion (lookalike.fusion) and how product_search reads and
+"""Query views (lookalike.serving.query_views), their fusion (lookalike.serving.fusion) and how product_search reads and
 searches a query of several views, without Triton."""
 
 import dataclasses
@@ -6,11 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lookalike.fusion import depth, fuse
-from lookalike.preprocessing import ImageError, PreprocessConfig, Preprocessor
-from lookalike.product_search import SearchRequest, parse_request, search_requests
-from lookalike.query_views import QueryView, ViewPreprocessor, embed_views, views_enabled, views_of
-from lookalike.search import Product, ProductIndex
+from lookalike.serving.fusion import depth, fuse
+from lookalike.serving.preprocessing import ImageError, PreprocessConfig, Preprocessor
+from lookalike.serving.product_search import SearchRequest, parse_request, search_requests
+from lookalike.serving.query_views import QueryView, ViewPreprocessor, embed_views, views_enabled, views_of
+from lookalike.serving.search import Product, ProductIndex
 from lookalike_client import contract as c
 from tests.conftest import encode
 
@@ -145,8 +145,8 @@ def test_product_search_reads_v_views_end_to_end_and_refuses_other_widths():
 def test_a_zoomed_view_resamples_only_the_crop_and_matches_resize_then_crop():
     from PIL import Image
 
-    from lookalike.preprocessing import resize
-    from lookalike.query_views import zoomed_crop
+    from lookalike.serving.preprocessing import resize
+    from lookalike.serving.query_views import zoomed_crop
 
     rng = np.random.default_rng(3)
     smooth = Image.fromarray(rng.integers(0, 255, (12, 9, 3), dtype=np.uint8)).resize((450, 600), Image.Resampling.BICUBIC)
@@ -161,8 +161,8 @@ def test_a_zoomed_view_resamples_only_the_crop_and_matches_resize_then_crop():
 def test_an_embedder_that_does_not_answer_is_unavailable_for_the_batch_and_a_bad_photo_keeps_its_own_error():
     """preprocess_query's execute, without Triton: its requests parsed by the views, embedded together;
     an embedder BLS failure is UNAVAILABLE (clients retry), a bad photo is INVALID_ARG on its own."""
-    from lookalike.adapter import required, run_together
-    from lookalike.query_views import EmbedderUnavailableError
+    from lookalike.serving.adapter import required, run_together
+    from lookalike.serving.query_views import EmbedderUnavailableError
 
     views = ViewPreprocessor(dataclasses.replace(BASE, query_views=VIEWS))
 

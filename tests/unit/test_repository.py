@@ -10,10 +10,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from lookalike import model_configs
-from lookalike.model_configs import embedder_config, parse, render_embedder_config
-from lookalike.publishing import prune_index_versions, write_index_version
-from lookalike.repository import Repository
+from lookalike.indexing import model_configs
+from lookalike.indexing.model_configs import embedder_config, parse, render_embedder_config
+from lookalike.indexing.publishing import prune_index_versions, write_index_version
+from lookalike.indexing.repository import Repository
 from lookalike_client import contract as c
 from tests.conftest import REPOSITORY
 
@@ -104,9 +104,10 @@ def test_generated_configs_fail_at_generation_not_at_load():
 
 def test_serving_path_does_not_import_torch():
     code = (
-        "import sys; import lookalike.preprocessing, lookalike.search, lookalike.embedding, lookalike.server, "
-        "lookalike.serve, lookalike.adapter, lookalike.product_search, lookalike.model_configs, lookalike.artifacts, "
-        "lookalike.indexer, lookalike.cli, lookalike_client; "
+        "import sys; import lookalike.serving.preprocessing, lookalike.serving.search, lookalike.serving.embedding, "
+        "lookalike.server.launcher, lookalike.server.serve, lookalike.serving.adapter, lookalike.serving.product_search, "
+        "lookalike.indexing.model_configs, lookalike.serving.artifacts, "
+        "lookalike.indexing.indexer, lookalike.cli, lookalike_client; "
         "bad = [m for m in ('torch', 'torchvision', 'lookalike_export') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -1,4 +1,4 @@
-"""lookalike.search and lookalike.product_search: build, persist, search; ids stay strings; TOP_K and embedding
+"""lookalike.serving.search and lookalike.serving.product_search: build, persist, search; ids stay strings; TOP_K and embedding
 rules; requests of one batch never shape each other."""
 
 import re
@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from lookalike.product_search import PAD_PRODUCT_ID, PAD_SCORE, SearchRequest, check_embeddings, resolve_top_k, search_requests
-from lookalike.search import Product, ProductIndex
+from lookalike.serving.product_search import PAD_PRODUCT_ID, PAD_SCORE, SearchRequest, check_embeddings, resolve_top_k, search_requests
+from lookalike.serving.search import Product, ProductIndex
 
 
 def normalised(rng, n, d):

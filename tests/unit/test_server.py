@@ -1,11 +1,11 @@
-"""lookalike.server: command line, restricted APIs beyond loopback, binary discovery."""
+"""lookalike.server.launcher: command line, restricted APIs beyond loopback, binary discovery."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-from lookalike.server import Binary, LaunchError, ServerOptions, build_command, find_tritonserver
+from lookalike.server.launcher import Binary, LaunchError, ServerOptions, build_command, find_tritonserver
 
 BINARY = Binary(Path("/opt/tritonserver/bin/tritonserver"), {}, None)
 
@@ -53,7 +53,7 @@ def test_port_check_ignores_time_wait_but_not_listeners():
     that another process listens on, with or without SO_REUSEPORT (gRPC's), still does."""
     import socket
 
-    from lookalike.server import port_is_free
+    from lookalike.server.launcher import port_is_free
 
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from lookalike.shopper import (
+from lookalike.quality.shopper import (
     DIMENSIONS,
     FRAMES,
     OCCLUSIONS,

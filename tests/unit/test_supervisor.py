@@ -1,4 +1,4 @@
-"""lookalike.stubs and lookalike.supervisor without tritonserver: stub identities, which stubs count as
+"""lookalike.server.stubs and lookalike.server.supervisor without tritonserver: stub identities, which stubs count as
 dead, orphans, and the /proc reading on real processes of this test."""
 
 import os
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from lookalike.stubs import StubId, StubProcess, kill_stubs_of, list_stubs, parse_stub_argv, read_state
-from lookalike.supervisor import StubWatch
+from lookalike.server.stubs import StubId, StubProcess, kill_stubs_of, list_stubs, parse_stub_argv, read_state
+from lookalike.server.supervisor import StubWatch
 
 STUB = "/root/.cache/lookalike/backends-py3.11-x/python/triton_python_backend_stub"
 
@@ -144,7 +144,7 @@ class NeverStarts:
     """A tritonserver that died and whose every restart fails (say, its repository is gone)."""
 
     def __init__(self):
-        from lookalike.server import ServerOptions
+        from lookalike.server.launcher import ServerOptions
 
         self.options = ServerOptions(http_port=1, grpc_port=2, metrics_port=3)
         self.process = DeadProcess()
@@ -178,7 +178,7 @@ class RecordingStop:
 def test_restarts_back_off_and_then_give_up():
     import pytest
 
-    from lookalike.supervisor import Supervisor, SupervisorGaveUp, SupervisorOptions
+    from lookalike.server.supervisor import Supervisor, SupervisorGaveUp, SupervisorOptions
 
     server = NeverStarts()
     lines = []
@@ -200,7 +200,7 @@ def test_proc_that_cannot_be_read_is_not_a_dead_process(monkeypatch):
 
     import pytest
 
-    from lookalike import stubs
+    from lookalike.server import stubs
 
     def no_fds(*_args, **_kwargs):
         raise OSError(errno.EMFILE, "Too many open files")
@@ -218,7 +218,7 @@ def test_read_state_at_the_file_descriptor_limit_raises_instead_of_reporting_gon
     """The real thing, in a child process that lowers its own descriptor limit below what it holds."""
     code = (
         "import os, resource, sys\n"
-        "from lookalike.stubs import ProcUnreadable, read_state\n"
+        "from lookalike.server.stubs import ProcUnreadable, read_state\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (3, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
         "try:\n"
         "    print(read_state(os.getppid()))\n"
@@ -236,7 +236,7 @@ def test_kill_stubs_of_retries_and_then_raises_when_proc_stays_unreadable(monkey
 
     import pytest
 
-    from lookalike import stubs
+    from lookalike.server import stubs
 
     calls = []
 
@@ -262,7 +262,7 @@ class Running:
     """A tritonserver that runs (this test's own process stands in for it) and must never be restarted."""
 
     def __init__(self, tmp_path):
-        from lookalike.server import ServerOptions
+        from lookalike.server.launcher import ServerOptions
 
         self.options = ServerOptions(model_repository=tmp_path, http_port=1, grpc_port=2, metrics_port=3)
         self.process = AliveProcess()
@@ -294,8 +294,8 @@ def test_the_supervisor_never_restarts_a_server_it_cannot_look_at(monkeypatch, t
     stopped or restarted; a dead stub seen meanwhile is looked at again, not acted on blind."""
     import errno
 
-    from lookalike import supervisor as sup
-    from lookalike.stubs import ProcUnreadable
+    from lookalike.server import supervisor as sup
+    from lookalike.server.stubs import ProcUnreadable
 
     rounds = {"n": 0}
 
@@ -321,7 +321,7 @@ class Dying:
     itself exits only after `delay_s` (a big process takes a while to tear down)."""
 
     def __init__(self, tmp_path, delay_s):
-        from lookalike.server import ServerOptions
+        from lookalike.server.launcher import ServerOptions
 
         self.options = ServerOptions(model_repository=tmp_path, http_port=1, grpc_port=2, metrics_port=3)
         self.process = subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep({delay_s}); os.kill(os.getpid(), 9)"])
@@ -330,7 +330,7 @@ class Dying:
 @pytest.mark.parametrize("delay_s, reason", [(0.5, "tritonserver exited with code -9"),
                                              (30.0, "1 stub(s) dead and tritonserver does not answer")])
 def test_dead_stubs_and_no_answer_name_a_tritonserver_that_is_still_exiting_as_exited(monkeypatch, tmp_path, delay_s, reason):
-    from lookalike import supervisor as sup
+    from lookalike.server import supervisor as sup
 
     monkeypatch.setattr(sup, "list_stubs", lambda pid: [])
     monkeypatch.setattr(sup, "read_state", lambda pid: "Z")
@@ -367,7 +367,7 @@ class Restartable:
     """A tritonserver for `Supervisor._restart`, recording how it is started and what is loaded."""
 
     def __init__(self, repo_root):
-        from lookalike.server import ServerOptions
+        from lookalike.server.launcher import ServerOptions
 
         self.options = ServerOptions(model_repository=repo_root, http_port=1, grpc_port=2, metrics_port=3)
         self.process = DeadProcess()
@@ -396,7 +396,7 @@ class Loads:
         self.calls, self.refuse = [], set(refuse)
 
     def __call__(self, model, config=None, timeout_s=0):
-        from lookalike.supervisor import AdminError
+        from lookalike.server.supervisor import AdminError
 
         pinned = (config or {}).get("version_policy", {}).get("specific", {}).get("versions")
         self.calls.append((model, pinned))
@@ -411,10 +411,10 @@ def versioned_repo(tmp_path, versions=2):
 
     import numpy as np
 
-    from lookalike.artifacts import EmbedderManifest
-    from lookalike.publishing import write_index_version
-    from lookalike.repository import Repository
-    from lookalike.search import Product, ProductIndex
+    from lookalike.indexing.publishing import write_index_version
+    from lookalike.indexing.repository import Repository
+    from lookalike.serving.artifacts import EmbedderManifest
+    from lookalike.serving.search import Product, ProductIndex
     from tests.conftest import REPOSITORY
 
     for model in ("product_search", "visual_search", "similar_products", "embed_image", "preprocess"):
@@ -431,7 +431,7 @@ def versioned_repo(tmp_path, versions=2):
 
 
 def restart_serving(tmp_path, served, refuse=()):
-    from lookalike.supervisor import Supervisor, SupervisorOptions
+    from lookalike.server.supervisor import Supervisor, SupervisorOptions
 
     repo = versioned_repo(tmp_path)
     server = Restartable(repo.root)
@@ -471,9 +471,9 @@ def test_a_pinned_load_that_fails_falls_back_to_the_newest_rather_than_serving_n
 # -- a read-only model repository (the pods' index volume) ----------------------------------------
 def serve_read_only(tmp_path, monkeypatch, damage_newest: bool):
     """`serve_forever`'s first start on a repository it cannot write, with versions 1 and 2 on disk."""
-    import lookalike.serve as serve
-    from lookalike.repository import Repository
-    from lookalike.supervisor import Supervisor, TritonAdmin
+    import lookalike.server.serve as serve
+    from lookalike.indexing.repository import Repository
+    from lookalike.server.supervisor import Supervisor, TritonAdmin
 
     repo = versioned_repo(tmp_path)
     if damage_newest:
@@ -505,8 +505,8 @@ def test_serve_on_a_read_only_repository_starts_plainly_when_the_newest_can_be_s
 
 
 def test_the_version_served_is_not_recorded_in_a_read_only_repository_and_that_is_said_once(tmp_path, monkeypatch):
-    from lookalike.repository import Repository
-    from lookalike.supervisor import Supervisor, SupervisorOptions
+    from lookalike.indexing.repository import Repository
+    from lookalike.server.supervisor import Supervisor, SupervisorOptions
 
     repo = versioned_repo(tmp_path)
     monkeypatch.setattr(Repository, "writable", lambda self: False)

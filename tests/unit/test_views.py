@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from lookalike.preprocessing import PreprocessConfig
-from lookalike.views import CANVAS, DEFAULT_CATALOG_VIEWS, CatalogView, cutout, render, view_images
+from lookalike.serving.preprocessing import PreprocessConfig
+from lookalike.serving.views import CANVAS, DEFAULT_CATALOG_VIEWS, CatalogView, cutout, render, view_images
 
 
 def packshot() -> Image.Image:
@@ -31,7 +31,7 @@ def test_view_data_is_validated():
 def test_as_query_view_is_the_packshot_exactly_as_preprocess_query_frames_it():
     """Indexed with the catalog side, the as_query view gives the very pixels a query of the same
     packshot gets: the packshot sent as a query meets itself with cosine 1."""
-    from lookalike.preprocessing import ImageLimits, PreprocessConfig, Preprocessor
+    from lookalike.serving.preprocessing import ImageLimits, PreprocessConfig, Preprocessor
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
     buffer = io.BytesIO()

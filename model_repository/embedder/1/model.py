@@ -1,18 +1,18 @@
-"""Triton adapter of `lookalike.embedding.OnnxEmbedder`: ONNX Runtime inside a Python-backend model.
+"""Triton adapter of `lookalike.serving.embedding.OnnxEmbedder`: ONNX Runtime inside a Python-backend model.
 
 This variant exists because the tritonserver of the nvidia-pytriton wheel has only the Python
 backend. In the NGC tritonserver image the same directory is served by the `onnxruntime` backend
 (configs/onnxruntime.pbtxt, selected with --model-config-name=onnxruntime) and this file is unused.
-All requests of a dynamic batch run as one ONNX Runtime call (`lookalike.adapter`).
+All requests of a dynamic batch run as one ONNX Runtime call (`lookalike.serving.adapter`).
 """
 
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from lookalike.adapter import model_parameters, request_inputs, required, responses, rows_together, run_together
-from lookalike.artifacts import MANIFEST_FILE, EmbedderManifest
-from lookalike.embedding import OnnxEmbedder
+from lookalike.serving.adapter import model_parameters, request_inputs, required, responses, rows_together, run_together
+from lookalike.serving.artifacts import MANIFEST_FILE, EmbedderManifest
+from lookalike.serving.embedding import OnnxEmbedder
 from lookalike_client import contract as c
 
 

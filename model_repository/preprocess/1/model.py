@@ -1,18 +1,18 @@
-"""Triton adapter of `lookalike.preprocessing`: IMAGE bytes -> PIXELS, one response per request.
+"""Triton adapter of `lookalike.serving.preprocessing`: IMAGE bytes -> PIXELS, one response per request.
 
 Serves both `preprocess` (catalog side: `embed_image`, indexing) and `preprocess_query` (shopper
 photos: `visual_search`, whose 1/model.py links here); the `side` parameter picks the settings.
 
 A bad image fails its own request (INVALID_ARG), never the other requests of the dynamic batch, and
-no exception escapes `execute` (`lookalike.adapter`), so the stub cannot be brought down by an upload.
+no exception escapes `execute` (`lookalike.serving.adapter`), so the stub cannot be brought down by an upload.
 """
 
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from lookalike.adapter import model_parameters, request_inputs, required, responses, run_each
-from lookalike.preprocessing import ImageError, ImageLimits, PreprocessConfig, Preprocessor
+from lookalike.serving.adapter import model_parameters, request_inputs, required, responses, run_each
+from lookalike.serving.preprocessing import ImageError, ImageLimits, PreprocessConfig, Preprocessor
 from lookalike_client import contract as c
 
 

@@ -1,4 +1,4 @@
-"""Triton adapter of `lookalike.query_views`: IMAGE bytes -> EMBEDDING [V x D], the query views of each
+"""Triton adapter of `lookalike.serving.query_views`: IMAGE bytes -> EMBEDDING [V x D], the query views of each
 shopper photo embedded (visual_search's first step).
 
 Each request's photos are decoded and cut into their views on their own (a bad image fails its own
@@ -6,7 +6,7 @@ request with INVALID_ARG, never the other requests of the dynamic batch); then t
 requests go to `embedder` together, as one BLS request per `embedder_max_batch_size` rows, which the
 embedder's dynamic batcher batches further with the other instances' calls. An embedder that does not
 answer (unloaded, reloading, the server shutting down) is UNAVAILABLE for that batch, which clients retry.
-No exception escapes `execute` (`lookalike.adapter`).
+No exception escapes `execute` (`lookalike.serving.adapter`).
 """
 
 from pathlib import Path
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from lookalike.adapter import model_parameters, request_inputs, required, responses, run_together
-from lookalike.preprocessing import ImageError, ImageLimits, PreprocessConfig
-from lookalike.query_views import EmbedderUnavailableError, ViewPreprocessor, embed_views, views_enabled
+from lookalike.serving.adapter import model_parameters, request_inputs, required, responses, run_together
+from lookalike.serving.preprocessing import ImageError, ImageLimits, PreprocessConfig
+from lookalike.serving.query_views import EmbedderUnavailableError, ViewPreprocessor, embed_views, views_enabled
 from lookalike_client import contract as c
 
 

@@ -16,9 +16,8 @@ from typing import Any
 
 from google.protobuf import text_format
 
+from lookalike.serving.artifacts import ONNX_FILE, PLAN_FILE
 from lookalike_client import contract as c
-
-from .artifacts import ONNX_FILE, PLAN_FILE
 
 # Serving variants of the embedder, chosen at serve time with tritonserver's --model-config-name.
 # "python" is config.pbtxt itself: ONNX Runtime inside a Python-backend model, for the tritonserver of
@@ -120,7 +119,7 @@ def render_embedder_config(variant: str, **kwargs: Any) -> str:
     backend = {"python": "ONNX Runtime inside the Python backend", "onnxruntime": "Triton's onnxruntime backend",
                "tensorrt": "Triton's TensorRT backend"}[variant] if variant in EMBEDDER_VARIANTS else ""
     return to_text(embedder_config(variant, **kwargs),
-                   f"Written by `lookalike export` (lookalike/model_configs.py): the embedder on {backend}.")
+                   f"Written by `lookalike export` (lookalike/indexing/model_configs.py): the embedder on {backend}.")
 
 
 def write_embedder_configs(embedder_dir: Path, *, height: int, width: int, dim: int, max_batch_size: int,

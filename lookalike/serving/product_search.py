@@ -15,16 +15,15 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from lookalike.serving.adapter import Inputs, Log, Outcome, Outputs, required, run_together
+from lookalike.serving.artifacts import PREPROCESSING_FILE, EmbedderManifest
+from lookalike.serving.fusion import depth as fusion_depth
+from lookalike.serving.fusion import fuse
+from lookalike.serving.search import DEFAULT_GPU_TEMP_MEMORY, NO_FILTER, Filter, ProductIndex, UnknownProductError, set_threads
 from lookalike_client import contract as c
 
-from .adapter import Inputs, Log, Outcome, Outputs, required, run_together
-from .artifacts import PREPROCESSING_FILE, EmbedderManifest
-from .fusion import depth as fusion_depth
-from .fusion import fuse
-from .search import DEFAULT_GPU_TEMP_MEMORY, NO_FILTER, Filter, ProductIndex, UnknownProductError, set_threads
-
 if TYPE_CHECKING:
-    from .milvus_search import MilvusIndex
+    from lookalike.serving.milvus_search import MilvusIndex
 
 # How far an embedding's L2 norm may be from 1. The embedders normalise in the graph (FP32 and FP16
 # engines land within 1e-3); anything further off was not made by our embedder, and its inner
@@ -135,7 +134,7 @@ class SearchRequest:
     k: int
     filters: tuple[Filter, ...] = ()  # one per row (empty: none)
     product_ids: tuple[str, ...] = ()  # similar_products: the catalog products to match
-    views: int = 1  # embeddings per query row (lookalike.query_views), fused (lookalike.fusion)
+    views: int = 1  # embeddings per query row (lookalike.serving.query_views), fused (lookalike.serving.fusion)
 
     @property
     def rows(self) -> int:
@@ -274,7 +273,7 @@ class ProductSearch:
                  version: int = 0, embedder_model: str = "", fusion: str = "max") -> None:
         self.index = index
         self.norm_tolerance = norm_tolerance
-        self.fusion = fusion  # how the views of one query make a product's score (lookalike.fusion)
+        self.fusion = fusion  # how the views of one query make a product's score (lookalike.serving.fusion)
         self.info = index_info(index, version, embedder_model) if isinstance(index, ProductIndex) else index.info()
         self._info_json = json.dumps(self.info, sort_keys=True).encode()
 
@@ -348,7 +347,7 @@ class ProductSearch:
         """The Milvus collection behind the alias of the parameters milvus_uri / milvus_collection (token:
         $LOOKALIKE_MILVUS_TOKEN). Loads while Milvus is down (requests get UNAVAILABLE until it is back);
         never searches a collection of another embedder (`MilvusIndex`)."""
-        from .milvus_search import BackendUnavailableError, CollectionMismatchError, MilvusIndex, MilvusSettings
+        from lookalike.serving.milvus_search import BackendUnavailableError, CollectionMismatchError, MilvusIndex, MilvusSettings
 
         manifest_path = (Path(model_dir) / params["embedder_manifest"]).resolve()
         manifest = EmbedderManifest.load(manifest_path)
@@ -366,7 +365,7 @@ class ProductSearch:
             local: ProductIndex | None = self.index
             unavailable: tuple[type[Exception], ...] = ()
         else:
-            from .milvus_search import BackendUnavailableError
+            from lookalike.serving.milvus_search import BackendUnavailableError
 
             local, unavailable = None, (BackendUnavailableError,)
 
@@ -384,7 +383,7 @@ class ProductSearch:
 
 def query_fusion(embedder_dir: Path) -> str:
     """The fusion of the query views that the embedder's preprocessing file names ("max" without one)."""
-    from .preprocessing import PreprocessConfig
+    from lookalike.serving.preprocessing import PreprocessConfig
 
     path = Path(embedder_dir) / PREPROCESSING_FILE
     return PreprocessConfig.load(path).query_fusion if path.exists() else "max"

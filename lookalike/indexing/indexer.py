@@ -3,7 +3,7 @@
 an index version of the same embedder already holds are not embedded again (`EmbeddingStore`).
 
 Images are sent in batches over several concurrent requests (the server's dynamic batcher merges
-them), through one server or spread over several on the same repository (`lookalike.fanout`). A
+them), through one server or spread over several on the same repository (`lookalike.indexing.fanout`). A
 batch refused for a bad image is retried image by image, so one bad file costs only itself; every
 unusable row is reported with its reason and the rest go on.
 """
@@ -19,22 +19,21 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from lookalike.indexing.catalog import CatalogItem, Problem, read_catalog
+from lookalike.indexing.fanout import AllServersGone, spread
+from lookalike.indexing.index_types import IndexChoice, choose
+from lookalike.indexing.publishing import ServingRecord, as_clients, check_server, check_servers, clean_stale_staging, publish_index
+from lookalike.indexing.repository import KEEP_VERSIONS, Repository
+from lookalike.serving.artifacts import VECTORS_FILE, ArtifactError, EmbedderManifest, IndexMeta
+from lookalike.serving.preprocessing import ImageError, ImageLimits, PreprocessConfig
+from lookalike.serving.search import CorruptIndexError, Product, ProductIndex, load_products
 from lookalike_client import FileRefusedError, InvalidRequestError, LookalikeClient, ServerUnavailableError
 from lookalike_client.files import open_file, read_file
 
-from .artifacts import VECTORS_FILE, ArtifactError, EmbedderManifest, IndexMeta
-from .catalog import CatalogItem, Problem, read_catalog
-from .fanout import AllServersGone, spread
-from .index_types import IndexChoice, choose
-from .preprocessing import ImageError, ImageLimits, PreprocessConfig
-from .publishing import ServingRecord, as_clients, check_server, check_servers, clean_stale_staging, publish_index
-from .repository import KEEP_VERSIONS, Repository
-from .search import CorruptIndexError, Product, ProductIndex, load_products
-
 if TYPE_CHECKING:
-    from .milvus_index import MilvusReport, MilvusWriter
-    from .milvus_publish import MilvusEmbeddingStore, MilvusTarget
-    from .milvus_search import CollectionState
+    from lookalike.indexing.milvus_index import MilvusReport, MilvusWriter
+    from lookalike.indexing.milvus_publish import MilvusEmbeddingStore, MilvusTarget
+    from lookalike.serving.milvus_search import CollectionState
 
 
 class EmptyCatalogError(ValueError):
@@ -201,7 +200,7 @@ def embed_across(
     limits: ImageLimits | None = None,
 ) -> Embedded:
     """`embed_items` over every server of `clients`: batches of `batch_size` rows from one queue, with
-    `concurrency` requests in flight per server (`lookalike.fanout`), one progress bar. A batch whose
+    `concurrency` requests in flight per server (`lookalike.indexing.fanout`), one progress bar. A batch whose
     server is unreachable past the client's own retries (ServerUnavailableError) goes to the other
     servers, and that server gets no more; ServerUnavailableError only once every server has gone
     (with one server: its own error, as it came). Any other error stops the run, as with one server."""
@@ -292,7 +291,7 @@ def index_catalog(
     whose file content (sha256) an index version of the same embedder already holds is not embedded
     again (`EmbeddingStore`; `reuse=False` embeds all); removed products are dropped and category changes
     kept without embedding. `index` (auto|flat|hnsw|ivf-pq) with `index_options` (hnsw_m, ef_search,
-    nlist, m, nprobe) picks the FAISS index (`lookalike.index_types`); `factory`, a FAISS index_factory
+    nlist, m, nprobe) picks the FAISS index (`lookalike.indexing.index_types`); `factory`, a FAISS index_factory
     string, overrides it for experts.
 
     `client` may be the clients of several servers on this repository (`lookalike index --url A --url
@@ -302,7 +301,7 @@ def index_catalog(
     written), and every one of them must load and confirm the new version, or none serves it
     (`publish_index`).
 
-    `milvus`: the catalog goes into that Milvus alias instead (`lookalike.milvus_publish`): the servers
+    `milvus`: the catalog goes into that Milvus alias instead (`lookalike.indexing.milvus_publish`): the servers
     must search it; images are reused from its live generation; the change is written in place or as a
     new generation, and every server confirms it through INDEX_INFO. `index` picks the Milvus index type."""
     import time
@@ -316,8 +315,8 @@ def index_catalog(
         cl.wait_until_ready(timeout_s=120.0)
     writer = live = None
     if milvus is not None:
-        from .milvus_index import MilvusWriter
-        from .milvus_publish import check_milvus_servers
+        from lookalike.indexing.milvus_index import MilvusWriter
+        from lookalike.indexing.milvus_publish import check_milvus_servers
 
         if factory:
             raise ValueError("--index-factory is a FAISS index_factory string: the Milvus backend takes --index")
@@ -362,7 +361,7 @@ def _index_checked(catalog: str | Path, repository: Repository, clients: Sequenc
     if not reuse:
         store = EmbeddingStore()
     elif writer is not None:
-        from .milvus_publish import MilvusEmbeddingStore
+        from lookalike.indexing.milvus_publish import MilvusEmbeddingStore
 
         store = MilvusEmbeddingStore.from_live(writer, live, manifest.fingerprint, list(hashes.values()))
     else:
@@ -403,7 +402,7 @@ def _index_checked(catalog: str | Path, repository: Repository, clients: Sequenc
                 hashes[i] = ""
     if writer is not None:
         assert milvus is not None
-        from .milvus_publish import publish_catalog
+        from lookalike.indexing.milvus_publish import publish_catalog
 
         report = IndexReport(0, 0, problems, 0.0, choice, rows, len(good), reused=len(known), embedded=len(embedded))
         report.embedding_seconds = embedding_seconds

@@ -1,5 +1,5 @@
 """Launching tritonserver as a child process, and nothing else (the `lookalike serve` command around it
-is `lookalike.serve`; what must be on disk before a start is the `prepare` hook's business).
+is `lookalike.server.serve`; what must be on disk before a start is the `prepare` hook's business).
 
 Finds the binary (--tritonserver, else `tritonserver` on PATH, else the one inside the nvidia-pytriton
 wheel with its Python-backend stub set up for this interpreter), builds its command line from
@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Sequence
 
+from lookalike.server.stubs import ProcUnreadable, kill_stubs_of
 from lookalike_client import ServerUnavailableError, wait_for
 from lookalike_client import contract as c
-
-from .stubs import ProcUnreadable, kill_stubs_of
 
 # APIs that change or expose server state: restricted to holders of the admin key when the server is
 # reachable beyond loopback (whoever reaches the port could otherwise unload the models).
@@ -144,7 +143,7 @@ def shared_libpython_dir() -> str | None:
     interpreter's own libpython. An interpreter without a shared libpython (Py_ENABLE_SHARED 0, e.g. a
     default pyenv build) has no such directory: the stub keeps the system's libpython, which works when
     that is the same Python patch release, and otherwise fails on such imports, named in the model's
-    load error (lookalike.milvus_search.connect)."""
+    load error (lookalike.serving.milvus_search.connect)."""
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         return None
     libdir = sysconfig.get_config_var("LIBDIR")
@@ -251,7 +250,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class TritonServer:
     """A tritonserver child process. Use as a context manager, or start()/stop(). `prepare` runs before
-    every start (the first one and a supervisor's restarts): `lookalike.serve.lookalike_server` makes
+    every start (the first one and a supervisor's restarts): `lookalike.server.serve.lookalike_server` makes
     the model repository servable there."""
 
     def __init__(self, options: ServerOptions, log_file: Path | None = None,

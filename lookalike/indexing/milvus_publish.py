@@ -1,4 +1,4 @@
-"""What `lookalike index` does on the Milvus backend around the writes (`lookalike.milvus_index`): checking
+"""What `lookalike index` does on the Milvus backend around the writes (`lookalike.indexing.milvus_index`): checking
 the servers before anything is embedded, reusing the live generation's embeddings, publishing (a new
 generation and the alias move, or an incremental change), and confirming through each server's
 INDEX_INFO that it serves what was written, as on the faiss backend.
@@ -13,18 +13,17 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from lookalike.indexing.milvus_index import LOAD_TIMEOUT_S, MilvusIndexError, MilvusReport, MilvusWriter, Row, catalog_rows
+from lookalike.indexing.publishing import ServerMismatchError
+from lookalike.indexing.repository import KEEP_VERSIONS
+from lookalike.serving.artifacts import EmbedderManifest
+from lookalike.serving.milvus_search import INDEX_TYPES, REFRESH_S, CollectionState, MilvusSettings
 from lookalike_client import LookalikeClient, LookalikeError, ServerInfo
 
-from .artifacts import EmbedderManifest
-from .milvus_index import LOAD_TIMEOUT_S, MilvusIndexError, MilvusReport, MilvusWriter, Row, catalog_rows
-from .milvus_search import INDEX_TYPES, REFRESH_S, CollectionState, MilvusSettings
-from .publishing import ServerMismatchError
-from .repository import KEEP_VERSIONS
-
 if TYPE_CHECKING:
-    from .catalog import CatalogItem
-    from .index_types import IndexChoice
-    from .indexer import IndexReport
+    from lookalike.indexing.catalog import CatalogItem
+    from lookalike.indexing.index_types import IndexChoice
+    from lookalike.indexing.indexer import IndexReport
 
 CONFIRM_S = 30.0  # how long the servers get to show a write in INDEX_INFO (they look every REFRESH_S)
 
@@ -191,7 +190,7 @@ def milvus_kind(choice: "IndexChoice") -> tuple[str, dict[str, int], dict[str, i
 def publish_catalog(writer: MilvusWriter, good: Sequence[tuple["CatalogItem", str, np.ndarray]], manifest: EmbedderManifest,
                     clients: Sequence[LookalikeClient], *, live: CollectionState | None, choice: "IndexChoice", full: bool,
                     partition_key: bool, keep: int, report: "IndexReport") -> MilvusReport:
-    """The Milvus end of `lookalike.indexer.index_catalog`: rows of the catalog, the counts of what changed
+    """The Milvus end of `lookalike.indexing.indexer.index_catalog`: rows of the catalog, the counts of what changed
     against the live generation, the write (`publish_milvus`), and the report's version and pruned lists."""
     products = catalog_products(good)
     rows = catalog_rows(products)

@@ -59,16 +59,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from lookalike.indexing import model_configs
+from lookalike.indexing.publishing import SERVING_HEARTBEAT_S, clear_serving, record_serving, version_problem
+from lookalike.indexing.repository import Repository
+from lookalike.server.stubs import DEAD_STATES, STOPPED_STATES, ProcUnreadable, StubId, StubProcess, list_stubs, read_state
+from lookalike.serving.artifacts import ArtifactError
 from lookalike_client import contract as c
 
-from . import model_configs
-from .artifacts import ArtifactError
-from .publishing import SERVING_HEARTBEAT_S, clear_serving, record_serving, version_problem
-from .repository import Repository
-from .stubs import DEAD_STATES, STOPPED_STATES, ProcUnreadable, StubId, StubProcess, list_stubs, read_state
-
 if TYPE_CHECKING:
-    from .server import TritonServer
+    from lookalike.server.launcher import TritonServer
 
 Log = Callable[[str], None]
 

@@ -10,8 +10,8 @@ from typing import Sequence
 
 from PIL import Image
 
-from .images import over_background
-from .search import Product
+from lookalike.serving.images import over_background
+from lookalike.serving.search import Product
 
 
 def thumbnail_uri(source: str | Path | bytes | None, size: int = 160) -> str | None:

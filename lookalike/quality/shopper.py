@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
-from .views import cutout
+from lookalike.serving.views import cutout
 
 # Debian's mate-backgrounds (GPL-2+): real photos of wood, sand, plants, water.
 MATE_NATURE = Path("/usr/share/backgrounds/mate/nature")
@@ -69,8 +69,8 @@ class ShopperPhoto:
 def background_photos() -> list[tuple[str, Image.Image]]:
     """(name, RGB image) of the real photos available as backgrounds: mate-backgrounds' nature photos
     when that Debian package is installed, and the photos that scikit-image, scikit-learn and
-    matplotlib ship (lookalike.sample_data.real_photos)."""
-    from .sample_data import real_photos
+    matplotlib ship (lookalike.quality.sample_data.real_photos)."""
+    from lookalike.quality.sample_data import real_photos
 
     photos: list[tuple[str, Image.Image]] = []
     if MATE_NATURE.is_dir():

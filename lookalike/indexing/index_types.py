@@ -9,7 +9,7 @@
 
 `auto` picks by the number of vectors (a product has one per image and catalog view) and says why.
 The search-time parameters recorded here are the version's defaults; `product_search`'s config
-parameters `ef_search` and `nprobe` override them without a rebuild (`lookalike.search`).
+parameters `ef_search` and `nprobe` override them without a rebuild (`lookalike.serving.search`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The Milvus search tier: product_search's `search_backend milvus`, as plain Python tested against a real
-Milvus server (`lookalike.milvus_server` starts one).
+Milvus server (`lookalike.server.milvus` starts one).
 
 One catalog lives in one collection per *generation*, named `<alias>_g<N>`; the alias (product_search's
 `milvus_collection`, default `lookalike`) names the one served. A full build (a new embedder, `--full`,
@@ -40,9 +40,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lookalike.serving.search import NO_FILTER, Filter, Hits, UnknownProductError
 from lookalike_client import contract as c
-
-from .search import NO_FILTER, Filter, Hits, UnknownProductError
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +57,14 @@ RESCORE_BUDGET = 8192  # hits of one rescoring search (query rows x candidate ro
 
 # Fields of a collection's rows.
 PK, PRODUCT_ID, CATEGORY, IMAGE, SHA256, VECTORS, VECTOR = "pk", "product_id", "category", "image", "sha256", "vectors", "vector"
-MAX_ID_BYTES = 4096  # catalog ids are at most 1,024 characters (lookalike.catalog), 4 bytes each in utf-8
+MAX_ID_BYTES = 4096  # catalog ids are at most 1,024 characters (lookalike.indexing.catalog), 4 bytes each in utf-8
 MAX_CATEGORY_BYTES = 4096
 MAX_IMAGE_BYTES = 4096
 
 # Collection properties.
 P_GENERATION, P_FINGERPRINT, P_MODEL, P_DIM = "lookalike.generation", "lookalike.fingerprint", "lookalike.embedder_model", "lookalike.dim"
 P_PRODUCTS, P_MAX_VECTORS, P_STATE, P_WRITE_TS = "lookalike.products", "lookalike.max_vectors", "lookalike.state_id", "lookalike.write_ts"
-P_KIND, P_SEARCH, P_REJECTED = "lookalike.kind", "lookalike.search", "lookalike.rejected"
+P_KIND, P_SEARCH, P_REJECTED = "lookalike.kind", "lookalike.serving.search", "lookalike.rejected"
 
 # Milvus index type and search parameters of each index kind `lookalike index --index` names.
 INDEX_TYPES = {"flat": "FLAT", "hnsw": "HNSW", "ivf-pq": "IVF_PQ"}
@@ -112,7 +111,7 @@ def connect(settings: MilvusSettings) -> Any:
     """A pymilvus MilvusClient (imported here: pymilvus is only needed with this backend)."""
     try:
         from pymilvus import MilvusClient
-    except ImportError as exc:  # e.g. the stub's libpython lacks ssl (lookalike.server, README)
+    except ImportError as exc:  # e.g. the stub's libpython lacks ssl (lookalike.server.launcher, README)
         raise BackendUnavailableError(f"pymilvus cannot be imported here ({type(exc).__name__}: {exc})") from exc
     try:
         # A connection of its own: pymilvus otherwise shares one per (uri, token) in a process, and closing
@@ -322,7 +321,7 @@ def search_params(state: CollectionState, limit: int) -> dict[str, Any]:
 
 
 class MilvusIndex:
-    """The served side of a Milvus collection behind an alias, with what `lookalike.product_search`
+    """The served side of a Milvus collection behind an alias, with what `lookalike.serving.product_search`
     asks of an index: search, similar, INDEX_INFO's facts. Knows only what the alias names now (looked
     up every REFRESH_S). A collection of another embedder is never searched: the previous one keeps
     serving, or, with none, no products (INDEX_INFO version 0, as before the first index), so that

@@ -11,7 +11,7 @@ over the query side's (`PreprocessConfig.for_side("query")`):
     {"name": "letterbox", "resize_mode": "letterbox"}
 
 The photo is decoded once, at the resolution of its most demanding view, and each view is cut from
-that picture. `product_search` then scores each product by its views (lookalike.fusion). The model
+that picture. `product_search` then scores each product by its views (lookalike.serving.fusion). The model
 `preprocess_query` (IMAGE -> EMBEDDING [V x D]) is this module plus one BLS call to `embedder`.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .preprocessing import RESIZE_MODES, ImageLimits, PreprocessConfig, Preprocessor, decode, encoded, resize, stack_each
+from lookalike.serving.preprocessing import RESIZE_MODES, ImageLimits, PreprocessConfig, Preprocessor, decode, encoded, resize, stack_each
 
 KEYS = ("name", "resize_mode", "resize_size", "zoom")
 # The offline default embedder's query views (README "Search quality", `make eval-candidates`): the centre

@@ -1,5 +1,5 @@
-"""`lookalike serve`: tritonserver (`lookalike.server`) over a model repository made servable before each
-start (`lookalike.publishing.ensure_servable_index`), kept serving by the supervisor, with its health
+"""`lookalike serve`: tritonserver (`lookalike.server.launcher`) over a model repository made servable before each
+start (`lookalike.indexing.publishing.ensure_servable_index`), kept serving by the supervisor, with its health
 endpoint, the ready banner, signal forwarding and the exit code.
 
 A repository that this process cannot write (the index volume of the Kubernetes pods, mounted read-only)
@@ -16,15 +16,14 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lookalike.indexing.model_configs import VARIANTS_DIR
+from lookalike.indexing.publishing import NothingToServeError, ensure_servable_index, newest_servable_version
+from lookalike.indexing.repository import Repository
+from lookalike.server.launcher import LaunchError, ServerOptions, TritonServer, processes_hidden_from_other_users
 from lookalike_client import contract as c
 
-from .model_configs import VARIANTS_DIR
-from .publishing import NothingToServeError, ensure_servable_index, newest_servable_version
-from .repository import Repository
-from .server import LaunchError, ServerOptions, TritonServer, processes_hidden_from_other_users
-
 if TYPE_CHECKING:
-    from .supervisor import SupervisorOptions
+    from lookalike.server.supervisor import SupervisorOptions
 
 
 def log(message: object) -> None:
@@ -67,7 +66,7 @@ def lookalike_server(options: ServerOptions, log_file: Path | None = None) -> Tr
 def serve_forever(options: ServerOptions, supervision: "SupervisorOptions | None" = None) -> int:
     """Foreground server for the CLI: the supervisor and its health endpoint, the ready banner,
     signal forwarding, and the exit code (0 after SIGINT/SIGTERM)."""
-    from .supervisor import AdminError, HealthServer, Supervisor, SupervisorGaveUp
+    from lookalike.server.supervisor import AdminError, HealthServer, Supervisor, SupervisorGaveUp
 
     server = lookalike_server(options)
     repository = Repository(Path(options.model_repository))

@@ -3,11 +3,11 @@ names and their fields, read and written only through the classes here.
 
     embedder/
       1/model.onnx          the exported embedder (1/model.plan: its TensorRT engine)
-      preprocessing.json    `lookalike.preprocessing.PreprocessConfig`
+      preprocessing.json    `lookalike.serving.preprocessing.PreprocessConfig`
       manifest.json         `EmbedderManifest`: what was exported, how, and the fingerprint
     product_search/<N>/
       index.faiss           the FAISS index
-      products.json         ids, categories, images, vectors per product (`lookalike.search`)
+      products.json         ids, categories, images, vectors per product (`lookalike.serving.search`)
       index.json            `IndexMeta`: dim, count, factory, fingerprint, and the sizes and hashes of
                             the two files above (written last, so it vouches for them)
 
@@ -190,7 +190,7 @@ class IndexMeta:
     # product_search config parameters override them.
     search: dict[str, int] = field(default_factory=dict)
     # Per-category sub-indexes of a graph index (category -> file name in the version directory), for
-    # filtered search (`lookalike.search`).
+    # filtered search (`lookalike.serving.search`).
     subindexes: dict[str, str] = field(default_factory=dict)
     # A random id given when the index is built: which index a server serves, beyond its version number
     # (another model repository may have a version of the same number). "" for older versions.

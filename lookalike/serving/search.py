@@ -2,11 +2,11 @@
 
 FAISS positions are int64 and stay inside this module; callers see the catalog's own product ids.
 An index is a directory, written once and never modified (file names and metadata schema in
-`lookalike.artifacts`): index.faiss (faiss.write_index), products.json (ids, categories, image paths
+`lookalike.serving.artifacts`): index.faiss (faiss.write_index), products.json (ids, categories, image paths
 and how many vectors each product has, in FAISS order: a product's vectors are consecutive, its
 packshot, then its catalog views) and index.json (`IndexMeta`, written last, vouching for the others).
 
-`product_search` serves one such directory per Triton model version (see `lookalike.repository`).
+`product_search` serves one such directory per Triton model version (see `lookalike.indexing.repository`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from typing import Any, Callable, Sequence
 import faiss
 import numpy as np
 
+from lookalike.serving.artifacts import INDEX_FILE, META_FILE, PRODUCTS_FILE, VECTORS_FILE, ArtifactError, IndexMeta, file_digest
 from lookalike_client import contract as c
-
-from .artifacts import INDEX_FILE, META_FILE, PRODUCTS_FILE, VECTORS_FILE, ArtifactError, IndexMeta, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class Product:
     category: str = ""
     image: str = ""  # the product's first image, for display
     # Where its vectors came from, one entry per image in FAISS order: (image path, sha256 of the file,
-    # vectors of that image). The embedding store of incremental updates (`lookalike.indexer`).
+    # vectors of that image). The embedding store of incremental updates (`lookalike.indexing.indexer`).
     sources: tuple[tuple[str, str, int], ...] = ()
 
 
@@ -356,7 +355,7 @@ class ProductIndex:
 
         Rows are independent: an approximate index that finds fewer than k neighbours for one unfiltered
         row (FAISS marks the gaps with position -1) returns fewer items for that row only. Callers must
-        refuse non-finite queries first (`lookalike.product_search`): FAISS ranks NaN scores arbitrarily."""
+        refuse non-finite queries first (`lookalike.serving.product_search`): FAISS ranks NaN scores arbitrarily."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [N, {self.dim}], got {list(queries.shape)}")

@@ -40,12 +40,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from lookalike.indexing.repository import KEEP_VERSIONS, STAGING_OWNER_FILE, STAGING_PREFIX, Repository
+from lookalike.serving.artifacts import ArtifactError, IndexMeta
+from lookalike.serving.search import CorruptIndexError, ProductIndex, check_index_dir
 from lookalike_client import LookalikeClient, LookalikeError, ServerInfo
 from lookalike_client import contract as c
-
-from .artifacts import ArtifactError, IndexMeta
-from .repository import KEEP_VERSIONS, STAGING_OWNER_FILE, STAGING_PREFIX, Repository
-from .search import CorruptIndexError, ProductIndex, check_index_dir
 
 Log = Callable[[str], None]
 

@@ -24,10 +24,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
+from lookalike.serving.images import over_background
+from lookalike.serving.views import CatalogView, view_images
 from lookalike_client import contract as c
-
-from .images import over_background
-from .views import CatalogView, view_images
 
 # A truncated file is an error, never a silently half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -136,13 +135,13 @@ class PreprocessConfig:
     # `lookalike index`): keys here override the ones above on the query side (`for_side("query")`).
     # Only how the picture is framed may differ: size, mean and std are the embedder's.
     query: dict[str, Any] = field(default_factory=dict)
-    # Extra images of each catalog product that indexing embeds beside its packshot (lookalike.views):
+    # Extra images of each catalog product that indexing embeds beside its packshot (lookalike.serving.views):
     # [{"scale": 0.6, "background": [128, 128, 128], "rotate": 0}, ...]. Empty: the packshot alone.
     catalog_views: list[dict[str, Any]] = field(default_factory=list)
-    # Each shopper photo is embedded several ways (lookalike.query_views): [{"name": "crop"}, {"name":
+    # Each shopper photo is embedded several ways (lookalike.serving.query_views): [{"name": "crop"}, {"name":
     # "zoom 60%", "zoom": 0.6}, {"name": "letterbox", "resize_mode": "letterbox"}, ...], each framing
     # keys over the query side's. Empty: the query side's framing alone. `query_fusion` is how a
-    # product's per-view scores make its score (lookalike.fusion). Both are query side only: they stay
+    # product's per-view scores make its score (lookalike.serving.fusion). Both are query side only: they stay
     # out of the embedder's fingerprint, so changing them never asks for a re-index.
     query_views: list[dict[str, Any]] = field(default_factory=list)
     query_fusion: str = "max"
@@ -162,8 +161,8 @@ class PreprocessConfig:
         if not self.draft_oversample >= 1.0:
             raise ValueError(f"draft_oversample must be at least 1, got {self.draft_oversample!r}")
         self.views()  # validates them
-        from .fusion import FUSIONS
-        from .query_views import QueryView
+        from lookalike.serving.fusion import FUSIONS
+        from lookalike.serving.query_views import QueryView
 
         if self.query_fusion not in FUSIONS:
             raise ValueError(f"query_fusion must be one of {FUSIONS}, got {self.query_fusion!r}")

@@ -5,13 +5,13 @@ The catalog goes through `embed_image` (catalog-side preprocessing, catalog view
 through `preprocess_query`, the first step of `visual_search`: the server's own query views, embedded
 by the served embedder. The evaluation index (the catalog minus a few left-out products per
 category) is built and searched in this process with the code `product_search` runs
-(`lookalike.product_search.search_requests`: each view searched, the views fused as the preprocessing
+(`lookalike.serving.product_search.search_requests`: each view searched, the views fused as the preprocessing
 file's `query_fusion` says). Nothing is published: the served index, the repository's index versions
 and its embedding store stay exactly as they were, and other clients see the whole catalog throughout.
 Latency and throughput are measured on `visual_search` itself, as clients call it.
 
 Queries are real shopper photos (`--queries`, CSV `image,product_id`) and/or synthetic ones made from
-the catalog's packshots (`--simulate N`, lookalike.shopper). Reported: recall@1/5/10 and MRR, broken
+the catalog's packshots (`--simulate N`, lookalike.quality.shopper). Reported: recall@1/5/10 and MRR, broken
 down by what was done to each synthetic photo; precision@10 of same-category results for products
 left out of the index; the same metrics for a colour-histogram baseline computed in the same run;
 latency at concurrency 1 and throughput under load. An image that cannot be read or that the server
@@ -37,22 +37,21 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from lookalike.indexing.catalog import CatalogItem, Problem, csv_records, read_catalog
+from lookalike.indexing.indexer import build_index, embed_items
+from lookalike.indexing.repository import Repository
+from lookalike.quality.report import figure, thumbnail_uri
+from lookalike.quality.sample_data import perturb
+from lookalike.quality.shopper import DIMENSIONS, ShopperSimulator, background_photos, exclude_lookalikes, signature
+from lookalike.serving.images import encode
+from lookalike.serving.preprocessing import ImageError, ImageLimits, decode
+from lookalike.serving.product_search import search_views
+from lookalike.serving.search import Product, ProductIndex
 from lookalike_client import FileRefusedError, LookalikeClient, LookalikeError
 from lookalike_client import contract as c
 from lookalike_client.calls import Call, image_batch
 from lookalike_client.contract import quoted
 from lookalike_client.files import open_file, read_file
-
-from .catalog import CatalogItem, Problem, csv_records, read_catalog
-from .images import encode
-from .indexer import build_index, embed_items
-from .preprocessing import ImageError, ImageLimits, decode
-from .product_search import search_views
-from .report import figure, thumbnail_uri
-from .repository import Repository
-from .sample_data import perturb
-from .search import Product, ProductIndex
-from .shopper import DIMENSIONS, ShopperSimulator, background_photos, exclude_lookalikes, signature
 
 KS = (1, 5, 10)
 NEAR_DUPLICATE = "near_duplicate"  # a query's source tag: a re-shot catalog packshot, not a shopper photo
@@ -353,7 +352,7 @@ def _served(client: LookalikeClient) -> dict[str, Any]:
 def _view_names(config, views: int) -> list[str]:
     """The names of the server's query views: the preprocessing file's, when the server embedded as many
     (its `query_views` parameter may be off)."""
-    from .query_views import view_names, views_of
+    from lookalike.serving.query_views import view_names, views_of
 
     named = view_names(views_of(config))
     return named if len(named) == views else [f"view {i}" for i in range(views)]

@@ -113,7 +113,7 @@ def view_images(packshot: Image.Image, views: Sequence[CatalogView], as_query: I
                 max_side: int = 1024) -> list[bytes]:
     """PNG bytes of each view of a decoded packshot (upright RGB, transparency over white is fine: a
     white packshot background is cut away either way). `as_query` is the packshot as the query side
-    framed it (lookalike.preprocessing.resize), needed when a view is `as_query`."""
+    framed it (lookalike.serving.preprocessing.resize), needed when a view is `as_query`."""
     if not views:
         return []
     image = packshot.copy()

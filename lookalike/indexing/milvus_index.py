@@ -1,5 +1,5 @@
 """`lookalike index --search-backend milvus`: writing a catalog's embeddings into Milvus, as plain Python
-(the served side, and the layout of a collection, are `lookalike.milvus_search`'s).
+(the served side, and the layout of a collection, are `lookalike.serving.milvus_search`'s).
 
 - A full build (no collection yet, a new embedder, `--full`, another index type) fills a new generation
   `<alias>_g<N>`: rows inserted, flushed, indexed, loaded, its properties written last; then the alias
@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .milvus_search import (
+from lookalike.indexing.repository import KEEP_VERSIONS
+from lookalike.serving.milvus_search import (
     CATEGORY,
     IMAGE,
     INDEX_TYPES,
@@ -44,7 +45,6 @@ from .milvus_search import (
     quote,
     read_state,
 )
-from .repository import KEEP_VERSIONS
 
 INSERT_ROWS = 1000  # rows a write call (1280-d: about 5 MB)
 QUERY_CHUNK = 256  # values of one `in [...]` expression

@@ -1,7 +1,7 @@
 """How the views of one query photo score a catalog product: the server's fusion, used by `product_search`
 (both search backends) and by `lookalike eval`.
 
-A query photo is embedded as V views (lookalike.query_views). Each view is searched on its own and
+A query photo is embedded as V views (lookalike.serving.query_views). Each view is searched on its own and
 scores a product by its best vector (a product holds its packshot and its catalog views), then
 the product's V view scores make one:
 

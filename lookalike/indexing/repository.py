@@ -1,7 +1,7 @@
 """The Triton model repository on disk: where each model and artefact lives, and which index versions
-of `product_search` exist. Layout only: the artefacts' schemas are in `lookalike.artifacts`, the
-embedder's generated configs in `lookalike.model_configs`, writing and choosing index versions in
-`lookalike.publishing`.
+of `product_search` exist. Layout only: the artefacts' schemas are in `lookalike.serving.artifacts`, the
+embedder's generated configs in `lookalike.indexing.model_configs`, writing and choosing index versions in
+`lookalike.indexing.publishing`.
 
     model_repository/
       preprocess/, preprocess_query/  config.pbtxt, 1/model.py              (committed)
@@ -22,11 +22,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lookalike.indexing import model_configs
+from lookalike.serving.artifacts import MANIFEST_FILE, PREPROCESSING_FILE, ArtifactError, EmbedderManifest, onnx_path, plan_path
+from lookalike.serving.preprocessing import ImageLimits, PreprocessConfig
 from lookalike_client import contract as c
-
-from . import model_configs
-from .artifacts import MANIFEST_FILE, PREPROCESSING_FILE, ArtifactError, EmbedderManifest, onnx_path, plan_path
-from .preprocessing import ImageLimits, PreprocessConfig
 
 # Inside product_search/: index versions being written, and versions set aside as unservable.
 STAGING_PREFIX = ".staging-"
@@ -91,7 +90,7 @@ class Repository:
     # -- product_search versions -----------------------------------------------------------------
     @property
     def rejected_dir(self) -> Path:
-        """Where index versions that cannot be served are set aside (`lookalike.publishing`); Triton
+        """Where index versions that cannot be served are set aside (`lookalike.indexing.publishing`); Triton
         ignores it, as it ignores every non-numeric directory."""
         return self.search_dir / REJECTED_DIR
 
