@@ -110,8 +110,9 @@ def requests_for(concurrency: int, base: int) -> int:
 class InProcess:
     def __init__(self, repo, index_dir: Path) -> None:
         from lookalike.serving.embedding import OnnxEmbedder
+        from lookalike.serving.gpu import set_threads
         from lookalike.serving.query_views import ViewPreprocessor
-        from lookalike.serving.search import ProductIndex, set_threads
+        from lookalike.serving.search import ProductIndex
 
         # the served query side: its views (lookalike.serving.query_views), searched and fused as product_search does
         self.preprocessor = ViewPreprocessor(repo.preprocessing(), repo.image_limits())

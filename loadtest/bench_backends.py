@@ -55,7 +55,10 @@ import numpy as np
 from bench_index import Truth, recall_at_10, rss_mb
 
 from lookalike.indexing.index_types import choose
-from lookalike.serving.search import NO_FILTER, Filter, Product, ProductIndex, set_threads
+from lookalike.serving.filtering import NO_FILTER, Filter
+from lookalike.serving.gpu import set_threads
+from lookalike.serving.index_files import Product
+from lookalike.serving.search import ProductIndex
 
 from bench import breakdown, closed_loop, cpu_per_image, cpu_seconds, same_results, stats, summary, warm_up
 from synthetic import catalog_like, categories_for

@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.indexing.index_types import choose
-from lookalike.serving.search import Filter, Product, ProductIndex, set_threads
+from lookalike.serving.filtering import Filter
+from lookalike.serving.gpu import set_threads
+from lookalike.serving.index_files import Product
+from lookalike.serving.search import ProductIndex
 
 from synthetic import catalog_like, categories_for
 

@@ -26,10 +26,11 @@ from lookalike.indexing.repository import Repository
 from lookalike.quality.sample_data import perturb
 from lookalike.serving.embedding import OnnxEmbedder
 from lookalike.serving.images import encode, over_background
+from lookalike.serving.index_files import Product
 from lookalike.serving.preprocessing import ImageError, Preprocessor
 from lookalike.serving.product_search import search_views
 from lookalike.serving.query_views import ViewPreprocessor
-from lookalike.serving.search import Product, ProductIndex
+from lookalike.serving.search import ProductIndex
 
 
 def flatten(data: bytes) -> Image.Image:

@@ -27,10 +27,11 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 
 from lookalike.indexing.repository import Repository
 from lookalike.serving.embedding import OnnxEmbedder
+from lookalike.serving.gpu import set_threads
 from lookalike.serving.preprocessing import ImageError
 from lookalike.serving.product_search import search_views
 from lookalike.serving.query_views import ViewPreprocessor
-from lookalike.serving.search import ProductIndex, set_threads
+from lookalike.serving.search import ProductIndex
 
 _repo = Repository(Path(os.environ.get("PEER_MODEL_REPOSITORY", "model_repository")))
 _index_dir = os.environ.get("PEER_INDEX_DIR") or _repo.latest_index_dir()

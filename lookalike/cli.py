@@ -232,7 +232,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    from lookalike.serving.search import load_products
+    from lookalike.serving.index_files import load_products
     from lookalike_client import LookalikeError
 
     products = {}

@@ -25,8 +25,9 @@ from lookalike.indexing.index_types import IndexChoice, choose
 from lookalike.indexing.publishing import ServingRecord, as_clients, check_server, check_servers, clean_stale_staging, publish_index
 from lookalike.indexing.repository import KEEP_VERSIONS, Repository
 from lookalike.serving.artifacts import VECTORS_FILE, ArtifactError, EmbedderManifest, IndexMeta
+from lookalike.serving.index_files import CorruptIndexError, Product, load_products
 from lookalike.serving.preprocessing import ImageError, ImageLimits, PreprocessConfig
-from lookalike.serving.search import CorruptIndexError, Product, ProductIndex, load_products
+from lookalike.serving.search import ProductIndex
 from lookalike_client import FileRefusedError, InvalidRequestError, LookalikeClient, ServerUnavailableError
 from lookalike_client.files import open_file, read_file
 

@@ -42,7 +42,8 @@ import numpy as np
 
 from lookalike.indexing.repository import KEEP_VERSIONS, STAGING_OWNER_FILE, STAGING_PREFIX, Repository
 from lookalike.serving.artifacts import ArtifactError, IndexMeta
-from lookalike.serving.search import CorruptIndexError, ProductIndex, check_index_dir
+from lookalike.serving.index_files import CorruptIndexError, check_index_dir
+from lookalike.serving.search import ProductIndex
 from lookalike_client import LookalikeClient, LookalikeError, ServerInfo
 from lookalike_client import contract as c
 

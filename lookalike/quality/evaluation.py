@@ -44,9 +44,10 @@ from lookalike.quality.report import figure, thumbnail_uri
 from lookalike.quality.sample_data import perturb
 from lookalike.quality.shopper import DIMENSIONS, ShopperSimulator, background_photos, exclude_lookalikes, signature
 from lookalike.serving.images import encode
+from lookalike.serving.index_files import Product
 from lookalike.serving.preprocessing import ImageError, ImageLimits, decode
 from lookalike.serving.product_search import search_views
-from lookalike.serving.search import Product, ProductIndex
+from lookalike.serving.search import ProductIndex
 from lookalike_client import FileRefusedError, LookalikeClient, LookalikeError
 from lookalike_client import contract as c
 from lookalike_client.calls import Call, image_batch

@@ -11,7 +11,7 @@ from typing import Sequence
 from PIL import Image
 
 from lookalike.serving.images import over_background
-from lookalike.serving.search import Product
+from lookalike.serving.index_files import Product
 
 
 def thumbnail_uri(source: str | Path | bytes | None, size: int = 160) -> str | None:

@@ -40,7 +40,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from lookalike.serving.search import NO_FILTER, Filter, Hits, UnknownProductError
+from lookalike.serving.filtering import NO_FILTER, Filter, Hits
+from lookalike.serving.search import UnknownProductError
 from lookalike_client import contract as c
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,11 @@ import numpy as np
 
 from lookalike.serving.adapter import Inputs, Log, Outcome, Outputs, required, run_together
 from lookalike.serving.artifacts import PREPROCESSING_FILE, EmbedderManifest
+from lookalike.serving.filtering import NO_FILTER, Filter
 from lookalike.serving.fusion import depth as fusion_depth
 from lookalike.serving.fusion import fuse
-from lookalike.serving.search import DEFAULT_GPU_TEMP_MEMORY, NO_FILTER, Filter, ProductIndex, UnknownProductError, set_threads
+from lookalike.serving.gpu import DEFAULT_GPU_TEMP_MEMORY, set_threads
+from lookalike.serving.search import ProductIndex, UnknownProductError
 from lookalike_client import contract as c
 
 if TYPE_CHECKING:

@@ -1,10 +1,10 @@
 """The product index: FAISS over L2-normalised embeddings, searched by inner product (= cosine).
 
 FAISS positions are int64 and stay inside this module; callers see the catalog's own product ids.
-An index is a directory, written once and never modified (file names and metadata schema in
-`lookalike.serving.artifacts`): index.faiss (faiss.write_index), products.json (ids, categories, image paths
-and how many vectors each product has, in FAISS order: a product's vectors are consecutive, its
-packshot, then its catalog views) and index.json (`IndexMeta`, written last, vouching for the others).
+`ProductIndex` is assembled from three parts: its files on disk (`lookalike.serving.index_files`: an index
+version is a directory written once and never modified), filtered search (`lookalike.serving.filtering`)
+and GPU placement (`lookalike.serving.gpu`). Here: building, unfiltered search, exact re-ranking of a
+compressed index's candidates, one result per product, and search by product id (`similar`).
 
 `product_search` serves one such directory per Triton model version (see `lookalike.indexing.repository`).
 """
@@ -12,51 +12,33 @@ packshot, then its catalog views) and index.json (`IndexMeta`, written last, vou
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import faiss
 import numpy as np
 
-from lookalike.serving.artifacts import INDEX_FILE, META_FILE, PRODUCTS_FILE, VECTORS_FILE, ArtifactError, IndexMeta, file_digest
+from lookalike.serving import filtering
+from lookalike.serving.artifacts import INDEX_FILE, META_FILE, PRODUCTS_FILE, VECTORS_FILE, IndexMeta
+from lookalike.serving.filtering import (
+    FILTER_MAX_EF_SEARCH,
+    NO_FILTER,
+    STRATEGIES,
+    SUBINDEX_PREFIX,
+    Filter,
+    FilteredSearch,
+    Hits,
+    build_subindexes,
+)
+from lookalike.serving.gpu import DEFAULT_GPU_TEMP_MEMORY, place
+from lookalike.serving.index_files import CorruptIndexError, IndexFiles, Product, read_index_dir, write_index_dir
 from lookalike_client import contract as c
 
-log = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "gpu")
-DEFAULT_GPU_TEMP_MEMORY = 256 << 20  # FAISS reserves about 512 MB of scratch per resources object by default
-
-# Filtered search (`Filter`), measured by `make bench-index`: a filter that leaves at most this many
-# vectors is answered by an exact scan of just those vectors (an IDSelector over the flat vectors, or
-# every IVF cell): a few ms at 1280-d, and exact. Wider filters search the approximate index with the
-# IDSelector and its efSearch / nprobe raised by 1 / (share of vectors allowed), up to these caps; a row
-# that still comes back short of TOP_K is searched again by the exact scan, so a filtered query returns
-# TOP_K products whenever that many match.
-FILTER_SCAN_MAX_VECTORS = 20_000
-FILTER_MAX_EF_SEARCH = 2048
 # A compressed index (IVF-PQ) ranks by approximate scores: it fetches this many times the candidates
-# asked for, and the stored embeddings (memory-mapped) re-rank them exactly.
+# asked for (a filtered query: `filtering.FILTERED_RERANK_FACTOR`), at most RERANK_MAX a query, and the
+# stored embeddings (memory-mapped) re-rank them exactly.
 RERANK_FACTOR = 4
-# A filtered query is often far from its category, where PQ's approximate scores are close together:
-# more candidates (measured on 1280-d catalog-like vectors, 20 % category, queries mostly outside it:
-# recall@10 0.85 / 0.93 / 0.97 / 0.99 at 32 / 64 / 128 / 256x), at most RERANK_MAX a query.
-FILTERED_RERANK_FACTOR = 128
 RERANK_MAX = 4096
-STRATEGIES = ("auto", "selector", "scan")
-# A graph (HNSW) searched with a selector explores the query's neighbourhood, which a photo from outside
-# a large category mostly lies outside of: recall@10 fell to 0.80 for a 20 % category (`make bench-index`).
-# So a graph index also gets one sub-index (the same factory) per category too large to scan and at most
-# this share of the vectors (larger ones: the selector on the main graph loses little), built with the
-# version: memory grows by at most that share of the index.
-SUBINDEX_MAX_SHARE = 0.5
-SUBINDEX_PREFIX = "category-"
-
-
-class CorruptIndexError(ValueError):
-    """An index directory that cannot be served: a missing, truncated or altered file."""
 
 
 class UnknownProductError(ValueError):
@@ -64,33 +46,7 @@ class UnknownProductError(ValueError):
     starting with `contract.UNKNOWN_PRODUCT`)."""
 
 
-@dataclass(frozen=True)
-class Product:
-    product_id: str
-    category: str = ""
-    image: str = ""  # the product's first image, for display
-    # Where its vectors came from, one entry per image in FAISS order: (image path, sha256 of the file,
-    # vectors of that image). The embedding store of incremental updates (`lookalike.indexing.indexer`).
-    sources: tuple[tuple[str, str, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class Filter:
-    """What a query row may return: products of `category` only (None or "": any category), never the
-    ids in `exclude` (ids that the index does not hold are ignored)."""
-
-    category: str | None = None
-    exclude: frozenset[str] = frozenset()
-
-    def __bool__(self) -> bool:
-        return bool(self.category) or bool(self.exclude)
-
-
-NO_FILTER = Filter()
-Hits = tuple[list[str], np.ndarray]  # one row's product ids and scores, best first
-
-
-class ProductIndex:
+class ProductIndex(FilteredSearch):
     def __init__(self, index: faiss.Index, products: Sequence[Product], meta: IndexMeta,
                  vectors: Sequence[int] | None = None, *, stored: np.ndarray | None = None,
                  cpu_index: faiss.Index | None = None, subindexes: dict[str, faiss.Index] | None = None) -> None:
@@ -135,7 +91,7 @@ class ProductIndex:
         gpu: Any = faiss  # GpuIndex exists only in GPU builds
         self.on_gpu = hasattr(gpu, "GpuIndex") and isinstance(index, gpu.GpuIndex)
         self.search_params: dict[str, int] = dict(meta.search)
-        self.scan_max_vectors = FILTER_SCAN_MAX_VECTORS  # filters that leave at most this many vectors: exact
+        self.scan_max_vectors = filtering.FILTER_SCAN_MAX_VECTORS  # filters that leave at most this many vectors: exact
         self._apply_gpu_params()
 
     def _apply_gpu_params(self) -> None:
@@ -186,19 +142,6 @@ class ProductIndex:
             return faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)  # pyright: ignore[reportCallIssue] - SWIG
         return faiss.SearchParameters(sel=selector) if selector is not None else None  # pyright: ignore[reportCallIssue]
 
-    def _exact_scan(self, selector: Any, rows: int) -> tuple[faiss.Index, faiss.SearchParameters]:
-        """An exact pass over the vectors a selector lets through: the flat vectors (a flat index, or an
-        HNSW index's own storage) or, for IVF, every cell (exact up to PQ's compression)."""
-        inner = self._cpu_inner
-        storage = self._flat_storage
-        if storage is not None:
-            return storage, faiss.SearchParameters(sel=selector)  # pyright: ignore[reportCallIssue]
-        if isinstance(inner, faiss.IndexIVF):
-            return self.cpu_index, faiss.SearchParametersIVF(nprobe=int(inner.nlist), sel=selector)  # pyright: ignore[reportCallIssue]
-        params = self._faiss_params(rows, selector, share=1e-6)
-        assert params is not None
-        return self.cpu_index, params
-
     # -- properties ------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
@@ -218,21 +161,6 @@ class ProductIndex:
 
     def __contains__(self, product_id: object) -> bool:
         return product_id in self._position
-
-    def category_vectors(self, category: str) -> np.ndarray:
-        """FAISS positions of a category's vectors, ascending."""
-        mask = np.zeros(len(self), dtype=bool)
-        mask[self._categories.get(category, np.zeros(0, np.int64))] = True
-        return np.flatnonzero(mask[self._owner])
-
-    def filter_path(self, f: Filter) -> str:
-        """How a query with filter `f` is answered (strategy "auto"): none, scan, subindex or selector."""
-        if not f:
-            return "none"
-        products = self.allowed(f)
-        if isinstance(self._cpu_inner, faiss.IndexFlat) or int(self.vectors[products].sum()) <= self.scan_max_vectors:
-            return "scan"
-        return "subindex" if f.category in self.subindexes else "selector"
 
     # -- build -----------------------------------------------------------------------------------
     @classmethod
@@ -274,39 +202,17 @@ class ProductIndex:
         built = cls(index, products, IndexMeta.new(dim=d, count=len(products), vectors=rows, factory=factory,
                                                    embedder_fingerprint=embedder_fingerprint, search=search),
                     vectors, stored=embeddings if keep_embeddings else None)
-        if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
-            for category in sorted(c for c in built._categories if c):  # "" (no category) is never a filter
-                positions = built.category_vectors(category)
-                if FILTER_SCAN_MAX_VECTORS < len(positions) <= SUBINDEX_MAX_SHARE * rows:
-                    sub = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-                    sub.add(embeddings[positions])
-                    built.subindexes[category] = (sub, positions)
-            names = {category: f"{SUBINDEX_PREFIX}{i}.faiss" for i, category in enumerate(sorted(built.subindexes))}
+        built.subindexes = build_subindexes(index, factory, embeddings, built._categories, built.category_vectors)
+        names = {category: f"{SUBINDEX_PREFIX}{i}.faiss" for i, category in enumerate(sorted(built.subindexes))}
+        if names:
             built.meta = dataclasses.replace(built.meta, subindexes=names)
         return built
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.cpu_index, str(directory / INDEX_FILE))
-        products: dict[str, Any] = {
-            "product_id": [p.product_id for p in self.products],
-            "category": [p.category for p in self.products],
-            "image": [p.image for p in self.products],
-            "vectors": self.vectors.tolist(),
-        }
-        if all(p.sources for p in self.products):
-            products["sources"] = [[list(s) for s in p.sources] for p in self.products]
-        (directory / PRODUCTS_FILE).write_text(json.dumps(products))
-        names = [INDEX_FILE, PRODUCTS_FILE]
-        for category, name in self.meta.subindexes.items():
-            faiss.write_index(self.subindexes[category][0], str(directory / name))
-            names.append(name)
-        if self.stored is not None:
-            np.save(directory / VECTORS_FILE, np.asarray(self.stored, dtype=np.float32))
-            names.append(VECTORS_FILE)
-        self.meta.sealed(directory, tuple(names)).save(directory)
+        subindexes = {category: sub for category, (sub, _) in self.subindexes.items()}
+        write_index_dir(directory, IndexFiles(self.cpu_index, self.products, self.vectors.tolist(), self.meta, subindexes,
+                                              self.stored))
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str = "cpu", gpu_device: int = 0,
@@ -314,28 +220,12 @@ class ProductIndex:
         """Loads an index directory after `check_index_dir`, so a damaged file is refused with a reason
         before FAISS parses it; `device` auto|cpu|gpu (see `place`). The stored embeddings are
         memory-mapped, not read: only the rows that search by product id touches are paged in."""
-        directory = Path(directory)
-        meta = check_index_dir(directory)
-        products, vectors = _load_columns(directory)
+        files = read_index_dir(directory)
+        meta = files.meta
+        placed = place(files.index, device, gpu_device=gpu_device, temp_memory_bytes=gpu_temp_memory_bytes)
         try:
-            index = faiss.read_index(str(directory / INDEX_FILE))
-        except RuntimeError as exc:
-            raise CorruptIndexError(f"{INDEX_FILE}: FAISS cannot read it: {str(exc).splitlines()[0]}") from None
-        stored = None
-        if (directory / VECTORS_FILE).is_file():
-            try:
-                stored = np.load(directory / VECTORS_FILE, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise CorruptIndexError(f"{VECTORS_FILE}: {exc}") from None
-        placed = place(index, device, gpu_device=gpu_device, temp_memory_bytes=gpu_temp_memory_bytes)
-        subindexes = {}
-        for category, name in meta.subindexes.items():
-            try:
-                subindexes[category] = faiss.read_index(str(directory / name))
-            except RuntimeError as exc:
-                raise CorruptIndexError(f"{name}: FAISS cannot read it: {str(exc).splitlines()[0]}") from None
-        try:
-            loaded = cls(placed, products, meta, vectors, stored=stored, cpu_index=index, subindexes=subindexes)
+            loaded = cls(placed, files.products, meta, files.vectors, stored=files.stored, cpu_index=files.index,
+                         subindexes=files.subindexes)
         except ValueError as exc:
             raise CorruptIndexError(f"{INDEX_FILE}, {PRODUCTS_FILE} and {VECTORS_FILE} disagree: {exc}") from None
         if len(loaded) != meta.count or loaded.dim != meta.dim:
@@ -417,61 +307,6 @@ class ProductIndex:
         scores = np.take_along_axis(exact, best, axis=1)
         positions = np.where(np.isfinite(scores), np.take_along_axis(positions, best, axis=1), -1)
         return np.where(np.isfinite(scores), scores, np.float32(-3.4e38)).astype(np.float32), positions
-
-    def allowed(self, f: Filter) -> np.ndarray:
-        """Positions of the products that `f` lets through (sorted)."""
-        if f.category:
-            members = self._categories.get(f.category)
-            if members is None:
-                return np.zeros(0, np.int64)
-        else:
-            members = np.arange(len(self))
-        excluded = [self._position[pid] for pid in f.exclude if pid in self._position]
-        return np.setdiff1d(members, excluded) if excluded else np.sort(members)
-
-    def _search_filtered(self, queries: np.ndarray, k: int, f: Filter, strategy: str) -> list[Hits]:
-        products = self.allowed(f)
-        k_eff = min(k, len(products))
-        if k_eff <= 0 or len(queries) == 0:
-            return [([], np.zeros(0, np.float32)) for _ in range(len(queries))]
-        mask = np.zeros(len(self), dtype=bool)
-        mask[products] = True
-        vector_mask = mask[self._owner]
-        allowed_vectors = int(self.vectors[products].sum())
-        bitmap = np.packbits(vector_mask, bitorder="little")
-        selector = faiss.IDSelectorBitmap(len(vector_mask), faiss.swig_ptr(bitmap))
-        rows = min(k_eff * int(self.vectors[products].max()), allowed_vectors)
-        flat = isinstance(self._cpu_inner, faiss.IndexFlat)
-        scan = strategy == "scan" or (strategy == "auto" and (flat or allowed_vectors <= self.scan_max_vectors))
-        share = allowed_vectors / self.index.ntotal
-
-        def exact(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            index, _ = self._exact_scan(selector, rows)
-            return self._run(index, q, rows, lambda r: self._exact_scan(selector, r)[1], FILTERED_RERANK_FACTOR)
-
-        sub = self.subindexes.get(f.category or "") if strategy == "auto" and not scan else None
-        if scan:
-            scores, positions = exact(queries)
-        elif sub is not None:  # the category's own graph; exclusions by a selector over its positions
-            sub_index, sub_positions = sub
-            sub_mask = vector_mask[sub_positions]
-            sub_bits = np.packbits(sub_mask, bitorder="little")
-            sub_selector = None if sub_mask.all() else faiss.IDSelectorBitmap(len(sub_mask), faiss.swig_ptr(sub_bits))
-            params = self._faiss_params(rows, sub_selector, float(sub_mask.mean()), inner=faiss.downcast_index(sub_index))
-            scores, found = sub_index.search(queries, self._fetch(rows, params, sub_index.ntotal), params=params)
-            positions = np.where(found >= 0, sub_positions[np.maximum(found, 0)], -1)
-            del sub_bits
-        else:
-            scores, positions = self._run(self.cpu_index, queries, rows, lambda r: self._faiss_params(r, selector, share),
-                                          FILTERED_RERANK_FACTOR)
-        hits = self._by_product(scores, positions, k_eff, queries)
-        short = [i for i, (ids, _) in enumerate(hits) if len(ids) < k_eff]
-        if short and not scan and strategy == "auto":  # the approximate pass missed: search those rows exactly
-            scores, positions = exact(queries[short])
-            for i, h in zip(short, self._by_product(scores, positions, k_eff, queries[short])):
-                hits[i] = h
-        del bitmap  # the selector reads it until here
-        return hits
 
     @property
     def rescores(self) -> bool:
@@ -581,109 +416,3 @@ class ProductIndex:
         return out_ids, out_scores
 
 
-def load_products(directory: str | Path) -> list[Product]:
-    """The products of an index directory, in FAISS order, without loading the index."""
-    return _load_columns(directory)[0]
-
-
-def _load_columns(directory: str | Path) -> tuple[list[Product], list[int]]:
-    try:
-        columns = json.loads((Path(directory) / PRODUCTS_FILE).read_text())
-        ids, categories, images = columns["product_id"], columns["category"], columns["image"]
-        vectors = columns.get("vectors", [1] * len(ids))  # indexes from before catalog views: one each
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptIndexError(f"{PRODUCTS_FILE}: {type(exc).__name__}: {exc}") from None
-    if not len(ids) == len(categories) == len(images) == len(vectors) or not all(isinstance(i, str) and i for i in ids):
-        raise CorruptIndexError(f"{PRODUCTS_FILE}: columns of different lengths or an empty/non-string id")
-    if not all(isinstance(v, int) and v >= 1 for v in vectors):
-        raise CorruptIndexError(f"{PRODUCTS_FILE}: vector counts must be integers >= 1")
-    sources = columns.get("sources") or [[] for _ in ids]  # versions before incremental updates have none
-    try:
-        sources = [tuple((str(path), str(sha), int(n)) for path, sha, n in entries) for entries in sources]
-    except (TypeError, ValueError) as exc:
-        raise CorruptIndexError(f"{PRODUCTS_FILE}: 'sources' must list [image, sha256, vectors] per image: {exc}") from None
-    if len(sources) != len(ids) or any(entries and sum(n for _, _, n in entries) != v for entries, v in zip(sources, vectors)):
-        raise CorruptIndexError(f"{PRODUCTS_FILE}: 'sources' disagree with the vector counts")
-    return [Product(pid, cat, img, src) for pid, cat, img, src in zip(ids, categories, images, sources)], vectors
-
-
-def check_index_dir(directory: str | Path) -> IndexMeta:
-    """Returns the metadata of an index directory whose files are whole and unaltered; raises
-    CorruptIndexError naming the first problem. The sizes and hashes come from index.json (indexes
-    written before they were recorded are checked when FAISS and JSON parse them in `load`)."""
-    directory = Path(directory)
-    try:
-        meta = IndexMeta.load(directory)
-    except ArtifactError as exc:
-        raise CorruptIndexError(str(exc).replace(f" ({directory / META_FILE})", "")) from None
-    recorded_names: list[str] = [str(name) for name in (meta.files or {})]
-    for name in dict.fromkeys([INDEX_FILE, PRODUCTS_FILE, *recorded_names]):
-        path = directory / name
-        if not path.is_file():
-            raise CorruptIndexError(f"no {name}")
-        recorded = (meta.files or {}).get(name)
-        if recorded is None:
-            continue
-        size, want = path.stat().st_size, recorded.get("bytes")
-        if size != want:
-            raise CorruptIndexError(f"{name}: {size:,} bytes, but {META_FILE} recorded "
-                                    + (f"{want:,}" if isinstance(want, int) else repr(want)))
-        if file_digest(path)["sha256"] != recorded.get("sha256"):
-            raise CorruptIndexError(f"{name}: its content changed since it was written (sha256 mismatch)")
-    return meta
-
-
-class GpuUnavailableError(RuntimeError):
-    """device "gpu" where FAISS cannot put this index on a GPU: a load error that says why."""
-
-
-def gpu_unavailable() -> str | None:
-    """Why FAISS cannot use a GPU in this process, or None when it can."""
-    if not hasattr(faiss, "StandardGpuResources"):
-        return f"this FAISS build ({faiss.__version__}) has no GPU support (faiss-cpu; a GPU build is faiss-gpu)"
-    if faiss.get_num_gpus() < 1:
-        return "FAISS sees no GPU (none visible to this process: driver, CUDA_VISIBLE_DEVICES)"
-    return None
-
-
-def to_gpu(index: faiss.Index, device: int = 0, temp_memory_bytes: int = DEFAULT_GPU_TEMP_MEMORY) -> faiss.Index | None:
-    """`index` copied to GPU `device` with a resources object of its own (one per model instance) whose
-    scratch memory is bounded; None for an index kind FAISS has no GPU version of (HNSW; CAGRA, its
-    GPU graph, needs a cuVS build and a rebuild, not a copy). Needs `gpu_unavailable()` to be None."""
-    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
-        return None
-    gpu: Any = faiss  # the GPU classes exist only in GPU builds of the SWIG module
-    resources = gpu.StandardGpuResources()
-    resources.setTempMemory(int(temp_memory_bytes))
-    options = gpu.GpuClonerOptions()
-    options.useFloat16LookupTables = True  # IVF-PQ with many sub-quantisers: its tables must fit shared memory
-    gpu_index = gpu.index_cpu_to_gpu(resources, device, index, options)
-    gpu_index.referenced_resources = resources  # keep the resources alive with the index (FAISS's own idiom)
-    log.info("FAISS index on GPU %d (scratch memory %d MB)", device, temp_memory_bytes >> 20)
-    return gpu_index
-
-
-def place(index: faiss.Index, device: str, *, gpu_device: int = 0,
-          temp_memory_bytes: int = DEFAULT_GPU_TEMP_MEMORY) -> faiss.Index:
-    """The index where `device` (auto|cpu|gpu) says: "gpu" raises GpuUnavailableError when it cannot be
-    done; "auto" uses the GPU when FAISS can, else stays on the CPU."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if device == "cpu":
-        return index
-    reason = gpu_unavailable()
-    moved = to_gpu(index, gpu_device, temp_memory_bytes) if reason is None else None
-    if moved is not None:
-        return moved
-    if reason is None:
-        reason = f"FAISS has no GPU version of a {type(faiss.downcast_index(index)).__name__} (use flat or ivf-pq)"
-    if device == "gpu":
-        raise GpuUnavailableError(f"device gpu: {reason}")
-    log.info("device auto: searching on the CPU (%s)", reason)
-    return index
-
-
-def set_threads(count: int) -> None:
-    """FAISS uses OpenMP; in a server with several model instances, each should use a share of cores."""
-    if count > 0:
-        faiss.omp_set_num_threads(count)

@@ -254,7 +254,7 @@ def small_catalog(catalog: Path, tmp_path: Path, products: int = 5) -> Path:
 
 
 def tiny_index(repo, products: int = 3) -> ProductIndex:
-    from lookalike.serving.search import Product
+    from lookalike.serving.index_files import Product
 
     dim = repo.manifest().dim
     vectors = np.eye(products, dim, dtype=np.float32)

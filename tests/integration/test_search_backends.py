@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from lookalike.serving.search import Filter, Product, ProductIndex
+from lookalike.serving.filtering import Filter
+from lookalike.serving.index_files import Product
+from lookalike.serving.search import ProductIndex
 from lookalike_client import InvalidRequestError, LookalikeClient, NotFoundError
 from lookalike_client import contract as c
 

@@ -14,7 +14,8 @@ from lookalike.quality.sample_data import real_photos
 from lookalike.server.launcher import ServerOptions, free_port
 from lookalike.server.serve import lookalike_server
 from lookalike.serving.images import encode
-from lookalike.serving.search import Product, ProductIndex
+from lookalike.serving.index_files import Product
+from lookalike.serving.search import ProductIndex
 from lookalike_client import LookalikeClient
 from lookalike_export.backbones import get_backbone
 from lookalike_export.onnx_export import export_embedder

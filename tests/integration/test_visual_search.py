@@ -227,7 +227,7 @@ def test_index_from_another_embedder_is_refused_and_old_version_keeps_serving(se
     repo = Repository(server.options.model_repository)
     serving = repo.index_versions()[-1]
     vectors = np.eye(3, 1280, dtype=np.float32)
-    from lookalike.serving.search import Product
+    from lookalike.serving.index_files import Product
 
     stale = ProductIndex.build([Product(f"X{i}") for i in range(3)], vectors, embedder_fingerprint="another-embedder")
     version = write_index_version(repo, stale.save)

@@ -10,8 +10,9 @@ from lookalike.indexing.publishing import write_index_version
 from lookalike.indexing.repository import Repository
 from lookalike.serving.adapter import Outcome, model_parameters, required, rows_together, run_each, run_together
 from lookalike.serving.artifacts import EmbedderManifest
+from lookalike.serving.index_files import Product
 from lookalike.serving.product_search import IndexMismatchError, ProductSearch, instance_args
-from lookalike.serving.search import Product, ProductIndex
+from lookalike.serving.search import ProductIndex
 from lookalike_client import contract as c
 
 DIM = 8
@@ -148,7 +149,7 @@ def test_search_time_parameters_come_from_the_config_without_a_rebuild(served):
 
 
 def test_device_auto_falls_back_to_the_cpu_and_gpu_says_why_it_cannot(served):
-    from lookalike.serving.search import GpuUnavailableError, gpu_unavailable
+    from lookalike.serving.gpu import GpuUnavailableError, gpu_unavailable
 
     model_dir, version, params, vectors = served
     reason = gpu_unavailable()

@@ -12,8 +12,10 @@ from lookalike.indexing.indexer import EmbeddingStore, IndexReport, build_index,
 from lookalike.indexing.publishing import REASON_FILE, RollbackError, rollback_index, write_index_version
 from lookalike.indexing.repository import Repository
 from lookalike.serving.artifacts import EmbedderManifest
+from lookalike.serving.filtering import Filter
+from lookalike.serving.index_files import CorruptIndexError, Product
 from lookalike.serving.product_search import ProductSearch, parse_filters, parse_request
-from lookalike.serving.search import CorruptIndexError, Filter, Product, ProductIndex, UnknownProductError
+from lookalike.serving.search import ProductIndex, UnknownProductError
 from lookalike_client import contract as c
 
 DIM = 32
@@ -71,9 +73,9 @@ def test_a_filtered_query_returns_top_k_of_the_category_and_never_an_excluded_id
 def test_a_graph_index_gets_sub_indexes_for_categories_too_large_to_scan(catalog, tmp_path, monkeypatch):
     """HNSW + selector loses recall for photos far from a large category; such categories get their own
     graph, saved with the version, and exclusions still apply inside it."""
-    import lookalike.serving.search as search
+    import lookalike.serving.filtering as filtering
 
-    monkeypatch.setattr(search, "FILTER_SCAN_MAX_VECTORS", 100)  # "big" (1,000 of 2,000 vectors) is "large" here
+    monkeypatch.setattr(filtering, "FILTER_SCAN_MAX_VECTORS", 100)  # "big" (1,000 of 2,000 vectors) is "large" here
     products, vectors = catalog
     index = ProductIndex.build(products, vectors, factory="HNSW16", search={"efSearch": 32})
     assert set(index.subindexes) == {"big"} and index.meta.subindexes == {"big": "category-0.faiss"}  # c0..c19: 50 each

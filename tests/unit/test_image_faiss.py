@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from lookalike.indexing.index_types import choose
-from lookalike.serving import search
+from lookalike.serving import filtering
 from lookalike.serving.artifacts import INDEX_FILE
-from lookalike.serving.search import Product, ProductIndex
+from lookalike.serving.index_files import Product
+from lookalike.serving.search import ProductIndex
 from tests.conftest import ROOT
 from tests.unit import image_faiss_reader
 from tests.unit.test_docker import pins
@@ -82,7 +83,7 @@ def test_the_images_faiss_reads_every_index_type_the_host_writes(image_python, t
     dim = 32
     # hnsw's sub-indexes are for categories of more than FILTER_SCAN_MAX_VECTORS vectors: lowered, so that
     # each category of this small catalog (200 vectors) gets one
-    monkeypatch.setattr(search, "FILTER_SCAN_MAX_VECTORS", 100)
+    monkeypatch.setattr(filtering, "FILTER_SCAN_MAX_VECTORS", 100)
     files = written_by_the_host(tmp_path / "indexes", rng, dim)
     assert sum("/hnsw/category-" in f["path"] for f in files) == 3
     queries = unit_vectors(rng, 5, dim)

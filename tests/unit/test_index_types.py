@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from lookalike.indexing.index_types import AUTO_FLAT_MAX, AUTO_HNSW_MAX, choose, default_ef_search, default_m, default_nlist
-from lookalike.serving.search import GpuUnavailableError, Product, ProductIndex, gpu_unavailable
+from lookalike.serving.gpu import GpuUnavailableError, gpu_unavailable
+from lookalike.serving.index_files import Product
+from lookalike.serving.search import ProductIndex
 
 
 def test_auto_picks_by_vector_count_and_says_why():

@@ -14,6 +14,7 @@ from lookalike.indexing import model_configs
 from lookalike.indexing.milvus_index import Timed, catalog_rows, row_pk
 from lookalike.server.launcher import shared_libpython_dir
 from lookalike.serving.adapter import run_together
+from lookalike.serving.filtering import Filter
 from lookalike.serving.milvus_search import (
     BackendUnavailableError,
     CollectionMismatchError,
@@ -28,7 +29,6 @@ from lookalike.serving.milvus_search import (
     generation_of,
     quote,
 )
-from lookalike.serving.search import Filter
 from lookalike_client import contract as c
 from tests.conftest import REPOSITORY
 

@@ -24,7 +24,8 @@ from lookalike.indexing.publishing import (
 )
 from lookalike.indexing.repository import STAGING_OWNER_FILE, Repository
 from lookalike.serving.artifacts import EmbedderManifest
-from lookalike.serving.search import CorruptIndexError, Product, ProductIndex
+from lookalike.serving.index_files import CorruptIndexError, Product
+from lookalike.serving.search import ProductIndex
 
 DIM = 8
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from lookalike.serving.fusion import depth, fuse
+from lookalike.serving.index_files import Product
 from lookalike.serving.preprocessing import ImageError, PreprocessConfig, Preprocessor
 from lookalike.serving.product_search import SearchRequest, parse_request, search_requests
 from lookalike.serving.query_views import QueryView, ViewPreprocessor, embed_views, views_enabled, views_of
-from lookalike.serving.search import Product, ProductIndex
+from lookalike.serving.search import ProductIndex
 from lookalike_client import contract as c
 from tests.conftest import encode
 

@@ -6,8 +6,9 @@ import re
 import numpy as np
 import pytest
 
+from lookalike.serving.index_files import Product
 from lookalike.serving.product_search import PAD_PRODUCT_ID, PAD_SCORE, SearchRequest, check_embeddings, resolve_top_k, search_requests
-from lookalike.serving.search import Product, ProductIndex
+from lookalike.serving.search import ProductIndex
 
 
 def normalised(rng, n, d):

@@ -414,7 +414,8 @@ def versioned_repo(tmp_path, versions=2):
     from lookalike.indexing.publishing import write_index_version
     from lookalike.indexing.repository import Repository
     from lookalike.serving.artifacts import EmbedderManifest
-    from lookalike.serving.search import Product, ProductIndex
+    from lookalike.serving.index_files import Product
+    from lookalike.serving.search import ProductIndex
     from tests.conftest import REPOSITORY
 
     for model in ("product_search", "visual_search", "similar_products", "embed_image", "preprocess"):
