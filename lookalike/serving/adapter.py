@@ -5,8 +5,9 @@ outcomes into Triton responses.
 
 A `model.py` is then three lines of glue: read each request's inputs (`request_inputs`), call
 `run_each` or `run_together` with the plain functions of its `lookalike` module, and return
-`responses(pb_utils, outcomes)`. An exception of the `refuse` types raised for a request (ValueError by
-default; preprocess narrows it to ImageError) is the client's fault: INVALID_ARGUMENT with its message.
+`responses(pb_utils, outcomes)`. An exception of the `refuse` types raised for a request (`RequestError`
+by default, `lookalike.serving.errors`; preprocess narrows it to ImageError) is the client's fault:
+INVALID_ARGUMENT with its message.
 Anything else is the server's: an internal error, logged, and never an exception out of `execute` (a
 stub must not die of a request).
 """
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
+
+from lookalike.serving.errors import RequestError
 
 Inputs = Mapping[str, "np.ndarray | None"]  # one request's input tensors by name; None: an optional one left out
 Outputs = dict[str, np.ndarray]
@@ -53,7 +56,7 @@ def _failed(what: str, exc: Exception, log: Log | None) -> Outcome:
 
 
 def run_each(requests: Sequence[P], compute: Callable[[P], Outputs], *, what: str, log: Log | None = None,
-             refuse: Refused = (ValueError,)) -> list[Outcome]:
+             refuse: Refused = (RequestError,)) -> list[Outcome]:
     """`compute` once per request: for work that is per request anyway (decoding an upload)."""
     outcomes = []
     for request in requests:
@@ -73,7 +76,7 @@ def run_together(
     *,
     what: str,
     log: Log | None = None,
-    refuse: Refused = (ValueError,),
+    refuse: Refused = (RequestError,),
     unavailable: Refused = (),
 ) -> list[Outcome]:
     """Each request `parse`d on its own (a `refuse` error refuses that request only, any other fails
@@ -126,10 +129,10 @@ def rows_together(arrays: Sequence[np.ndarray], compute: Callable[[np.ndarray], 
 
 
 def required(inputs: Inputs, name: str) -> np.ndarray:
-    """A required input tensor (Triton refuses a request without one; ValueError all the same)."""
+    """A required input tensor (Triton refuses a request without one; a RequestError all the same)."""
     value = inputs.get(name)
     if value is None:
-        raise ValueError(f"input {name} is missing")
+        raise RequestError(f"input {name} is missing")
     return value
 
 

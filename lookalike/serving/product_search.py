@@ -17,6 +17,7 @@ import numpy as np
 
 from lookalike.serving.adapter import Inputs, Log, Outcome, Outputs, required, run_together
 from lookalike.serving.artifacts import PREPROCESSING_FILE, EmbedderManifest
+from lookalike.serving.errors import RequestError
 from lookalike.serving.filtering import NO_FILTER, Filter
 from lookalike.serving.fusion import depth as fusion_depth
 from lookalike.serving.fusion import fuse
@@ -47,44 +48,44 @@ INPUTS = (c.EMBEDDING, c.PRODUCT_ID, c.TOP_K, c.CATEGORY, c.EXCLUDE_IDS)
 
 def resolve_top_k(top_k: np.ndarray | None, rows: int) -> int:
     """The TOP_K of one request of `rows` embeddings. Missing (or, through an ensemble, empty) means
-    the default; one request has one TOP_K; out of 1..1000 raises ValueError (-> INVALID_ARG)."""
+    the default; one request has one TOP_K; out of 1..1000 raises RequestError (-> INVALID_ARG)."""
     if top_k is None or top_k.size == 0:
         return c.DEFAULT_TOP_K
     values = np.unique(top_k.reshape(-1))
     if values.size != 1:
-        raise ValueError(f"TOP_K must be the same for all {rows} images of a request, got {values.tolist()}")
+        raise RequestError(f"TOP_K must be the same for all {rows} images of a request, got {values.tolist()}")
     k = int(values[0])
     if not c.MIN_TOP_K <= k <= c.MAX_TOP_K:
-        raise ValueError(f"TOP_K must be in {c.MIN_TOP_K}..{c.MAX_TOP_K}, got {k}")
+        raise RequestError(f"TOP_K must be in {c.MIN_TOP_K}..{c.MAX_TOP_K}, got {k}")
     return k
 
 
 def check_embeddings(embeddings: np.ndarray, dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERANCE) -> np.ndarray:
-    """One request's EMBEDDING tensor, [N, dim] float32, finite and L2-normalised; else ValueError
+    """One request's EMBEDDING tensor, [N, dim] float32, finite and L2-normalised; else RequestError
     naming the first bad row (-> INVALID_ARG for that request only)."""
     if embeddings.ndim != 2 or embeddings.shape[1] != dim:
-        raise ValueError(f"{c.EMBEDDING} must be [N, {dim}], got {list(embeddings.shape)}")
+        raise RequestError(f"{c.EMBEDDING} must be [N, {dim}], got {list(embeddings.shape)}")
     rows = embeddings.shape[0]
     finite = np.isfinite(embeddings).all(axis=1)
     if not finite.all():
         row = int(np.argmin(finite))
         kinds = sorted({"NaN" if np.isnan(v) else "inf" for v in embeddings[row] if not np.isfinite(v)})
-        raise ValueError(f"{c.EMBEDDING} row {row} of {rows} is not finite (holds {' and '.join(kinds)})")
+        raise RequestError(f"{c.EMBEDDING} row {row} of {rows} is not finite (holds {' and '.join(kinds)})")
     norms = np.linalg.norm(embeddings.astype(np.float64), axis=1)
     off = np.abs(norms - 1.0) > norm_tolerance
     if off.any():
         row = int(np.argmax(off))
-        raise ValueError(f"{c.EMBEDDING} row {row} of {rows} has L2 norm {norms[row]:.6g}; embeddings must be "
+        raise RequestError(f"{c.EMBEDDING} row {row} of {rows} has L2 norm {norms[row]:.6g}; embeddings must be "
                          f"L2-normalised (norm 1 +- {norm_tolerance:g})")
     return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
 def _strings(array: np.ndarray, name: str) -> list[list[str]]:
-    """A TYPE_STRING tensor [N, W] as N rows of str (utf-8); ValueError naming the tensor otherwise."""
+    """A TYPE_STRING tensor [N, W] as N rows of str (utf-8); RequestError naming the tensor otherwise."""
     if array.ndim == 1:
         array = array.reshape(-1, 1)
     if array.ndim != 2:
-        raise ValueError(f"{name} must be [N, W] strings, got shape {list(array.shape)}")
+        raise RequestError(f"{name} must be [N, W] strings, got shape {list(array.shape)}")
     rows = []
     for row in array.tolist():
         values = []
@@ -93,9 +94,9 @@ def _strings(array: np.ndarray, name: str) -> list[list[str]]:
                 try:
                     value = bytes(value).decode("utf-8")
                 except UnicodeDecodeError:
-                    raise ValueError(f"{name} must be utf-8 text") from None
+                    raise RequestError(f"{name} must be utf-8 text") from None
             elif not isinstance(value, str):
-                raise ValueError(f"{name} must be strings, got {type(value).__name__}")
+                raise RequestError(f"{name} must be strings, got {type(value).__name__}")
             values.append(value)
         rows.append(values)
     return rows
@@ -107,7 +108,7 @@ def _per_row(values: list[list[str]], rows: int, name: str) -> list[list[str]]:
         return values
     if len(values) == 1:
         return values * rows
-    raise ValueError(f"{name} has {len(values)} rows for {rows} queries (send one row per query, or one for all)")
+    raise RequestError(f"{name} has {len(values)} rows for {rows} queries (send one row per query, or one for all)")
 
 
 def parse_filters(inputs: Inputs, rows: int) -> tuple[Filter, ...]:
@@ -119,13 +120,13 @@ def parse_filters(inputs: Inputs, rows: int) -> tuple[Filter, ...]:
     if category is not None and category.size:
         values = _per_row(_strings(category, c.CATEGORY), rows, c.CATEGORY)
         if any(len(v) != 1 for v in values):
-            raise ValueError(f"{c.CATEGORY} holds one category per query, got {max(len(v) for v in values)}")
+            raise RequestError(f"{c.CATEGORY} holds one category per query, got {max(len(v) for v in values)}")
         categories = [v[0] for v in values]
     if exclude is not None and exclude.size:
         values = _per_row(_strings(exclude, c.EXCLUDE_IDS), rows, c.EXCLUDE_IDS)
         longest = max(len(v) for v in values)
         if longest > c.MAX_EXCLUDE_IDS:
-            raise ValueError(f"{c.EXCLUDE_IDS} holds at most {c.MAX_EXCLUDE_IDS} ids per query, got {longest}")
+            raise RequestError(f"{c.EXCLUDE_IDS} holds at most {c.MAX_EXCLUDE_IDS} ids per query, got {longest}")
         excluded = [frozenset(pid for pid in v if pid) for v in values]
     return tuple(Filter(cat or None, ex) for cat, ex in zip(categories, excluded))
 
@@ -217,17 +218,17 @@ class IndexMismatchError(RuntimeError):
 
 def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM_TOLERANCE,
                   index: ProductIndex | None = None) -> SearchRequest:
-    """One request, checked (ValueError -> INVALID_ARG): EMBEDDING (visual_search) or PRODUCT_ID
+    """One request, checked (RequestError -> INVALID_ARG): EMBEDDING (visual_search) or PRODUCT_ID
     (similar_products: ids that `index` holds), optional TOP_K, CATEGORY and EXCLUDE_IDS."""
     embedding, product_id = inputs.get(c.EMBEDDING), inputs.get(c.PRODUCT_ID)
     has_embedding, has_product = embedding is not None and embedding.size > 0, product_id is not None and product_id.size > 0
     if has_embedding == has_product:
-        raise ValueError(f"send either {c.EMBEDDING} or {c.PRODUCT_ID}" + (", not both" if has_embedding else ""))
+        raise RequestError(f"send either {c.EMBEDDING} or {c.PRODUCT_ID}" + (", not both" if has_embedding else ""))
     if has_product:
         assert product_id is not None
         rows = _strings(product_id, c.PRODUCT_ID)
         if any(len(row) != 1 for row in rows):
-            raise ValueError(f"{c.PRODUCT_ID} holds one product id per query")
+            raise RequestError(f"{c.PRODUCT_ID} holds one product id per query")
         ids = tuple(row[0] for row in rows)
         if index is not None:
             for pid in ids:
@@ -238,7 +239,7 @@ def parse_request(inputs: Inputs, dim: int, norm_tolerance: float = DEFAULT_NORM
     embedding = required(inputs, c.EMBEDDING)
     views = embedding.shape[1] // dim if embedding.ndim == 2 and embedding.shape[1] % dim == 0 else 0
     if views < 1 or views > MAX_VIEWS:
-        raise ValueError(f"{c.EMBEDDING} must be [N, {dim}], or [N, V x {dim}] for V views of each query "
+        raise RequestError(f"{c.EMBEDDING} must be [N, {dim}], or [N, V x {dim}] for V views of each query "
                          f"(V at most {MAX_VIEWS}), got {list(embedding.shape)}")
     rows = embedding.shape[0]
     embeddings = check_embeddings(embedding.reshape(rows * views, dim), dim, norm_tolerance)

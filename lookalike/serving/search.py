@@ -20,6 +20,7 @@ import numpy as np
 
 from lookalike.serving import filtering
 from lookalike.serving.artifacts import INDEX_FILE, META_FILE, PRODUCTS_FILE, VECTORS_FILE, IndexMeta
+from lookalike.serving.errors import RequestError
 from lookalike.serving.filtering import (
     FILTER_MAX_EF_SEARCH,
     NO_FILTER,
@@ -41,7 +42,7 @@ RERANK_FACTOR = 4
 RERANK_MAX = 4096
 
 
-class UnknownProductError(ValueError):
+class UnknownProductError(RequestError):
     """A product id that the served index does not hold (similar_products: INVALID_ARGUMENT naming it,
     starting with `contract.UNKNOWN_PRODUCT`)."""
 

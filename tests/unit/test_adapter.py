@@ -10,9 +10,11 @@ from lookalike.indexing.publishing import write_index_version
 from lookalike.indexing.repository import Repository
 from lookalike.serving.adapter import Outcome, model_parameters, required, rows_together, run_each, run_together
 from lookalike.serving.artifacts import EmbedderManifest
+from lookalike.serving.errors import RequestError
 from lookalike.serving.index_files import Product
+from lookalike.serving.preprocessing import ImageError
 from lookalike.serving.product_search import IndexMismatchError, ProductSearch, instance_args
-from lookalike.serving.search import ProductIndex
+from lookalike.serving.search import ProductIndex, UnknownProductError
 from lookalike_client import contract as c
 
 DIM = 8
@@ -24,21 +26,31 @@ def test_model_parameters_reads_the_string_parameters_triton_passes():
     assert model_parameters({"model_config": "{}"}) == {}
 
 
-def test_run_each_refuses_a_value_error_and_fails_other_errors_for_that_request_only():
+def test_run_each_refuses_a_request_error_and_fails_other_errors_for_that_request_only():
+    """RequestError is the client's fault; anything else, a bare ValueError included, is the server's."""
     logged = []
 
     def compute(x):
         if x == "bad":
-            raise ValueError("not an image")
+            raise RequestError("not an image")
         if x == "boom":
             raise MemoryError("out of memory")
+        if x == "bug":
+            raise ValueError("operands could not be broadcast together")
         return {"Y": np.array([len(x)])}
 
-    outcomes = run_each(["ok", "bad", "boom", "fine"], compute, what="preprocess", log=logged.append)
-    assert [o.outputs["Y"].tolist() if o.outputs else None for o in outcomes] == [[2], None, None, [4]]
+    outcomes = run_each(["ok", "bad", "boom", "bug", "fine"], compute, what="preprocess", log=logged.append)
+    assert [o.outputs["Y"].tolist() if o.outputs else None for o in outcomes] == [[2], None, None, None, [4]]
     assert outcomes[1] == Outcome(error="not an image", invalid=True)
     assert outcomes[2] == Outcome(error="preprocess failed: out of memory", invalid=False)
-    assert logged == ["preprocess: unexpected MemoryError: out of memory"]
+    assert outcomes[3] == Outcome(error="preprocess failed: operands could not be broadcast together", invalid=False)
+    assert logged == ["preprocess: unexpected MemoryError: out of memory",
+                      "preprocess: unexpected ValueError: operands could not be broadcast together"]
+
+
+def test_the_errors_that_mean_the_clients_fault_are_request_errors():
+    assert issubclass(ImageError, RequestError) and issubclass(UnknownProductError, RequestError)
+    assert issubclass(RequestError, ValueError)  # callers that validated with ValueError still catch them
 
 
 def test_only_the_refused_kinds_are_the_clients_fault():
@@ -63,7 +75,7 @@ def test_run_together_computes_the_valid_requests_in_one_call():
     def parse(inputs):
         value = int(required(inputs, "X")[0])
         if value < 0:
-            raise ValueError(f"X must be >= 0, got {value}")
+            raise RequestError(f"X must be >= 0, got {value}")
         return value
 
     requests = [{"X": np.array([1])}, {"X": np.array([-1])}, {"X": None}, {"X": np.array([3])}]

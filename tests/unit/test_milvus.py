@@ -29,6 +29,7 @@ from lookalike.serving.milvus_search import (
     generation_of,
     quote,
 )
+from lookalike.serving.search import UnknownProductError
 from lookalike_client import contract as c
 from tests.conftest import REPOSITORY
 
@@ -155,7 +156,7 @@ def test_backend_settings_are_checked_before_anything_is_written(args, message):
 
 def test_a_request_can_fail_alone_inside_a_batch_and_a_dependency_outage_is_unavailable():
     def compute(parsed):
-        return [ValueError("unknown product id 'x'") if p == "bad" else {"OUT": np.zeros(1)} for p in parsed]
+        return [UnknownProductError("unknown product id 'x'") if p == "bad" else {"OUT": np.zeros(1)} for p in parsed]
 
     outcomes = run_together([{"k": None}] * 3, parse=lambda _: "ok", compute=compute, what="search")
     assert all(o.outputs is not None for o in outcomes)
