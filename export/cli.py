@@ -1,6 +1,8 @@
-"""`lookalike export`: the command line of this package. `lookalike.cli` dispatches the `export`
-subcommand here (the one edge from `lookalike` to `lookalike_export`); this module imports torch only
-when the command runs, so `lookalike --help` works without the export extra."""
+"""`lookalike export` and `lookalike engine`: the command line of this package. They register with the
+`lookalike` command through the entry-point group `lookalike.commands` (pyproject.toml names
+`register_export` and `register_engine`), so `lookalike` never imports this package, which builds on
+`lookalike`. This module imports torch only when a command runs, so `lookalike --help` works without the
+export extra."""
 
 from __future__ import annotations
 
@@ -15,23 +17,61 @@ if TYPE_CHECKING:
     from lookalike.indexing.catalog import CatalogItem
 
 
+def register_export(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds `lookalike export` to the `lookalike` command's subcommands (entry point `export` of the group
+    `lookalike.commands`)."""
+    from lookalike.cli import add_repository_argument
+
+    p = subparsers.add_parser(
+        "export", help="export an embedder to ONNX into the model repository",
+        description="Exports an embedder (torch) to ONNX into the model repository's embedder model, with its "
+        "preprocessing.json, manifest.json and configs, after a torch/ONNX Runtime parity check on real images. "
+        "Needs the export extra (torch): pip install -e '.[export]'.")
+    add_repository_argument(p, "the embedder is written into it")
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def register_engine(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds `lookalike engine` to the `lookalike` command's subcommands (entry point `engine` of the group
+    `lookalike.commands`)."""
+    from lookalike.cli import add_repository_argument
+
+    p = subparsers.add_parser(
+        "engine", help="build the embedder's TensorRT engine from its exported model.onnx "
+        "(on a GPU with TensorRT: make engine), gated, fingerprint unchanged",
+        description="Builds the TensorRT engine of the embedder in the model repository from its own model.onnx "
+        "(never re-exported), checks it against ONNX Runtime on real images (the gate), and keeps the embedder's "
+        "fingerprint: the index stays valid. Needs a GPU with TensorRT (make engine runs it in the NGC image).")
+    add_repository_argument(p, "its embedder's model.onnx is read and the engine written next to it")
+    add_engine_arguments(p)
+    p.set_defaults(func=run_engine)
+    return p
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="efficientnet_lite0",
-                   help="efficientnet_lite0, efficientnet_lite1, efficientnet_lite2 (weights packaged, work offline), "
-                   "resnet50, vit_b_16, dinov2_vits14, clip_vit_b16")
-    p.add_argument("--weights", default="DEFAULT",
+                   help="the backbone: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2 (weights packaged, "
+                        "work offline), resnet50, vit_b_16, dinov2_vits14, clip_vit_b16")
+    p.add_argument("--weights", default="DEFAULT", metavar="DEFAULT|FILE",
                    help="DEFAULT (Lite0: the packaged weights; the others: torchvision's or the HF hub's, downloaded) "
                         "or a state_dict file (.pth, .safetensors) for offline use")
-    p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"))
+    p.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"),
+                   help="onnx (served by ONNX Runtime) or tensorrt (also builds the engine: a GPU with TensorRT)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
                    help="int8 with --format onnx: a Q/DQ ONNX (explicit quantization, gated in ONNX Runtime); "
                         "fp16/int8 with --format tensorrt: the engine's precision")
-    p.add_argument("--calibration", type=Path, default=None, help="catalog (CSV or folder) whose images calibrate INT8")
-    p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--calibration", type=Path, default=None, metavar="CATALOG",
+                   help="catalog (CSV or folder) whose images calibrate INT8 (default: none; --precision int8 needs it)")
+    p.add_argument("--calibration-images", type=int, default=512, metavar="IMAGES",
+                   help="at most this many --calibration images calibrate INT8")
     p.add_argument("--random-weights", action="store_true",
                    help="random init: only to test the export machinery; the manifest records it")
-    p.add_argument("--max-batch", type=int, default=c.MAX_BATCH_SIZE)
-    p.add_argument("--parity-images", type=int, default=8, help="real images for the torch/ONNX parity check")
+    p.add_argument("--max-batch", type=int, default=c.MAX_BATCH_SIZE, metavar="IMAGES",
+                   help="the exported model's max_batch_size: images per request it accepts")
+    p.add_argument("--parity-images", type=int, default=8, metavar="IMAGES",
+                   help="real images for the torch/ONNX parity check")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,16 +140,21 @@ def read_catalog_images(items: Sequence[CatalogItem], count: int, command: str) 
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    from lookalike.cli import deprecated_alias
+
     from .engine import ENGINE_PRECISIONS, OPT_BATCH_SIZE
 
     p.add_argument("--precision", default=None, choices=ENGINE_PRECISIONS,
-                   help="default: int8 when model.onnx is the Q/DQ export (lookalike export --precision int8), "
-                        "else fp16 (an FP16-typed copy of model.onnx, made here)")
+                   help="the engine's precision (default: int8 when model.onnx is the Q/DQ export of lookalike export "
+                        "--precision int8, else fp16: an FP16-typed copy of model.onnx, made here)")
     p.add_argument("--allow-tf32", action="store_true", help="let FP32 layers use TF32 (off: fp32 means FP32)")
-    p.add_argument("--opt-batch", type=int, default=OPT_BATCH_SIZE, help="the profile's opt batch size (min 1, max: the export's)")
-    p.add_argument("--images", type=Path, default=None,
-                   help="catalog (CSV or folder) whose images feed the gates (default: the packaged sample photos)")
-    p.add_argument("--gate-images", type=int, default=16)
+    p.add_argument("--opt-batch", type=int, default=OPT_BATCH_SIZE, metavar="IMAGES",
+                   help="the optimization profile's opt batch size, in images (min 1, max: the export's max_batch_size)")
+    catalog = p.add_argument("--catalog", type=Path, default=None, metavar="CATALOG",
+                             help="catalog (CSV or folder) whose images feed the gates (default: the packaged sample photos)")
+    deprecated_alias(p, "--images", catalog)
+    p.add_argument("--gate-images", type=int, default=16, metavar="IMAGES",
+                   help="images the parity gates compare the engine with ONNX Runtime on")
 
 
 def run_engine(args: argparse.Namespace) -> int:
@@ -121,8 +166,8 @@ def run_engine(args: argparse.Namespace) -> int:
     from .engine import EngineError, build_repository_engine
 
     try:
-        if args.images is not None:
-            items, _ = read_catalog(args.images)
+        if args.catalog is not None:
+            items, _ = read_catalog(args.catalog)
             images = read_catalog_images(items, args.gate_images, "lookalike engine")
         else:
             from lookalike.quality.sample_data import real_photos

@@ -85,7 +85,7 @@ def choose(kind: str, vectors: int, dim: int, *, hnsw_m: int | None = None, ef_s
     cells = nlist or default_nlist(vectors)
     codes = m or default_m(dim)
     if dim % codes:
-        raise ValueError(f"--m must divide the embedding dim {dim}, got {codes}")
+        raise ValueError(f"--ivfpq-m must divide the embedding dim {dim}, got {codes}")
     needed = max(cells, PQ_CENTROIDS) * TRAIN_POINTS_PER_CELL  # k-means of the cells and of each 8-bit code book
     if vectors < needed:
         raise ValueError(f"ivf-pq needs training data: {vectors:,} vectors is too few for {cells} cells and 8-bit "

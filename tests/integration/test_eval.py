@@ -98,7 +98,7 @@ def test_eval_runs_over_the_server_and_counts_what_fails(server, catalog, tmp_pa
     watcher.start()
     try:
         code = main(["eval", str(catalog / "catalog.csv"), "--queries", str(queries / "q.csv"), "--simulate", "1",
-                     "--sample", "6", "--leave-out", "1", "--concurrency", "2", "--near-duplicates", "4",
+                     "--sample", "6", "--leave-out", "1", "--throughput-clients", "2", "--near-duplicates", "4",
                      "--url", server.options.grpc_url,
                      "--model-repository", str(server.options.model_repository), "--out", str(out)])
     finally:

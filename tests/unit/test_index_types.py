@@ -33,7 +33,7 @@ def test_explicit_settings_and_the_ones_refused():
     assert default_m(1280) == 80 and default_m(384) == 24 and default_m(100) == 5
     with pytest.raises(ValueError, match="--index must be one of"):
         choose("annoy", 10, 64)
-    with pytest.raises(ValueError, match="--m must divide the embedding dim 1280"):
+    with pytest.raises(ValueError, match="--ivfpq-m must divide the embedding dim 1280"):
         choose("ivf-pq", 100_000, 1280, m=100)
     with pytest.raises(ValueError, match="ivf-pq needs training data"):
         choose("ivf-pq", 1_000, 1280)
