@@ -132,7 +132,7 @@ typecheck: $(VENV)/.setup-done
 # the same pipeline in process vs a FastAPI peer, on full-size phone JPEGs: results/bench/bench.{json,md,png}.
 # URL=host measures a running server instead (on GRPC_PORT and HTTP_PORT).
 bench: $(EMBEDDER) $(CATALOG)/catalog.csv
-	$(BIN)/python loadtest/bench.py --catalog $(CATALOG)/catalog.csv --out results/bench \
+	$(BIN)/python -m loadtest.benchmarks.bench --catalog $(CATALOG)/catalog.csv --out results/bench \
 		$(if $(filter-out 127.0.0.1,$(URL)),--url $(URL) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT))
 
 # The client SDK's search() against the same visual_search request built by hand on raw tritonclient, gRPC
@@ -140,7 +140,7 @@ bench: $(EMBEDDER) $(CATALOG)/catalog.csv
 # own, as `bench` starts it): latency, client CPU a call, same ids: results/bench/sdk_overhead.{json,md}.
 # URL=host measures a running server instead (on GRPC_PORT and HTTP_PORT).
 bench-sdk: $(EMBEDDER) $(CATALOG)/catalog.csv
-	$(BIN)/python loadtest/sdk_overhead.py --catalog $(CATALOG)/catalog.csv --out results/bench/sdk_overhead \
+	$(BIN)/python -m loadtest.benchmarks.sdk_overhead --catalog $(CATALOG)/catalog.csv --out results/bench/sdk_overhead \
 		$(if $(filter-out 127.0.0.1,$(URL)),--url $(URL) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT))
 
 # Shopper-photo recall through the server (started like `make demo` if none runs), which keeps serving
@@ -155,23 +155,23 @@ eval: $(EMBEDDER) $(CATALOG)/catalog.csv
 # Query-view sets (and backbones: BACKBONES="/tmp/lite2-repo ...", each an exported repository) served
 # and evaluated on one server per backbone, shopper photos and near-duplicates: results/eval_candidates/.
 eval-candidates: $(EMBEDDER) $(CATALOG)/catalog.csv
-	$(BIN)/python loadtest/eval_candidates.py --catalog $(CATALOG)/catalog.csv --out results/eval_candidates \
+	$(BIN)/python -m loadtest.evaluations.eval_candidates --catalog $(CATALOG)/catalog.csv --out results/eval_candidates \
 		$(foreach repo,$(BACKBONES),--backbone $(repo))
 
 # Near-duplicate (re-shot catalog image) recall under preprocessing variants, in process, with the server's
 # query views and fusion.
 eval-preprocessing: $(EMBEDDER) $(CATALOG)/catalog.csv
-	$(BIN)/python loadtest/eval_preprocessing.py --catalog $(CATALOG) --queries 200
+	$(BIN)/python -m loadtest.evaluations.eval_preprocessing --catalog $(CATALOG) --queries 200
 
 recovery: $(EMBEDDER) $(CATALOG)/catalog.csv
-	$(BIN)/python loadtest/recovery.py --catalog $(CATALOG) --out results
+	$(BIN)/python -m loadtest.benchmarks.recovery --catalog $(CATALOG) --out results
 
 # Index types on synthetic catalog-like vectors at 1280-d: build, memory, disk, q/s, recall@10 vs exact,
 # filtered search, hnsw at other efSearch values. 10^5, then 10^6 vectors with both in one table and plot
 # (results/bench_index_1m/). 10^6 trains IVF-PQ on 1,024 cells instead of the default ~4,000 (see README).
 bench-index: $(VENV)/.setup-done
-	$(BIN)/python loadtest/bench_index.py --sizes 100000 --ef-sweep 64 256 --out results
-	$(BIN)/python loadtest/bench_index.py --sizes 1000000 --nlist 1024 --ef-sweep 128 512 \
+	$(BIN)/python -m loadtest.benchmarks.bench_index --sizes 100000 --ef-sweep 64 256 --out results
+	$(BIN)/python -m loadtest.benchmarks.bench_index --sizes 1000000 --nlist 1024 --ef-sweep 128 512 \
 		--merge results/bench_index.json --out results/bench_index_1m
 
 # product_search's search backends, FAISS in process against Milvus (a local Milvus 2.3.5 standalone started for
@@ -180,17 +180,17 @@ bench-index: $(VENV)/.setup-done
 # without Milvus's partition key, then visual_search end to end on each (two tritonservers one after the other,
 # the sample catalog indexed on each, 4 clients): results/bench_backends/bench_backends.{json,md}. 25-40 minutes.
 bench-backends: $(EMBEDDER) $(CATALOG)/catalog.csv
-	$(BIN)/python loadtest/bench_backends.py --vectors 100000 --catalog $(CATALOG)/catalog.csv --out results/bench_backends
+	$(BIN)/python -m loadtest.benchmarks.bench_backends --vectors 100000 --catalog $(CATALOG)/catalog.csv --out results/bench_backends
 
 # `lookalike index` of the sample catalog (every image embedded) through 1 tritonserver, then through 2 on
 # one repository, all on this machine: images/s of each and the ratio, results/bench_index_servers.{json,md}.
 bench-index-servers: $(EMBEDDER) $(CATALOG)/catalog.csv
-	$(BIN)/python loadtest/bench_index_servers.py --catalog $(CATALOG)/catalog.csv --servers 1 2 --out results
+	$(BIN)/python -m loadtest.benchmarks.bench_index_servers --catalog $(CATALOG)/catalog.csv --servers 1 2 --out results
 
 # On a GPU host, with its own Python (torch or cupy; no venv, FAISS or lookalike needed): exact top-10
 # over 10^6 x 1280 on the GPU vs the same work on its CPU.
 bench-gpu:
-	$(PYTHON) loadtest/gpu_topk.py --vectors 1000000 --out results/gpu_topk
+	$(PYTHON) -m loadtest.benchmarks.gpu_topk --vectors 1000000 --out results/gpu_topk
 
 # locust against a running server (started like `make demo` when URL is this machine and none runs),
 # headless for DURATION; CSV and HTML report in results/locust/; exits non-zero on any failed request.
@@ -211,7 +211,7 @@ loadtest: $(EMBEDDER) $(CATALOG)/catalog.csv
 		--csv results/locust/locust --html results/locust/report.html --only-summary
 
 bench-export: $(VENV)/.setup-done
-	$(BIN)/python loadtest/export_bench.py --out results
+	$(BIN)/python -m loadtest.benchmarks.export_bench --out results
 
 # --- production (GPU host with Docker and the NVIDIA container toolkit) ---------------------------
 # TensorRT engine for the embedder, built inside NGC's TensorRT image on the GPU that will serve it, from

@@ -381,15 +381,15 @@ def _lite_preprocessing(variant: str) -> PreprocessConfig:
         "resize_mode": "catalog side letterbox: the whole product stays in view. On a held-out near-duplicate "
         "set it beat resize-256/centre-crop-224 (recall@1 0.89-0.91 vs 0.79-0.82), since a crop cuts the product.",
         "query": "query side resize-256/centre-crop-224: on simulated shopper photos of the sample catalog "
-        "(lookalike eval, README 'Search quality') it beat the letterbox, most on tall frames and screenshots.",
+        "(lookalike eval, docs/quality.md) it beat the letterbox, most on tall frames and screenshots.",
         "draft_oversample": "query side 1 (catalog side 2): on 200 shopper photos, as 12 MP phone JPEGs and at "
         "<= 2340 px, recall@1/@10 did not move (0.435/0.640 and 0.470/0.675-0.690) while preprocessing a "
-        "phone photo took 19% less CPU (loadtest/eval_draft.py, README Figures).",
+        "phone photo took 19% less CPU (loadtest/evaluations/eval_draft.py, docs/benchmarks.md).",
         "mean_std": "0.5/0.5: the TF Lite0 weights were trained on (x - 127) / 128; ImageNet top-1 spot checks "
         "on sample photos agree.",
         "query_views": "the centre crop and its central 60 %, best view: on 200 simulated shopper photos recall@1 "
         "0.625 -> 0.655 at 0.52-0.56x the single-view throughput on 2 CPU cores; near-duplicates 0.975 -> 0.960 "
-        "(make eval-candidates, README 'Search quality').",
+        "(make eval-candidates, docs/quality.md).",
     }
     if variant != "lite0":
         notes.update({

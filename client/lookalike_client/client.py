@@ -184,7 +184,7 @@ class LookalikeClient(ClientOptions):
     shared_memory: send images through system shared memory. Only where the server runs on this
         host and sees its /dev/shm (same machine, same IPC namespace); the first request that needs a
         region says so (ServerUnavailableError) otherwise. Saves copying each photo through the socket
-        (README Figures: 1-3 ms of client CPU and 3-4 ms of latency a 1.9 MB photo).
+        (docs/benchmarks.md: 1-3 ms of client CPU and 3-4 ms of latency a 1.9 MB photo).
     max_image_bytes: the most bytes read of an image given as a path or a file object (default 20 MiB,
         the server's default limit). A path is read only if it names a regular file within it: a
         missing, oversized or special file (a FIFO, a device, a directory) raises FileRefusedError (an

@@ -27,11 +27,11 @@ CONFIG_FILE = "config.pbtxt"
 VARIANTS_DIR = "configs"
 PREFERRED_BATCH_SIZES = (4, 8, 16, 32, 64)
 # No queue delay: the embedder takes whatever queued while it ran (under load, batches of 3-8 form by
-# themselves); waiting for more only added latency at low load (`make bench`, README Figures).
+# themselves); waiting for more only added latency at low load (`make bench`, docs/benchmarks.md).
 EMBEDDER_QUEUE_DELAY_US = 0
 # ONNX Runtime inside the Python backend, on the CPU: one thread that sleeps between calls. The
 # preprocess_query instances need the other cores for decoding; ORT's default (a thread per core,
-# spinning between calls) cost 15-37 ms of CPU a photo against 9 ms (`make bench`, README Figures).
+# spinning between calls) cost 15-37 ms of CPU a photo against 9 ms (`make bench`, docs/benchmarks.md).
 EMBEDDER_INTRA_OP_THREADS = 1
 EMBEDDER_SPIN_WAIT = False
 

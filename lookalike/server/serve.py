@@ -122,7 +122,7 @@ def serve_forever(options: ServerOptions, supervision: "SupervisorOptions | None
             if options.effective_admin_key and not processes_hidden_from_other_users():
                 log("note: tritonserver 2.51 takes the admin key only on its command line, where local users who "
                     "can list processes read it: run it in its own container or mount /proc with hidepid=2 "
-                    "(README, Reliability)")
+                    "(docs/operations.md)")
             current["supervisor"] = Supervisor(server, supervision, log=log)
             try:
                 current["supervisor"].run(stop)

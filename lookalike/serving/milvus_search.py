@@ -112,7 +112,7 @@ def connect(settings: MilvusSettings) -> Any:
     """A pymilvus MilvusClient (imported here: pymilvus is only needed with this backend)."""
     try:
         from pymilvus import MilvusClient
-    except ImportError as exc:  # e.g. the stub's libpython lacks ssl (lookalike.server.launcher, README)
+    except ImportError as exc:  # e.g. the stub's libpython lacks ssl (lookalike.server.launcher, docs/operations.md)
         raise BackendUnavailableError(f"pymilvus cannot be imported here ({type(exc).__name__}: {exc})") from exc
     try:
         # A connection of its own: pymilvus otherwise shares one per (uri, token) in a process, and closing

@@ -26,7 +26,7 @@ from PIL import Image
 from lookalike.serving.preprocessing import RESIZE_MODES, ImageLimits, PreprocessConfig, Preprocessor, decode, encoded, resize, stack_each
 
 KEYS = ("name", "resize_mode", "resize_size", "zoom")
-# The offline default embedder's query views (README "Search quality", `make eval-candidates`): the centre
+# The offline default embedder's query views (docs/quality.md, `make eval-candidates`): the centre
 # crop and its central 60 %, fused by the best view. The best of the sets that keep at least half of the
 # single-view throughput on 2 CPU cores; the crop + 60 % + letterbox set, mean of the two best views, scores
 # higher on shopper photos and near-duplicates alike at about 0.4 of it (the set for GPU hosts).

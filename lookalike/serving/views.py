@@ -5,7 +5,7 @@ and on something else. Each view cuts the product out of its packshot and render
 differ: at `scale` of a square canvas, rotated by `rotate` degrees, on a plain `background`. The
 index keeps all vectors of a product and a query scores the product by its best-matching one, so
 queries cost nothing more. The views are data (`catalog_views` in the preprocessing file), chosen by
-`lookalike eval` (README "Search quality").
+`lookalike eval` (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter
 
 CANVAS = 448  # side of a rendered view; the catalog-side preprocessing then resizes it
 
-# The offline default embedder's views (README "Search quality"): the product at 60 % on grey, dark
+# The offline default embedder's views (docs/quality.md): the product at 60 % on grey, dark
 # and white, at 40 % on grey, tilted 20 degrees either way large on white and at 60 % on grey, and
 # the packshot exactly as the query side frames a photo, which keeps packshots and close re-shots of
 # them, sent as queries, finding themselves. Ten vectors per product.

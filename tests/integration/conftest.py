@@ -70,7 +70,7 @@ def milvus(tmp_path_factory):
 def milvus_serve(tmp_path_factory, milvus, catalog_small):
     """`lookalike serve --search-backend milvus` (the supervisor, its health port) over a copy of the model
     repository, with the small catalog indexed into Milvus (flat: exact, for the parity checks)."""
-    from loadtest.recovery import Serve
+    from loadtest.benchmarks.recovery import Serve
     from lookalike.cli import main as lookalike
 
     serve = Serve.fresh(tmp_path_factory.mktemp("milvus_serve"), REPOSITORY)

@@ -1,4 +1,4 @@
-"""loadtest/bench.py end to end, small, as `make bench` runs it on a fresh clone: its own tritonserver
+"""loadtest/benchmarks/bench.py end to end, small, as `make bench` runs it on a fresh clone: its own tritonserver
 over a copy of a repository without an index (it indexes the catalog itself), the FastAPI peer under
 uvicorn and the in-process pipeline, on a few phone JPEGs. Checks the report's shape and that the
 three systems did the same work on the whole catalog (the small one: the bench indexes it itself); never
@@ -21,7 +21,7 @@ def test_bench_measures_lookalike_the_peer_and_in_process_on_the_same_work(serve
     fresh = copy_repository(REPOSITORY, tmp_path / "model_repository")  # no index version, like a fresh clone
     out = tmp_path / "bench"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "loadtest" / "bench.py"), "--catalog", str(catalog / "catalog.csv"),
+        [sys.executable, "-m", "loadtest.benchmarks.bench", "--catalog", str(catalog / "catalog.csv"),
          "--model-repository", str(fresh.root), "--photos", "4", "--photo-cache", str(tmp_path / "photos"),
          "--concurrency", "1", "2", "--requests", "4", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import tritonclient.grpc as grpcclient
 
-from loadtest.recovery import Serve
+from loadtest.benchmarks.recovery import Serve
 from lookalike.indexing.indexer import index_catalog
 from lookalike.indexing.repository import Repository, copy_repository
 from lookalike.server.launcher import ServerOptions, free_port

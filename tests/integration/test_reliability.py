@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.recovery import Serve, kill_and_recover
+from loadtest.benchmarks.recovery import Serve, kill_and_recover
 from lookalike.indexing.indexer import index_catalog
 from lookalike.indexing.publishing import PublishError
 from lookalike.indexing.repository import STAGING_OWNER_FILE, copy_repository

@@ -1,4 +1,4 @@
-"""loadtest/sdk_overhead.py end to end, small, against the session's server: the SDK and raw tritonclient
+"""loadtest/benchmarks/sdk_overhead.py end to end, small, against the session's server: the SDK and raw tritonclient
 in each case (gRPC and HTTP, sync and asyncio, a small PNG and phone JPEGs). Checks the report's shape
 and that both got the same product ids; never its timings."""
 
@@ -14,7 +14,7 @@ CASES = {("grpc", "sync"), ("http", "sync"), ("grpc", "asyncio"), ("http", "asyn
 def test_sdk_overhead_measures_raw_and_sdk_in_every_case_on_the_same_ids(server, catalog, tmp_path):
     out = tmp_path / "results" / "sdk_overhead"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "loadtest" / "sdk_overhead.py"), "--url", server.options.client_host,
+        [sys.executable, "-m", "loadtest.benchmarks.sdk_overhead", "--url", server.options.client_host,
          "--grpc-port", str(server.options.grpc_port), "--http-port", str(server.options.http_port),
          "--catalog", str(catalog / "catalog.csv"), "--photos", "2", "--photo-cache", str(tmp_path / "photos"),
          "--small-images", "3", "--requests", "6", "--phone-requests", "2", "--blocks", "2", "--warmup", "1",

@@ -1,17 +1,14 @@
-"""loadtest/gpu_topk.py: exact top-k by numpy and by torch (on the CPU here; CUDA on a GPU host) agree,
+"""loadtest/benchmarks/gpu_topk.py: exact top-k by numpy and by torch (on the CPU here; CUDA on a GPU host) agree,
 and the script runs end to end where no GPU is visible (CPU row only, the reason printed)."""
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest"))  # a script folder: siblings import each other
-
-import gpu_topk  # noqa: E402
-from synthetic import catalog_like  # noqa: E402
+from loadtest.benchmarks import gpu_topk
+from loadtest.synthetic import catalog_like
 
 
 def test_numpy_topk_is_the_exact_order():

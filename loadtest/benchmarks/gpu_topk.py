@@ -2,7 +2,7 @@
 against the same work on its CPU (numpy matmul + partial sort), in one run: what a flat index gains
 from a GPU, measured without FAISS (the GPU hosts lent to this project have torch and cupy, no FAISS).
 
-    python loadtest/gpu_topk.py --vectors 1000000 --out results/gpu_topk
+    python -m loadtest.benchmarks.gpu_topk --vectors 1000000 --out results/gpu_topk
 
 For each library and precision: queries/s at batch 1 and 64, p50 latency, recall@10 against the CPU's
 float32 result, the device memory the catalog takes. Timings synchronise the device before reading the
@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from synthetic import catalog_like
+from loadtest.synthetic import catalog_like
 
 K = 10
 Search = Callable[[np.ndarray], np.ndarray]  # queries (B x D, float32, host) -> top-K positions (B x K, host)

@@ -2,7 +2,7 @@
 vectors: build time, memory, size on disk, queries/s at batch 1 and 64, and recall@10 against exact
 search, all through `lookalike.serving.search.ProductIndex` (what product_search serves), in one run.
 
-    .venv/bin/python loadtest/bench_index.py --sizes 100000 --out results
+    .venv/bin/python -m loadtest.benchmarks.bench_index --sizes 100000 --out results
 
 The vectors (`synthetic.catalog_like`): product families in random directions of D = 1280, each product
 a tight group of `--group` vectors (its images and catalog views) near its family; queries are fresh
@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtest.synthetic import catalog_like, categories_for
 from lookalike.indexing.index_types import choose
 from lookalike.serving.filtering import Filter
 from lookalike.serving.gpu import set_threads
 from lookalike.serving.index_files import Product
 from lookalike.serving.search import ProductIndex
-
-from synthetic import catalog_like, categories_for
 
 
 def rss_mb() -> float:

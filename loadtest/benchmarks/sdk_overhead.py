@@ -27,8 +27,8 @@ there is none); --url measures a running server instead (its host; --grpc-port a
 
 Writes OUT.json and OUT.md (a markdown table).
 
-    .venv/bin/python loadtest/sdk_overhead.py --out results/bench/sdk_overhead
-    .venv/bin/python loadtest/sdk_overhead.py --url localhost --grpc-port 18001 --http-port 18000
+    .venv/bin/python -m loadtest.benchmarks.sdk_overhead --out results/bench/sdk_overhead
+    .venv/bin/python -m loadtest.benchmarks.sdk_overhead --url localhost --grpc-port 18001 --http-port 18000
 """
 
 from __future__ import annotations
@@ -50,11 +50,10 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 from PIL import Image
 
+from loadtest.benchmarks.bench import ROOT, machine, products_in
+from loadtest.phone_photos import phone_photos
 from lookalike_client import AsyncLookalikeClient, LookalikeClient
 from lookalike_client import contract as c
-
-from bench import ROOT, machine, products_in
-from phone_photos import phone_photos
 
 CASES = (("grpc", "sync"), ("http", "sync"), ("grpc", "asyncio"), ("http", "asyncio"))
 ARMS: tuple[str, ...] = ("raw", "sdk")

@@ -13,7 +13,7 @@ idle; across machines each brings its own.
 
 Writes OUT/bench_index_servers.json and OUT/bench_index_servers.md.
 
-    .venv/bin/python loadtest/bench_index_servers.py --catalog data/sample_catalog/catalog.csv --out results
+    .venv/bin/python -m loadtest.benchmarks.bench_index_servers --catalog data/sample_catalog/catalog.csv --out results
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def machine() -> str:
@@ -86,7 +86,7 @@ def main() -> int:
     from lookalike.server.serve import lookalike_server
     from lookalike_client import LookalikeClient
 
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *sys.argv[1:]])
+    command = "python -m loadtest.benchmarks.bench_index_servers " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="lookalike-bench-index-servers-"))
     repo = copy_repository(args.model_repository, work / "model_repository")  # one repository for every server
     servers = []

@@ -7,7 +7,7 @@ itself, each `--repeats` times. For every kill it records when /ready turned 503
 was 200 again with the supervisor's repair done (recovered), and how many requests failed. Prints a
 table, writes OUT/recovery.json and OUT/recovery.md.
 
-    .venv/bin/python loadtest/recovery.py --catalog data/sample_catalog --out results
+    .venv/bin/python -m loadtest.benchmarks.recovery --catalog data/sample_catalog --out results
 
 The helpers (`Serve`, `Traffic`) are also what the integration tests drive the server with.
 """
@@ -35,7 +35,7 @@ from lookalike.server.launcher import ServerOptions, free_port
 from lookalike_client import LookalikeClient, ServerUnavailableError, wait_for
 from lookalike_client import contract as c
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOOKALIKE = os.path.join(os.path.dirname(sys.executable), "lookalike")
 MODELS = (c.PREPROCESS_MODEL, c.EMBEDDER_MODEL, c.SEARCH_MODEL)
 

@@ -4,7 +4,7 @@ same scenes as 12-megapixel phone JPEGs (`phone_photos.py`), searched against th
 index version (the one `make demo` built) with the query-side preprocessing at each --oversample value.
 Reports recall@1/@10, the embeddings' cosine to the first value's, and preprocessing ms a photo.
 
-    .venv/bin/python loadtest/eval_draft.py --catalog data/sample_catalog/catalog.csv --photos 150
+    .venv/bin/python -m loadtest.evaluations.eval_draft --catalog data/sample_catalog/catalog.csv --photos 150
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from loadtest.phone_photos import PHONE_FRAMES, camera_jpeg
 from lookalike.indexing.catalog import read_catalog
 from lookalike.indexing.repository import Repository
 from lookalike.quality.shopper import ShopperSimulator, background_photos
@@ -26,9 +27,7 @@ from lookalike.serving.embedding import OnnxEmbedder
 from lookalike.serving.preprocessing import Preprocessor
 from lookalike.serving.search import ProductIndex
 
-from phone_photos import PHONE_FRAMES, camera_jpeg
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def photos(catalog: Path, count: int, seed: int) -> tuple[list[str], list[bytes], list[bytes]]:

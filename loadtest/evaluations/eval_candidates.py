@@ -10,7 +10,7 @@ near-duplicate recall@1, p50 of visual_search at concurrency 1 and img/s with 4 
 throughput as a share of the single-view row of the same backbone (the same server, minutes apart).
 Writes OUT/candidates.json and OUT/candidates.md.
 
-    .venv/bin/python loadtest/eval_candidates.py --catalog data/sample_catalog/catalog.csv --out results/eval_candidates
+    .venv/bin/python -m loadtest.evaluations.eval_candidates --catalog data/sample_catalog/catalog.csv --out results/eval_candidates
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
 CROP = {"name": "crop"}
 ZOOM60 = {"name": "zoom 60%", "zoom": 0.6}

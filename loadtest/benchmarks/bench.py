@@ -21,7 +21,7 @@ into the copy when there is none. --url measures a running server instead (its h
 
 Writes OUT/bench.json, OUT/bench.md and OUT/bench.png (throughput and p99 against concurrency).
 
-    .venv/bin/python loadtest/bench.py --catalog data/sample_catalog/catalog.csv --out results/bench
+    .venv/bin/python -m loadtest.benchmarks.bench --catalog data/sample_catalog/catalog.csv --out results/bench
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from typing import Callable
 
 import numpy as np
 
-from phone_photos import phone_photos
+from loadtest.phone_photos import phone_photos
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGE_MODELS = ("preprocess_query", "embedder", "product_search")
 STAGE_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 PROBES = 8  # photos whose results are compared across (a), (b) and (c): the same work gives the same products

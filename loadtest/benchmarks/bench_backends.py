@@ -31,7 +31,7 @@ serves with faiss_threads 1, which changes batch 64 only). Only one Milvus stand
 
 Writes OUT/bench_backends.json (after each phase) and OUT/bench_backends.md.
 
-    .venv/bin/python loadtest/bench_backends.py --catalog data/sample_catalog/catalog.csv --out results/bench_backends
+    .venv/bin/python -m loadtest.benchmarks.bench_backends --catalog data/sample_catalog/catalog.csv --out results/bench_backends
 """
 
 from __future__ import annotations
@@ -52,18 +52,17 @@ from pathlib import Path
 from typing import Any, Callable, cast
 
 import numpy as np
-from bench_index import Truth, recall_at_10, rss_mb
 
+from loadtest.benchmarks.bench import breakdown, closed_loop, cpu_per_image, cpu_seconds, same_results, stats, summary, warm_up
+from loadtest.benchmarks.bench_index import Truth, recall_at_10, rss_mb
+from loadtest.synthetic import catalog_like, categories_for
 from lookalike.indexing.index_types import choose
 from lookalike.serving.filtering import NO_FILTER, Filter
 from lookalike.serving.gpu import set_threads
 from lookalike.serving.index_files import Product
 from lookalike.serving.search import ProductIndex
 
-from bench import breakdown, closed_loop, cpu_per_image, cpu_seconds, same_results, stats, summary, warm_up
-from synthetic import catalog_like, categories_for
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FINGERPRINT, MODEL = "synthetic-bench", "synthetic"  # the synthetic collections' embedder (MilvusIndex checks it)
 FILTER_SHARES = [0.05, 0.2]  # the categories filtered by
 OTHER_SHARES = [0.01, 0.02, 0.03, 0.04, 0.06, 0.07, 0.08, 0.09, 0.10, 0.11]  # more categories; the rest "other"
@@ -661,7 +660,7 @@ def main() -> int:
 
     from lookalike.indexing.milvus_index import PARTITIONS
 
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *sys.argv[1:]])
+    command = "python -m loadtest.benchmarks.bench_backends " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     machine = f"{platform.node()} ({os.cpu_count()} CPUs), {platform.platform()}, Python {platform.python_version()}"
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lookalike-bench-backends-"))

@@ -6,7 +6,7 @@ fused with the server's own code (lookalike.serving.query_views, product_search.
 variant is the one to beat; shopper photos are `lookalike eval`'s job (which also reports
 near-duplicates served: --near-duplicates).
 
-    .venv/bin/python loadtest/eval_preprocessing.py --catalog data/sample_catalog --queries 200
+    .venv/bin/python -m loadtest.evaluations.eval_preprocessing --catalog data/sample_catalog --queries 200
 """
 
 from __future__ import annotations

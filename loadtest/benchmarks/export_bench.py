@@ -2,7 +2,7 @@
 change neither size nor speed), its parity figures, and embedder throughput with ONNX Runtime on this
 machine's CPU at batch 1 and 8, all in one run.
 
-    .venv/bin/python loadtest/export_bench.py --out results
+    .venv/bin/python -m loadtest.benchmarks.export_bench --out results
 """
 
 from __future__ import annotations
