@@ -92,9 +92,9 @@ class _Deprecated(argparse.Action):
 def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: argparse.Action) -> None:
     """Accepts `old` as a deprecated spelling of the flag `new` (what add_argument returned): the same
     dest, type and choices, hidden from --help, and a warning on stderr when it is used."""
-    parser.add_argument(old, dest=new.dest, type=new.type, choices=new.choices, metavar=new.metavar,
-                        default=argparse.SUPPRESS, help=argparse.SUPPRESS, action=_Deprecated,
-                        instead=new.option_strings[0])
+    typed: dict[str, Any] = {"type": new.type} if new.type is not None else {}
+    parser.add_argument(old, dest=new.dest, choices=new.choices, metavar=new.metavar, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS, action=_Deprecated, instead=new.option_strings[0], **typed)
 
 
 def _at_least_one(text: str) -> int:
