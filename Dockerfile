@@ -11,7 +11,7 @@ FROM nvcr.io/nvidia/tritonserver:${NGC_RELEASE}-py3
 WORKDIR /opt/lookalike
 COPY docker/requirements-serve.txt docker/requirements-serve.txt
 RUN pip install --no-cache-dir -r docker/requirements-serve.txt
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE NOTICE ./
 COPY client/ client/
 COPY lookalike/ lookalike/
 COPY export/ export/
