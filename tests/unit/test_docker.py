@@ -34,9 +34,11 @@ def test_the_compose_file_has_what_a_gpu_host_needs():
     assert int(service["stop_grace_period"].rstrip("s")) > 30  # tritonserver's exit timeout
 
 
-def test_the_readme_docker_run_has_the_volume_shm_and_user():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Production on a GPU host"):readme.index("## Search quality")]
+def test_the_documented_docker_run_has_the_volume_shm_and_user():
+    production = (ROOT / "docs" / "production.md").read_text()
+    start = production.index("## Docker on a GPU host\n")
+    end = production.find("\n## ", start + 1)
+    section = production[start:end if end != -1 else len(production)]
     run = section[section.index("docker run"):section.index("lookalike:24.10")]
     for flag in ("--gpus all", "--shm-size=1g", '-v "$PWD/model_repository:/models"', "--user", "-e LOOKALIKE_ADMIN_KEY"):
         assert flag in run, flag
