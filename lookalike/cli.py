@@ -700,16 +700,11 @@ BUILTIN_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 
 def command_plugins() -> dict[str, Callable[[argparse._SubParsersAction], Any] | str]:
     """The commands that installed packages register (entry points of COMMANDS_GROUP): each one's register
-    function, or why it could not be loaded. A name that a built-in command has is ignored.
-
-    Every distribution on sys.path is read, not only the first of each name as `entry_points()` does: a
-    stale lookalike.egg-info in the working directory (left by a wheel build of an older checkout) would
-    otherwise hide the installed entry points whenever Python runs from the repository's root."""
-    from importlib.metadata import distributions
+    function, or why it could not be loaded. A name that a built-in command has is ignored."""
+    from importlib.metadata import entry_points
 
     found: dict[str, Callable[[argparse._SubParsersAction], Any] | str] = {}
-    points = (point for dist in distributions() for point in dist.entry_points if point.group == COMMANDS_GROUP)
-    for point in points:
+    for point in entry_points(group=COMMANDS_GROUP):
         if point.name in found or point.name in BUILTIN_COMMANDS:
             continue
         try:
